@@ -1,0 +1,212 @@
+"""The Edify Image denoiser network: a Haar-domain U-Net (section 3.1 of the paper).
+
+    x [B, C, H, W] --Haar DWT--> [B, 16C, H/4, W/4] --stem + position encoding--> encoder (residual
+    blocks, attention, downsampling; every output kept as a skip) --> middle --> decoder (residual
+    blocks on [h, skip] concatenations, attention, upsampling) --> head --Haar IDWT--> [B, C, H, W]
+
+Residual blocks take their scale and shift from the noise/stage embedding; attention blocks do
+self-attention and cross-attention on the condition tokens. The network knows nothing about sigma:
+EDM preconditioning (c_in, c_skip, c_out, c_noise) wraps it from outside. ControlNets feed
+`residuals`, one per skip plus one for the middle, added before the decoder reads them (section 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from edify.conditioning import Cond
+from edify.errors import EdifyError
+from edify.networks.attention import TransformerBlock
+from edify.networks.embedders import ConditionEmbedder, NoiseStageEmbedding, PositionEncoding
+from edify.networks.layers import HAAR_FACTOR, Downsample, HaarDWT, HaarIDWT, ResBlock, Upsample
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Hyper-parameters of a U-Net; JSON-able through `to_dict` / `from_dict`.
+
+    widths[i] is the channel count at level i (level 0 = the Haar grid, each further level halves the
+    grid). Attention levels index into `widths`; the middle block always has both attentions.
+    """
+
+    widths: tuple[int, ...] = (128, 256, 512, 512)
+    num_res_blocks: int = 2
+    self_attention_levels: tuple[int, ...] = (1, 2, 3)
+    cross_attention_levels: tuple[int, ...] = (1, 2, 3)
+    head_dim: int = 64
+    mlp_ratio: int = 4
+    in_channels: int = 3
+    out_channels: int = 3
+    text_dim: int = 768
+    context_dim: int = 768
+    num_media_types: int = 8
+    num_stages: int = 1
+    reference_resolution: int = 256
+    fourier_dim: int = 256
+    emb_dim: int = 512
+    norm_groups: int = 32
+    dropout: float = 0.0
+    checkpointing: bool = False
+
+    def __post_init__(self):
+        n = len(self.widths)
+        if n < 1:
+            raise EdifyError(f"widths must name at least one level, got {self.widths}")
+        for name in ("self_attention_levels", "cross_attention_levels"):
+            bad = [lv for lv in getattr(self, name) if not 0 <= lv < n]
+            if bad:
+                raise EdifyError(f"{name} must lie in [0, {n - 1}], got {bad}")
+        for w in self.widths:
+            if w % self.norm_groups or w % self.head_dim:
+                raise EdifyError(f"every width must be a multiple of norm_groups={self.norm_groups} and "
+                                 f"head_dim={self.head_dim}, got {w}")
+        for name in ("in_channels", "out_channels", "text_dim", "context_dim", "num_media_types",
+                     "num_stages", "num_res_blocks", "fourier_dim", "emb_dim", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise EdifyError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.reference_resolution % self.size_multiple:
+            raise EdifyError(f"reference_resolution must be a multiple of {self.size_multiple}, "
+                             f"got {self.reference_resolution}")
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: 4 for the Haar transform times 2 per downsampling."""
+        return HAAR_FACTOR * 2 ** (len(self.widths) - 1)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise EdifyError(f"unknown U-Net config keys {unknown}; known: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class Level(nn.Module):
+    """One residual block followed, at attention levels, by a transformer block."""
+
+    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, level: int):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, cfg.emb_dim, cfg.norm_groups, cfg.dropout)
+        self_attn = level in cfg.self_attention_levels
+        cross = cfg.context_dim if level in cfg.cross_attention_levels else None
+        self.attn = (TransformerBlock(out_ch, cfg.head_dim, cross, self_attn, cfg.mlp_ratio, cfg.norm_groups)
+                     if self_attn or cross is not None else None)
+
+    def forward(self, h: Tensor, emb: Tensor, ctx: Tensor, mask: Tensor) -> Tensor:
+        h = self.res(h, emb)
+        return h if self.attn is None else self.attn(h, ctx, mask)
+
+
+class UNet(nn.Module):
+    """Haar-domain U-Net denoiser network F(x, c_noise, cond, stage) (section 3.1)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        w = cfg.widths
+        self.dwt = HaarDWT(cfg.in_channels)
+        self.idwt = HaarIDWT(cfg.out_channels)
+        self.embed = NoiseStageEmbedding(cfg.fourier_dim, cfg.emb_dim, cfg.num_stages)
+        self.cond_embed = ConditionEmbedder(cfg.text_dim, cfg.context_dim, cfg.num_media_types)
+        self.stem = nn.Conv2d(16 * cfg.in_channels, w[0], 3, padding=1)
+        self.pos = PositionEncoding(w[0], cfg.reference_resolution // HAAR_FACTOR)
+
+        # Encoder: num_res_blocks blocks per level, then a downsampling; each output is a skip.
+        self.down = nn.ModuleList()
+        skip_ch = [w[0]]
+        ch = w[0]
+        for i, wi in enumerate(w):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(Level(ch, wi, cfg, i))
+                ch = wi
+                skip_ch.append(ch)
+            if i < len(w) - 1:
+                self.down.append(Downsample(ch))
+                skip_ch.append(ch)
+        self.skip_channels = tuple(skip_ch)
+
+        self.mid_res1 = ResBlock(ch, ch, cfg.emb_dim, cfg.norm_groups, cfg.dropout)
+        self.mid_attn = TransformerBlock(ch, cfg.head_dim, cfg.context_dim, True, cfg.mlp_ratio, cfg.norm_groups)
+        self.mid_res2 = ResBlock(ch, ch, cfg.emb_dim, cfg.norm_groups, cfg.dropout)
+
+        # Decoder: num_res_blocks + 1 blocks per level, each consuming one skip, then upsampling.
+        self.up = nn.ModuleList()
+        for i in reversed(range(len(w))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(Level(ch + skip_ch.pop(), w[i], cfg, i))
+                ch = w[i]
+            if i > 0:
+                self.up.append(Upsample(ch))
+
+        self.head_norm = nn.GroupNorm(cfg.norm_groups, ch)
+        self.head = nn.Conv2d(ch, 16 * cfg.out_channels, 3, padding=1)
+
+    # -- checks on static shapes only: safe under torch.compile ------------------------------------
+    def check_inputs(self, x: Tensor, c_noise: Tensor, stage: Tensor | None) -> None:
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise EdifyError(f"input must be [B, {cfg.in_channels}, H, W], got {list(x.shape)}")
+        for name, side in (("height", x.shape[2]), ("width", x.shape[3])):
+            if side % cfg.size_multiple:
+                raise EdifyError(f"image {name} must be a multiple of {cfg.size_multiple} "
+                                 f"(4 for Haar x 2^{len(cfg.widths) - 1} downsamplings), got {side}")
+        if c_noise.shape != (x.shape[0],):
+            raise EdifyError(f"c_noise must have shape [{x.shape[0]}], got {list(c_noise.shape)}")
+        if stage is not None and stage.shape != (x.shape[0],):
+            raise EdifyError(f"stage must have shape [{x.shape[0]}], got {list(stage.shape)}")
+
+    def _run(self, block: nn.Module, *args) -> Tensor:
+        # Activation checkpointing trades one recomputed forward for the block's saved activations.
+        if self.config.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def encode(self, x: Tensor, emb: Tensor, ctx: Tensor, mask: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Haar DWT, stem and encoder: the bottom features and the skips (len(skip_channels) of them)."""
+        h = self.stem(self.dwt(x))
+        h = h + self.pos(h.shape[2], h.shape[3]).to(h.dtype)
+        skips = [h]
+        for block in self.down:
+            h = block(h) if isinstance(block, Downsample) else self._run(block, h, emb, ctx, mask)
+            skips.append(h)
+        return h, skips
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, stage: Tensor | None = None,
+                residuals: list[Tensor] | None = None) -> Tensor:
+        """x [B, C, H, W], c_noise [B], stage [B] long (None = stage 0) -> [B, C_out, H, W].
+
+        residuals: optional ControlNet outputs, one per skip then one for the middle block.
+        """
+        self.check_inputs(x, c_noise, stage)
+        b = x.shape[0]
+        if stage is None:
+            stage = torch.zeros(b, dtype=torch.long, device=x.device)
+        emb = self.embed(c_noise, stage)
+        ctx, mask = self.cond_embed(cond, b, x.device)
+
+        h, skips = self.encode(x, emb, ctx, mask)
+        h = self._run(self.mid_res1, h, emb)
+        h = self._run(self.mid_attn, h, ctx, mask)
+        h = self._run(self.mid_res2, h, emb)
+        if residuals is not None:
+            if len(residuals) != len(skips) + 1:
+                raise EdifyError(f"residuals must hold {len(skips) + 1} tensors (skips + middle), "
+                                 f"got {len(residuals)}")
+            skips = [s + r for s, r in zip(skips, residuals[:-1])]
+            h = h + residuals[-1]
+
+        for block in self.up:
+            if isinstance(block, Upsample):
+                h = block(h)
+            else:
+                h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, ctx, mask)
+        return self.idwt(self.head(F.silu(self.head_norm(h))))
