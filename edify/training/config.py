@@ -1,0 +1,288 @@
+"""Training configuration: one frozen dataclass, a registry of named presets, JSON round trip.
+
+Training length, checkpoint, log and sample intervals are counted in images (as in edm2), so a run
+means the same thing at any batch size or device count. `apply_overrides` turns the CLI's
+`--set key=value` strings into a new config, checking each value against the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from edify.conditioning import CONDITION_FIELDS
+from edify.errors import EdifyError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; saved beside every checkpoint as JSON."""
+
+    name: str = "custom"
+    # Network: a preset name of edify.networks.presets or a network config dict.
+    model: str | dict = "tiny"
+    # Laplacian process (section 2.2): pyramid levels and switch levels s1* < s2* < ... (empty = default).
+    resolution: int = 16
+    levels: int = 2
+    switch_sigmas: tuple[float, ...] = ()
+    # Mixture of experts (section 2.2.2): stages to train (empty = all), picked per step.
+    stages: tuple[int, ...] = ()
+    stage_sampling: str = "random"  # "random" (by stage_weights) | "round_robin"
+    stage_weights: tuple[float, ...] = ()  # empty = equal
+    # EDM loss (Karras et al. 2022): log-normal sigma and data standard deviation.
+    P_mean: float = -0.4
+    P_std: float = 1.4
+    sigma_data: float = 0.5
+    # Optimisation.
+    batch_size: int = 8  # global images per optimizer step
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup_images: int = 0
+    betas: tuple[float, ...] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 = off
+    max_nonfinite: int = 8  # consecutive non-finite steps before the run stops
+    # EMA: half-life in images with a ramp-up (EDM); or, if set > 0, an edm2 power-function
+    # profile of relative std ema_std, or a fixed decay ema_decay (these two override the half-life).
+    ema_halflife_images: float = 5000.0
+    ema_rampup: float = 0.05
+    ema_std: float = 0.0
+    ema_decay: float = 0.0
+    # Length and intervals, in images (0 = never).
+    total_images: int = 1024
+    checkpoint_images: int = 512
+    keep_last: int = 3
+    log_images: int = 64
+    sample_images: int = 0
+    # Precision and speed.
+    precision: str = "fp32"  # "fp32" | "bf16" (bf16 autocast on CUDA only)
+    compile: bool = False
+    peak_tflops: float = 0.0  # accelerator peak for MFU; 0 = do not report MFU
+    # Conditioning (section 3.1): per-field dropout probabilities for classifier-free guidance.
+    cond_drop: dict = field(default_factory=lambda: {"text": 0.1, "media": 0.1})
+    weight_key: str = "weight"  # per-sample loss weight key in the data ("" = unweighted)
+    # Data and text.
+    data: str = "synthetic"
+    text_encoder: str = "hash"
+    num_workers: int = 0
+    sample_prompts: tuple[str, ...] = ("a red heart", "a smiling face")
+    sample_steps: int = 16
+    seed: int = 0
+    dist: str = "none"  # "none" | "ddp" | "fsdp"
+
+    def __post_init__(self):
+        validate(self)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict) -> TrainConfig:
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise EdifyError(f"unknown training config key(s): {', '.join(unknown)}")
+        return TrainConfig(**{k: _coerce(k, v) for k, v in d.items()})
+
+    @staticmethod
+    def from_json(text: str) -> TrainConfig:
+        return TrainConfig.from_dict(json.loads(text))
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# Fields that may change between a checkpoint and its resumption without changing the math.
+RESUMABLE_FIELDS = frozenset({
+    "name", "total_images", "checkpoint_images", "keep_last", "log_images", "sample_images",
+    "compile", "peak_tflops", "max_nonfinite", "num_workers", "sample_prompts", "sample_steps",
+    "data",
+})
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise EdifyError(message)
+
+
+def validate(c: TrainConfig) -> None:
+    """One-line EdifyError for the first constraint the config breaks."""
+    _check(c.resolution > 0 and c.resolution % (2 ** (c.levels - 1)) == 0,
+           f"resolution must be a positive multiple of 2**(levels-1)={2 ** (c.levels - 1)}, got {c.resolution}")
+    _check(c.levels >= 1, f"levels must be >= 1, got {c.levels}")
+    _check(not c.switch_sigmas or len(c.switch_sigmas) == c.levels - 1,
+           f"switch_sigmas needs levels-1={c.levels - 1} values, got {list(c.switch_sigmas)}")
+    _check(all(a < b for a, b in zip(c.switch_sigmas, c.switch_sigmas[1:])) and all(s > 0 for s in c.switch_sigmas),
+           f"switch_sigmas must be positive and increasing, got {list(c.switch_sigmas)}")
+    _check(all(0 <= s < c.levels for s in c.stages), f"stages must be in [0, {c.levels}), got {list(c.stages)}")
+    _check(len(set(c.stages)) == len(c.stages), f"stages must not repeat, got {list(c.stages)}")
+    _check(c.stage_sampling in ("random", "round_robin"),
+           f"stage_sampling must be 'random' or 'round_robin', got {c.stage_sampling!r}")
+    n_stages = len(c.stages) or c.levels
+    _check(not c.stage_weights or (len(c.stage_weights) == n_stages and all(w > 0 for w in c.stage_weights)),
+           f"stage_weights needs {n_stages} positive values, got {list(c.stage_weights)}")
+    _check(c.P_std > 0, f"P_std must be > 0, got {c.P_std}")
+    _check(c.sigma_data > 0, f"sigma_data must be > 0, got {c.sigma_data}")
+    _check(c.batch_size > 0, f"batch_size must be > 0, got {c.batch_size}")
+    _check(c.grad_accum > 0, f"grad_accum must be > 0, got {c.grad_accum}")
+    _check(c.batch_size % c.grad_accum == 0,
+           f"batch_size must be a multiple of grad_accum={c.grad_accum}, got {c.batch_size}")
+    _check(c.lr > 0, f"lr must be > 0, got {c.lr}")
+    _check(c.warmup_images >= 0, f"warmup_images must be >= 0, got {c.warmup_images}")
+    _check(len(c.betas) == 2 and all(0 <= b < 1 for b in c.betas), f"betas must be two values in [0, 1), got {list(c.betas)}")
+    _check(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
+    _check(c.grad_clip >= 0, f"grad_clip must be >= 0, got {c.grad_clip}")
+    _check(c.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {c.max_nonfinite}")
+    _check(c.ema_halflife_images >= 0, f"ema_halflife_images must be >= 0, got {c.ema_halflife_images}")
+    _check(c.ema_rampup >= 0, f"ema_rampup must be >= 0, got {c.ema_rampup}")
+    _check(0 <= c.ema_decay < 1, f"ema_decay must be in [0, 1), got {c.ema_decay}")
+    _check(0 <= c.ema_std < (1 / 12) ** 0.5, f"ema_std must be in [0, 0.2887), got {c.ema_std}")
+    _check(c.ema_halflife_images > 0 or c.ema_decay > 0 or c.ema_std > 0,
+           "one of ema_halflife_images, ema_decay, ema_std must be > 0, got all 0")
+    _check(c.total_images > 0, f"total_images must be > 0, got {c.total_images}")
+    for name in ("checkpoint_images", "log_images", "sample_images"):
+        _check(getattr(c, name) >= 0, f"{name} must be >= 0, got {getattr(c, name)}")
+    _check(c.keep_last >= 1, f"keep_last must be >= 1, got {c.keep_last}")
+    _check(c.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {c.precision!r}")
+    _check(c.peak_tflops >= 0, f"peak_tflops must be >= 0, got {c.peak_tflops}")
+    for key, p in c.cond_drop.items():
+        _check(key in CONDITION_FIELDS, f"cond_drop field must be one of {', '.join(CONDITION_FIELDS)}, got {key!r}")
+        _check(isinstance(p, (int, float)) and 0 <= p <= 1, f"cond_drop.{key} must be in [0, 1], got {p}")
+    _check(c.dist in ("none", "ddp", "fsdp"), f"dist must be 'none', 'ddp' or 'fsdp', got {c.dist!r}")
+    _check(c.sample_steps > 0, f"sample_steps must be > 0, got {c.sample_steps}")
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # A few seconds on a laptop CPU: 16px, 2 levels, a tiny network and a hashing text encoder.
+    "tiny-cpu": TrainConfig(
+        name="tiny-cpu", model="tiny", resolution=16, levels=2, batch_size=4, lr=1e-3,
+        total_images=64, checkpoint_images=32, log_images=16, ema_halflife_images=64.0,
+        text_encoder="hash", data="synthetic", sample_steps=4,
+    ),
+    # The demo base model: 64px emoji, 3 levels (16/32/64), MiniLM text tokens and a style token.
+    "emoji-64": TrainConfig(
+        name="emoji-64", model="emoji-64", resolution=64, levels=3, batch_size=256, lr=1e-3,
+        warmup_images=200_000, total_images=20_000_000, checkpoint_images=500_000, log_images=25_600,
+        sample_images=1_000_000, ema_halflife_images=500_000.0, precision="bf16", compile=True,
+        text_encoder="minilm", data="../shared/data/emoji", cond_drop={"text": 0.1, "media": 0.2},
+    ),
+}
+
+
+def get_preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise EdifyError(f"unknown training preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    try:
+        return TrainConfig.from_json(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise EdifyError(f"training config {path} is not valid JSON: {err}") from None
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value):
+    """`value` (from JSON or a CLI string) converted to the declared type of field `key`."""
+    try:
+        return _coerce_unchecked(key, value)
+    except json.JSONDecodeError:
+        raise EdifyError(f"{key} must be valid JSON, got {value!r}") from None
+
+
+def _coerce_unchecked(key: str, value):
+    hint = _HINTS[key]
+    if key == "model":
+        if isinstance(value, dict):
+            return value
+        if isinstance(value, str):
+            return json.loads(value) if value.lstrip().startswith("{") else value
+        raise EdifyError(f"model must be a preset name or a config dict, got {value!r}")
+    if key == "cond_drop":
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise EdifyError(f"cond_drop must be a dict of field -> probability, got {value!r}")
+        return {k: _scalar(f"cond_drop.{k}", float, v) for k, v in value.items()}
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item_type, _) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [] if not value.strip() else (json.loads(value) if value.lstrip().startswith("[")
+                                                  else value.split(","))
+        if not isinstance(value, (list, tuple)):
+            raise EdifyError(f"{key} must be a list, got {value!r}")
+        return tuple(_scalar(key, item_type, v) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError(f"no coercion rule for {key}")  # pragma: no cover - every union handled above
+    return _scalar(key, hint, value)
+
+
+def _scalar(key: str, typ: type, value):
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        try:
+            if typ is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text.lower() in ("true", "1", "yes")
+            if typ is int:
+                return _parse_int(text)
+            return typ(text)
+        except ValueError:
+            raise EdifyError(f"{key} must be {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise EdifyError(f"{key} must be {typ.__name__}, got {value!r}")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    """An int from "12", "1_000_000" or an integral float such as "2e6"."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if not value.is_integer():
+            raise
+        return int(value)
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """`config` with each "key=value" applied (dotted keys set one entry of a dict field)."""
+    changes = {}
+    for item in overrides:
+        if "=" not in item:
+            raise EdifyError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        head, _, sub = key.partition(".")
+        if head not in _HINTS:
+            raise EdifyError(f"unknown training config key {head!r}; known: {', '.join(sorted(_HINTS))}")
+        if sub:
+            if head != "cond_drop":
+                raise EdifyError(f"only cond_drop takes a dotted key, got {key!r}")
+            current = dict(changes.get(head, getattr(config, head)))
+            current[sub] = _scalar(key, float, value)
+            changes[head] = current
+        else:
+            changes[head] = _coerce(head, value)
+    return dataclasses.replace(config, **changes)
+
+
+def diff(a: TrainConfig, b: TrainConfig, ignore=RESUMABLE_FIELDS) -> list[str]:
+    """Human-readable field differences "key: a -> b", skipping the ignored fields."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}: {da[k]!r} -> {db[k]!r}" for k in sorted(da) if k not in ignore and da[k] != db[k]]
