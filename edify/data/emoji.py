@@ -1,0 +1,376 @@
+"""The emoji demo dataset: color emoji sets rendered from SVG into webdataset shards.
+
+Sources are iconify JSON packages from the npm registry (`@iconify-json/NAME`), one per emoji set.
+Each non-hidden icon is rendered at every requested size (RGB on white plus its alpha mask),
+captioned with its Unicode CLDR name, labelled with its set as the style (the media-type token of
+the Edify Image conditioning), and carries its set's license and author for attribution.
+
+Layout under `out/`:
+    train/SET-NNNN.tar, val/SET-NNNN.tar   webdataset shards (val shards load on their own)
+    */SET-NNNN.tar.json                    per-shard sidecar: count and build fingerprint
+    manifest.json                          counts, sets, licenses, sizes, shard lists, timing
+Each sample holds `SIZE.png` (RGB on white), `maskSIZE.png` (8-bit alpha) for every size, and
+`json` (caption, style, license, author, name, codepoints, split, ...).
+
+The validation split holds out about 5% of the *named emoji*: a hash of the codepoint sequence
+decides, so one emoji is held out in every style at once and the split never depends on
+random state or on which sets were built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from tqdm import tqdm
+
+from edify.data.emoji_names import Caption, EmojiNamer
+from edify.data.render import IconGeometry, RenderResult, render_sample
+from edify.data.shards import AtomicShardWriter, finished_shard, write_json_atomic
+from edify.errors import EdifyError
+
+# set name -> SPDX license of the published package; share-alike sets are kept out by
+# --permissive-only (weights trained on them need CC-BY-SA terms on their model card).
+KNOWN_SETS: dict[str, str] = {
+    "twemoji": "CC-BY-4.0",
+    "noto": "Apache-2.0",
+    "noto-v1": "Apache-2.0",
+    "fluent-emoji-flat": "MIT",
+    "fluent-emoji": "MIT",
+    "emojione": "CC-BY-4.0",
+    "fxemoji": "Apache-2.0",
+    "openmoji": "CC-BY-SA-4.0",
+    "emojione-v1": "CC-BY-SA-4.0",
+}
+VAL_PER_MILLE = 50  # 5% of named emoji held out
+SHARD_SIZE = 1000  # icons per shard
+FORMAT_VERSION = 1
+MIN_SIZE, MAX_SIZE = 8, 4096
+
+
+def is_share_alike(spdx: str) -> bool:
+    return "-SA-" in spdx or spdx.endswith("-SA")
+
+
+@dataclass(frozen=True)
+class IconSet:
+    """One iconify JSON package: its icons (name -> icon dict), chars.json and attribution."""
+
+    name: str
+    version: str
+    title: str
+    license: str
+    license_url: str
+    author: str
+    author_url: str
+    icons: dict[str, dict[str, Any]]
+    chars: dict[str, str]
+    default_geometry: IconGeometry
+
+    def geometry(self, icon: dict[str, Any]) -> IconGeometry:
+        d = self.default_geometry
+        return IconGeometry(
+            float(icon.get("left", d.left)), float(icon.get("top", d.top)),
+            float(icon.get("width", d.width)), float(icon.get("height", d.height)),
+        )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One icon to render: where it comes from, what it is called, and its split."""
+
+    key: str
+    icon_set: str
+    icon: str
+    caption: Caption
+    split: str
+
+
+def parse_sets(sets: str | list[str] | tuple[str, ...] | None, permissive_only: bool) -> list[str]:
+    """Validate set names (comma list or sequence); None means every known set."""
+    if sets is None:
+        names = list(KNOWN_SETS)
+    else:
+        names = [s.strip() for s in (sets.split(",") if isinstance(sets, str) else sets) if s.strip()]
+    unknown = [s for s in names if s not in KNOWN_SETS]
+    if unknown or not names:
+        raise EdifyError(f"unknown emoji set(s) {unknown or names}; known sets: {', '.join(KNOWN_SETS)}")
+    if permissive_only:
+        names = [s for s in names if not is_share_alike(KNOWN_SETS[s])]
+        if not names:
+            raise EdifyError(f"--permissive-only leaves no set out of {sets}; all are share-alike")
+    return list(dict.fromkeys(names))
+
+
+def parse_sizes(sizes: str | int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """Sizes as a sorted tuple of distinct ints in [MIN_SIZE, MAX_SIZE]."""
+    try:
+        items = [int(s) for s in str(sizes).split(",")] if isinstance(sizes, (str, int)) else [int(s) for s in sizes]
+    except ValueError:
+        raise EdifyError(f"sizes must be comma-separated integers, got {sizes!r}") from None
+    bad = [s for s in items if not MIN_SIZE <= s <= MAX_SIZE]
+    if bad or not items:
+        raise EdifyError(f"image sizes must be between {MIN_SIZE} and {MAX_SIZE} px, got {sizes!r}")
+    return tuple(sorted(set(items)))
+
+
+def find_tarball(folder: Path, name: str) -> Path | None:
+    """The newest `iconify-json-NAME-VERSION.tgz` in folder (versions start with a digit)."""
+    pattern = re.compile(rf"^iconify-json-{re.escape(name)}-(\d[\w.+-]*)\.tgz$")
+    found = [(m.group(1), p) for p in folder.iterdir() if (m := pattern.match(p.name))]
+    if not found:
+        return None
+    version_key = lambda v: [int(x) if x.isdigit() else -1 for x in re.split(r"[.+-]", v[0])]
+    return max(found, key=version_key)[1]
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edify" / "emoji-npm"
+
+
+def fetch_tarballs(names: list[str], cache: Path) -> Path:
+    """Fetch missing packages with `npm pack @iconify-json/NAME` (the user's npm registry)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    missing = [n for n in names if find_tarball(cache, n) is None]
+    if missing and shutil.which("npm") is None:
+        raise EdifyError(f"npm is not installed; it fetches the emoji sets {missing}: install Node.js or pass --tarballs DIR")
+    for name in missing:
+        done = subprocess.run(["npm", "pack", f"@iconify-json/{name}", "--pack-destination", str(cache)],
+                              capture_output=True, text=True)
+        if done.returncode != 0 or find_tarball(cache, name) is None:
+            last = (done.stderr.strip().splitlines() or ["no tarball written"])[-1]
+            raise EdifyError(f"npm pack @iconify-json/{name} failed: {last}")
+    return cache
+
+
+def read_icon_set(path: Path, name: str) -> IconSet:
+    """Read icons.json, info.json and (if present) chars.json from an iconify npm tarball."""
+    files: dict[str, Any] = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in ("icons.json", "info.json", "chars.json", "package.json"):
+                try:
+                    handle = tar.extractfile(f"package/{member}")
+                except KeyError:
+                    continue
+                if handle is not None:
+                    files[member] = json.load(handle)
+    except (tarfile.TarError, OSError, json.JSONDecodeError) as err:
+        raise EdifyError(f"cannot read iconify package {path}: {err}") from None
+    if "icons.json" not in files:
+        raise EdifyError(f"iconify package {path} has no package/icons.json")
+    icons, info = files["icons.json"], files.get("info.json", {})
+    license_, author = info.get("license", {}), info.get("author", {})
+    return IconSet(
+        name=name,
+        version=str(files.get("package.json", {}).get("version", "unknown")),
+        title=str(info.get("name", name)),
+        license=str(license_.get("spdx", KNOWN_SETS.get(name, "unknown"))),
+        license_url=str(license_.get("url", "")),
+        author=str(author.get("name", "")),
+        author_url=str(author.get("url", "")),
+        icons=dict(icons.get("icons", {})),
+        chars=dict(files.get("chars.json", {})),
+        default_geometry=IconGeometry(
+            float(icons.get("left", 0)), float(icons.get("top", 0)),
+            float(icons.get("width", 16)), float(icons.get("height", 16)),
+        ),
+    )
+
+
+def split_of(caption: Caption, icon: str) -> str:
+    """'val' for ~5% of emoji, decided by a hash of the codepoints (or of the name if unnamed)."""
+    identity = f"cp:{caption.codepoints}" if caption.codepoints else f"name:{icon}"
+    bucket = int(hashlib.sha256(identity.encode()).hexdigest()[:8], 16) % 1000
+    return "val" if bucket < VAL_PER_MILLE else "train"
+
+
+def plan_samples(icon_set: IconSet, namer: EmojiNamer) -> list[Sample]:
+    """Every non-hidden icon of a set (aliases are duplicates and are skipped), sorted by name."""
+    samples = []
+    for icon in sorted(icon_set.icons):
+        if icon_set.icons[icon].get("hidden"):
+            continue
+        caption = namer.caption(icon_set.name, icon)
+        key = f"{icon_set.name}__{icon}".replace(".", "_")
+        samples.append(Sample(key, icon_set.name, icon, caption, split_of(caption, icon)))
+    return samples
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    split: str
+    icon_set: IconSet
+    samples: list[Sample]
+
+    def fingerprint(self, sizes: tuple[int, ...]) -> dict[str, Any]:
+        keys = hashlib.sha1("\n".join(s.key for s in self.samples).encode()).hexdigest()
+        return {"format": FORMAT_VERSION, "set": self.icon_set.name, "version": self.icon_set.version,
+                "sizes": list(sizes), "keys_sha1": keys}
+
+
+def plan_shards(out: Path, icon_sets: list[IconSet], namer: EmojiNamer) -> list[Shard]:
+    shards = []
+    for icon_set in icon_sets:
+        samples = plan_samples(icon_set, namer)
+        for split in ("train", "val"):
+            part = [s for s in samples if s.split == split]
+            for index, start in enumerate(range(0, len(part), SHARD_SIZE)):
+                path = out / split / f"{icon_set.name}-{index:04d}.tar"
+                shards.append(Shard(path, split, icon_set, part[start:start + SHARD_SIZE]))
+    return shards
+
+
+def sample_record(sample: Sample, icon_set: IconSet, result: RenderResult) -> dict[str, Any]:
+    """The webdataset sample: one image and one mask per size, plus the json metadata."""
+    meta = {
+        "caption": sample.caption.text, "style": icon_set.name, "license": icon_set.license,
+        "license_url": icon_set.license_url, "author": icon_set.author, "author_url": icon_set.author_url,
+        "name": sample.icon, "codepoints": sample.caption.codepoints, "named": sample.caption.named,
+        "caption_source": sample.caption.source, "split": sample.split, "set_version": icon_set.version,
+        "sizes": sorted(result.images),
+    }
+    record: dict[str, Any] = {"__key__": sample.key, "json": json.dumps(meta).encode()}
+    for size, (rgb, mask) in result.images.items():
+        record[f"{size}.png"] = rgb
+        record[f"mask{size}.png"] = mask
+    return record
+
+
+def _results(tasks: Iterator[tuple], workers: int) -> Iterator[RenderResult]:
+    if workers <= 1:
+        yield from map(render_sample, tasks)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(render_sample, tasks, chunksize=8)
+
+
+def build_emoji_dataset(
+    tarballs: Path | None,
+    out: Path,
+    sets: str | list[str] | None = None,
+    sizes: tuple[int, ...] | str = (64,),
+    permissive_only: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build (or resume) the emoji webdataset under `out`; returns the manifest it writes."""
+    started = time.perf_counter()
+    names, sizes = parse_sets(sets, permissive_only), parse_sizes(sizes)
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    if workers < 1:
+        raise EdifyError(f"workers must be at least 1, got {workers}")
+    if tarballs is None:
+        folder = fetch_tarballs(names, default_cache())
+    else:
+        folder = Path(tarballs)
+        if not folder.is_dir():
+            raise EdifyError(f"tarball folder does not exist: {folder}")
+    paths = {}
+    for name in names:
+        path = find_tarball(folder, name)
+        if path is None:
+            raise EdifyError(f"no iconify-json-{name}-VERSION.tgz for set {name!r} in {folder}")
+        paths[name] = path
+    icon_sets = [read_icon_set(paths[n], n) for n in names]
+    if permissive_only:  # trust the package's own license over the table above
+        icon_sets = [s for s in icon_sets if not is_share_alike(s.license)]
+    # other sets' chars.json help name icons of sets without one, even when not being built
+    chars = {s.name: s.chars for s in icon_sets}
+    for name in KNOWN_SETS:
+        other = find_tarball(folder, name) if name not in chars else None
+        if other is not None:
+            chars[name] = read_icon_set(other, name).chars
+    namer = EmojiNamer(chars)
+    out = Path(out)
+    shards = plan_shards(out, icon_sets, namer)
+    pending = [sh for sh in shards if finished_shard(sh.path, sh.fingerprint(sizes)) is None]
+    total = sum(len(sh.samples) for sh in pending)
+    tasks = ((sh.icon_set.icons[s.icon].get("body"), sh.icon_set.geometry(sh.icon_set.icons[s.icon]), sizes)
+             for sh in pending for s in sh.samples)
+    results = _results(tasks, min(workers, max(total, 1)))
+    with tqdm(total=total, disable=not progress, unit="icon", desc="emoji") as bar:
+        try:
+            for shard in pending:
+                with AtomicShardWriter(shard.path, shard.fingerprint(sizes)) as writer:
+                    statuses, named = Counter(), 0
+                    for sample in shard.samples:
+                        result = next(results)
+                        statuses[result.status] += 1
+                        if result.status == "ok":
+                            writer.write(sample_record(sample, shard.icon_set, result))
+                            named += sample.caption.named
+                        bar.update()
+                    writer.stats = {"icons": len(shard.samples), "named": named, "statuses": dict(statuses)}
+        finally:
+            results.close()  # stops the worker pool on error or interrupt
+    manifest = summarize(out, shards, icon_sets, sizes, total, time.perf_counter() - started)
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def summarize(out: Path, shards: list[Shard], icon_sets: list[IconSet], sizes: tuple[int, ...],
+              rendered: int, seconds: float) -> dict[str, Any]:
+    """Manifest from the shard sidecars: per-set counts and attribution, shard lists, timing."""
+    per_set: dict[str, Counter] = {s.name: Counter() for s in icon_sets}
+    for shard in shards:
+        info = json.loads((shard.path.with_name(shard.path.name + ".json")).read_text())
+        counts = per_set[shard.icon_set.name]
+        counts["icons"] += info["icons"]
+        counts[shard.split] += info["count"]
+        counts["named"] += info["named"]
+        for status, n in info["statuses"].items():
+            counts["dropped_" + status if status != "ok" else "written"] += n
+    sets = {s.name: {"title": s.title, "version": s.version, "license": s.license, "license_url": s.license_url,
+                     "author": s.author, "author_url": s.author_url, **per_set[s.name]} for s in icon_sets}
+    totals = sum(per_set.values(), Counter())
+    return {
+        "format": FORMAT_VERSION,
+        "sizes": list(sizes),
+        "keys": [k for size in sizes for k in (f"{size}.png", f"mask{size}.png")] + ["json"],
+        "split": {"rule": "sha256(codepoints) % 1000 < 50 -> val", "val_per_mille": VAL_PER_MILLE},
+        "sets": sets,
+        "licenses": sorted({s.license for s in icon_sets}),
+        "counts": dict(totals),
+        "named_fraction": round(totals["named"] / max(totals["written"], 1), 4),
+        "shards": {split: [str(sh.path.relative_to(out)) for sh in shards if sh.split == split]
+                   for split in ("train", "val")},
+        "icons_rendered": rendered,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(rendered * len(sizes) / seconds, 1) if rendered else None,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tarballs", type=Path, default=None,
+                        help="folder of iconify-json-NAME-VERSION.tgz (default: fetch with npm pack)")
+    parser.add_argument("--sets", default=None, help=f"comma-separated sets (default all: {','.join(KNOWN_SETS)})")
+    parser.add_argument("--sizes", default="64", help="comma-separated square sizes in px (default 64)")
+    parser.add_argument("--permissive-only", action="store_true", help="skip share-alike sets (CC-BY-SA)")
+    parser.add_argument("--workers", type=int, default=None, help="render processes (default: CPU count)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for shards and manifest")
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = build_emoji_dataset(args.tarballs, args.out, sets=args.sets, sizes=args.sizes,
+                                   permissive_only=args.permissive_only, workers=args.workers,
+                                   progress=not args.quiet)
+    counts = manifest["counts"]
+    print(f"wrote {counts.get('train', 0)} train + {counts.get('val', 0)} val samples "
+          f"({len(manifest['sets'])} sets, sizes {manifest['sizes']}) to {args.out} "
+          f"in {manifest['seconds']} s")
+    return 0
