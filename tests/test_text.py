@@ -164,6 +164,13 @@ def test_t5_loads_from_folder_with_its_tokenizer(t5):
     assert t5.encode(["zebra giraffe"])[1].sum().item() == 3
 
 
+def test_encoding_stays_fp32_under_autocast(t5):
+    ref = t5.encode(SENTENCES)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = t5.encode(SENTENCES)
+    assert out[0].dtype == torch.float32 and torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
 def test_t5_truncation_and_declared_limit(t5, tmp_path):
     with pytest.warns(UserWarning, match="limit of 12 tokens"):
         states, mask = t5.encode([" ".join(["cat"] * 30)])

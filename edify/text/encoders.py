@@ -132,9 +132,6 @@ class HFTextEncoder(TextEncoder):
         self.model.to(device)
         return self
 
-    def _forward(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-
     def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise EdifyError(f"encode expects a list of strings, got {type(texts).__name__}")
@@ -148,10 +145,11 @@ class HFTextEncoder(TextEncoder):
         batch = self.tokenizer(list(texts), padding="longest", truncation=True,
                                max_length=self._max_length, return_tensors="pt")
         device = self.device
-        batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-        with torch.no_grad():
-            states = self._forward(batch).float()
-        mask = batch["attention_mask"].bool()
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        # fp32 even inside a caller's autocast region, so cached embeddings never depend on it.
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        mask = mask.bool()
         # Padded positions carry no information; zero them so outputs are a function of the real tokens.
         states = states.masked_fill(~mask[..., None], 0.0)
         return states, mask
