@@ -242,6 +242,32 @@ def _warn_once(url: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+class _CountingReader:
+    """A read-only stream that counts the bytes it hands out."""
+
+    def __init__(self, raw):
+        self.raw, self.n = raw, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.n += len(data)
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _check_end_of_archive(tar: tarfile.TarFile, stream: _CountingReader) -> None:
+    """Raise if an uncompressed tar stops where a header should be (cut at a block boundary,
+    which tarfile's stream mode would otherwise take for a normal end)."""
+    if getattr(tar.fileobj, "comptype", "tar") != "tar":
+        return
+    while stream.read(1 << 16):
+        pass
+    if stream.n < tar.offset + tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"no end-of-archive block after {tar.offset} bytes")
+
+
 def iter_tar_groups(url: str, stats: LoaderStats) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of one shard, grouped webdataset-style
     (key = member path up to the first dot of its file name). Shard failures are counted; the
@@ -250,7 +276,7 @@ def iter_tar_groups(url: str, stats: LoaderStats) -> Iterator[tuple[str, dict[st
 
     stream = None
     try:
-        stream = gopen(url)
+        stream = _CountingReader(gopen(url))
         tar = tarfile.open(fileobj=stream, mode="r|*")
     except Exception as err:
         try:
@@ -275,10 +301,14 @@ def iter_tar_groups(url: str, stats: LoaderStats) -> Iterator[tuple[str, dict[st
                 if group:
                     yield key, group
                 key, group = k, {}
-            group[ext.lower()] = tar.extractfile(member).read()
+            data = tar.extractfile(member).read()
+            if len(data) != member.size:  # the stream ended inside this member
+                raise tarfile.ReadError(f"member {member.name} has {len(data)} of {member.size} bytes")
+            group[ext.lower()] = data
             tar.members = []  # streaming: do not keep every header in memory
         if group:
             yield key, group
+        _check_end_of_archive(tar, stream)
     except Exception as err:  # truncated or corrupt tar stream: keep what came before
         stats.skip("broken_shard")
         _warn_once(url, f"shard {url} is broken after sample {key!r}: {err}")
@@ -440,8 +470,9 @@ class ImageFolderDataset(Dataset):
     Captions come from `captions.jsonl` or `metadata.jsonl` at the root (one json object per line
     with `file_name` relative to the root, the caption field and any other metadata), else from a
     sidecar `image.txt` (and optional `image.json` metadata) beside each `image.png`. Images without
-    a caption or whose header does not parse are left out at indexing and counted in `stats`; an
-    image that fails to decode later becomes {"skip": reason}, which collation drops and counts.
+    a caption or whose header does not parse are left out at indexing and counted in `index_stats`;
+    an image that fails to decode later becomes {"skip": reason}, which collation drops and counts.
+    `stats` adds up indexing and every item fetched in this process.
     """
 
     def __init__(self, root: str | os.PathLike, config: DataConfig = DataConfig(), *, raw: bool = False,
@@ -475,6 +506,7 @@ class ImageFolderDataset(Dataset):
             self.buckets.append("1:1" if config.square else nearest_bucket(h, w))
         if not self.items:
             raise EdifyError(f"no captioned images in {str(root)!r} (skipped: {dict(self.stats.skipped)})")
+        self.index_stats = LoaderStats().merge(self.stats)  # what indexing left out
 
     def _sidecars(self, path: Path) -> tuple[dict, str | None]:
         meta: dict = {}

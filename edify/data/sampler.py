@@ -236,4 +236,4 @@ def folder_loader(dataset: ImageFolderDataset, batch_size: int, *, num_workers: 
                                  drop_last=drop_last, rank=rank, world_size=world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                         **loader_kwargs)
-    return BatchLoader(loader, base=dataset.stats, sampler=sampler)
+    return BatchLoader(loader, base=dataset.index_stats, sampler=sampler)
