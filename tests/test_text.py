@@ -248,7 +248,7 @@ def test_cache_names_do_not_collide(t5, t5_dir, tmp_path):
     assert len(list(tmp_path.rglob("*.safetensors"))) == 2
 
 
-def test_cache_ignores_foreign_file_under_the_key(t5, tmp_path):
+def test_cache_replaces_foreign_or_corrupt_entries(t5, tmp_path):
     cached = CachedTextEncoder(t5, tmp_path)
     path = cached.path("a cat")
     path.parent.mkdir(parents=True)
@@ -257,6 +257,9 @@ def test_cache_ignores_foreign_file_under_the_key(t5, tmp_path):
     assert torch.equal(states, t5.encode(["a cat"])[0])  # re-encoded and overwritten
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["encoder"] == t5.name
+    path.write_bytes(b"\x00garbage")  # a truncated entry
+    states, _ = cached.encode(["a cat"])
+    assert torch.equal(states, t5.encode(["a cat"])[0])
 
 
 def test_cache_memory_lru(t5, tmp_path):

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -93,13 +93,18 @@ class CachedTextEncoder(TextEncoder):
         path = self.path(text)
         if not path.is_file():
             return None
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            # A different (encoder, text) under the same key would be a sha256 collision or a
-            # foreign file; either way it is not our entry.
-            if meta.get("encoder") != self.encoder.name or meta.get("text") != text:
-                return None
-            states = f.get_tensor("states")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                # A different (encoder, text) under the same key would be a sha256 collision or a
+                # foreign file; either way it is not our entry.
+                if meta.get("encoder") != self.encoder.name or meta.get("text") != text:
+                    return None
+                states = f.get_tensor("states")
+        except (OSError, SafetensorError):  # an unreadable entry (e.g. a full disk truncated it) is re-encoded
+            return None
+        if states.dtype != torch.float32 or states.dim() != 2 or states.shape[1] != self.encoder.dim:
+            return None
         self._remember(key, states)
         return states
 
