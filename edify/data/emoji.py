@@ -217,9 +217,9 @@ class Shard:
     samples: list[Sample]
 
     def fingerprint(self, sizes: tuple[int, ...]) -> dict[str, Any]:
-        keys = hashlib.sha1("\n".join(s.key for s in self.samples).encode()).hexdigest()
+        planned = "\n".join(f"{s.key}|{s.caption}|{s.split}" for s in self.samples)
         return {"format": FORMAT_VERSION, "set": self.icon_set.name, "version": self.icon_set.version,
-                "sizes": list(sizes), "keys_sha1": keys}
+                "sizes": list(sizes), "content_sha1": hashlib.sha1(planned.encode()).hexdigest()}
 
 
 def plan_shards(out: Path, icon_sets: list[IconSet], namer: EmojiNamer) -> list[Shard]:

@@ -103,11 +103,15 @@ class EmojiNamer:
             if key in self._names:
                 continue
             self._names[key] = data["en"]
+        for key, name in self._names.items():  # primary names first: they beat any alias
             caption = self.caption_for(key) or ""
-            for name in [data["en"], *data.get("alias", []), caption, re.sub(r"\(.*?\)", "", caption)]:
-                self._by_slug.setdefault(slug(name.strip(":").replace("&", " and ")), key)
+            for text in (name, caption, re.sub(r"\(.*?\)", "", caption)):
+                self._by_slug.setdefault(slug(text.strip(":").replace("&", " and ")), key)
             if is_flag(key):  # older sets say "flag-for-malta"
-                self._by_slug.setdefault("flag-for-" + slug(data["en"].strip(":")), key)
+                self._by_slug.setdefault("flag-for-" + slug(name.strip(":")), key)
+        for char, data in emoji.EMOJI_DATA.items():
+            for alias in data.get("alias", []):
+                self._by_slug.setdefault(slug(alias.strip(":")), sequence_key([ord(ch) for ch in char]))
         # each set's chars.json inverted: icon name -> sequence
         self._own: dict[str, dict[str, str]] = {
             set_name: {icon: sequence_key(cps) for cps, icon in chars.items()}
