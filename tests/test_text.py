@@ -33,7 +33,7 @@ def minilm():
         return MiniLMEncoder()
 
 
-def _make_tiny_t5(folder, seed: int, model_max_length: int | None = None):
+def _make_tiny_t5(folder, seed: int, model_max_length: int | None = None, dtype=torch.float32):
     """A randomly initialised 1-layer T5 (d_model 16) and a word-level tokenizer trained here, offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
@@ -49,7 +49,7 @@ def _make_tiny_t5(folder, seed: int, model_max_length: int | None = None):
     config = T5Config(vocab_size=len(fast), d_model=16, num_layers=1, num_heads=2, d_ff=32, d_kv=8,
                       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     torch.manual_seed(seed)
-    T5EncoderModel(config).save_pretrained(folder)
+    T5EncoderModel(config).to(dtype).save_pretrained(folder)
     return folder
 
 
@@ -169,6 +169,12 @@ def test_encoding_stays_fp32_under_autocast(t5):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = t5.encode(SENTENCES)
     assert out[0].dtype == torch.float32 and torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_bf16_checkpoint_runs_in_fp32(tmp_path):
+    enc = T5Encoder(_make_tiny_t5(tmp_path, seed=0, dtype=torch.bfloat16))
+    assert all(p.dtype == torch.float32 for p in enc.model.parameters())
+    assert enc.encode(["a cat"])[0].dtype == torch.float32
 
 
 def test_t5_truncation_and_declared_limit(t5, tmp_path):

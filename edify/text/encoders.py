@@ -107,7 +107,8 @@ class HFTextEncoder(TextEncoder):
             raise EdifyError(f"text encoder {tag!r} has a tokenizer without a padding token")
         tokenizer.padding_side = "right"
         self.tokenizer = tokenizer
-        self.model = model.eval().requires_grad_(False)
+        # fp32 whatever dtype the checkpoint was saved in (newer transformers keep the saved dtype).
+        self.model = model.float().eval().requires_grad_(False)
         self._max_length = max_length
         self._name = f"{tag}-len{max_length}"
 
@@ -187,7 +188,7 @@ class MiniLMEncoder(HFTextEncoder):
         limit = int(config.max_position_embeddings)
         check_max_length(max_length, limit, "minilm")  # before the weights load
         tokenizer = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = tf.AutoModel.from_pretrained(folder, config=config, local_files_only=True, dtype=torch.float32)
+        model = tf.AutoModel.from_pretrained(folder, config=config, local_files_only=True)
         super().__init__(tokenizer, model, max_length=max_length, model_limit=limit,
                          tag=f"minilm-l6-v2-{folder_fingerprint(folder)[:16]}")
         if device is not None:
@@ -224,8 +225,7 @@ class T5Encoder(HFTextEncoder):
         limit = int(declared) if declared is not None and declared < _NO_LIMIT else None
         check_max_length(max_length, limit, "t5")  # before the weights load
         try:
-            model = tf.T5EncoderModel.from_pretrained(folder, config=config, local_files_only=True,
-                                                      dtype=torch.float32)
+            model = tf.T5EncoderModel.from_pretrained(folder, config=config, local_files_only=True)
         except (OSError, ValueError) as err:
             raise EdifyError(f"T5 folder has no loadable weights, got {str(folder)!r}: {_first_line(err)}") from err
         super().__init__(tokenizer, model, max_length=max_length, model_limit=limit,
