@@ -161,7 +161,7 @@ def test_parse_dof(value, name):
 def test_camera_missing_indices_and_errors():
     assert parse_pitch(None) == parse_pitch("") == parse_dof(None) == parse_dof("  ") == NULL
     assert parse_pitch(2) == 2 and parse_dof(-1) == NULL
-    with pytest.raises(EdifyError, match="camera pitch must be one of ascending, eye level, descending, got 'sideways'"):
+    with pytest.raises(EdifyError, match="pitch must be one of ascending, eye level, descending, got 'sideways'"):
         parse_pitch("sideways")
     with pytest.raises(EdifyError, match=r"depth of field index must be in \[-1, 1\], got 2"):
         parse_dof(2)
