@@ -14,29 +14,25 @@ cheap enough for thousands of 64px images per second per core.
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
 import random
-import tarfile
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import braceexpand
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from edify.buckets import bucket_shape, nearest_bucket
+from edify.data.tarstream import expand_shards, is_local, iter_tar_groups
 from edify.errors import EdifyError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-_WARNED: set[str] = set()  # shard URLs already warned about in this process
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -208,119 +204,6 @@ def make_record(
 # WebDataset shards
 
 
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard list from paths, globs, brace patterns ("a-{000..009}.tar"), "::"-joined lists,
-    directories (their *.tar) and any URL or "pipe:" command webdataset's gopen opens."""
-    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    urls: list[str] = []
-    for s in specs:
-        for part in str(s).split("::"):
-            for item in braceexpand.braceexpand(part):
-                if item.startswith("pipe:") or "://" in item:
-                    urls.append(item)
-                elif os.path.isdir(item):
-                    urls.extend(sorted(glob.glob(os.path.join(item, "*.tar"))))
-                elif any(c in item for c in "*?["):
-                    found = sorted(glob.glob(item))
-                    if not found:
-                        raise EdifyError(f"no shard matches the pattern {item!r}")
-                    urls.extend(found)
-                else:
-                    urls.append(item)
-    if not urls:
-        raise EdifyError(f"no shards in {spec!r}")
-    return urls
-
-
-def _is_local(url: str) -> bool:
-    return not (url.startswith("pipe:") or "://" in url)
-
-
-def _warn_once(url: str, message: str) -> None:
-    if url not in _WARNED:
-        _WARNED.add(url)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-class _CountingReader:
-    """A read-only stream that counts the bytes it hands out."""
-
-    def __init__(self, raw):
-        self.raw, self.n = raw, 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.n += len(data)
-        return data
-
-    def close(self) -> None:
-        self.raw.close()
-
-
-def _check_end_of_archive(tar: tarfile.TarFile, stream: _CountingReader) -> None:
-    """Raise if an uncompressed tar stops where a header should be (cut at a block boundary,
-    which tarfile's stream mode would otherwise take for a normal end)."""
-    if getattr(tar.fileobj, "comptype", "tar") != "tar":
-        return
-    while stream.read(1 << 16):
-        pass
-    if stream.n < tar.offset + tarfile.BLOCKSIZE:
-        raise tarfile.ReadError(f"no end-of-archive block after {tar.offset} bytes")
-
-
-def iter_tar_groups(url: str, stats: LoaderStats) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of one shard, grouped webdataset-style
-    (key = member path up to the first dot of its file name). Shard failures are counted; the
-    generator returns whether the shard could be opened."""
-    from webdataset.gopen import gopen
-
-    stream = None
-    try:
-        stream = _CountingReader(gopen(url))
-        tar = tarfile.open(fileobj=stream, mode="r|*")
-    except Exception as err:
-        try:
-            if stream is not None:
-                stream.close()
-        except Exception:
-            pass
-        stats.skip("unreadable_shard")
-        _warn_once(url, f"skipping unreadable shard {url}: {err}")
-        return False
-    key, group = None, {}
-    try:
-        for member in tar:
-            if not member.isreg():
-                continue
-            folder, _, name = member.name.rpartition("/")
-            base, dot, ext = name.partition(".")
-            if not dot or base.startswith("__"):
-                continue
-            k = f"{folder}/{base}" if folder else base
-            if k != key:
-                if group:
-                    yield key, group
-                key, group = k, {}
-            data = tar.extractfile(member).read()
-            if len(data) != member.size:  # the stream ended inside this member
-                raise tarfile.ReadError(f"member {member.name} has {len(data)} of {member.size} bytes")
-            group[ext.lower()] = data
-            tar.members = []  # streaming: do not keep every header in memory
-        if group:
-            yield key, group
-        _check_end_of_archive(tar, stream)
-    except Exception as err:  # truncated or corrupt tar stream: keep what came before
-        stats.skip("broken_shard")
-        _warn_once(url, f"shard {url} is broken after sample {key!r}: {err}")
-    finally:
-        try:
-            tar.close()
-            stream.close()
-        except Exception:
-            pass
-    return True
-
-
 def _group_to_record(key, group, cfg, stats, rng, raw) -> dict | None:
     meta: dict = {}
     if "json" in group:
@@ -358,7 +241,7 @@ class WebImageDataset(IterableDataset):
         rank: int | None = None, world_size: int | None = None, raw: bool = False,
     ):
         self.urls = expand_shards(shards)
-        local = [u for u in self.urls if _is_local(u)]
+        local = [u for u in self.urls if is_local(u)]
         if len(local) == len(self.urls) and not any(os.path.isfile(u) for u in local):
             raise EdifyError(f"none of the {len(local)} shard files exists, first: {local[0]!r}")
         if epochs is not None and epochs < 1:
@@ -386,7 +269,7 @@ class WebImageDataset(IterableDataset):
 
         def read(url, counts):
             tally["tried"] += 1
-            tally["opened"] += yield from iter_tar_groups(url, counts)
+            tally["opened"] += yield from iter_tar_groups(url, counts.skip)
 
         if self.resample:  # draw shards with replacement, a different stream per reader
             rng = random.Random(f"{self.seed}-{g}")
