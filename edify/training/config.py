@@ -25,17 +25,17 @@ class TrainConfig:
     name: str = "custom"
     # Network: a preset name of edify.networks.presets or a network config dict.
     model: str | dict = "tiny"
-    # Laplacian process (section 2.2): pyramid levels and switch levels s1* < s2* < ... (empty = default).
+    # Laplacian process (section 2.2): pyramid levels and switch levels s1* < s2* < ... (full-res units).
     resolution: int = 16
     levels: int = 2
-    switch_sigmas: tuple[float, ...] = ()
+    switch_sigmas: tuple[float, ...] = (2.0,)
     # Mixture of experts (section 2.2.2): stages to train (empty = all), picked per step.
     stages: tuple[int, ...] = ()
     stage_sampling: str = "random"  # "random" (by stage_weights) | "round_robin"
     stage_weights: tuple[float, ...] = ()  # empty = equal
     # EDM loss (Karras et al. 2022): log-normal sigma and data standard deviation.
-    P_mean: float = -0.4
-    P_std: float = 1.4
+    P_mean: float = -1.2
+    P_std: float = 1.2
     sigma_data: float = 0.5
     # Optimisation.
     batch_size: int = 8  # global images per optimizer step
@@ -67,10 +67,13 @@ class TrainConfig:
     weight_key: str = "weight"  # per-sample loss weight key in the data ("" = unweighted)
     # Data and text.
     data: str = "synthetic"
-    text_encoder: str = "hash"
+    text_encoder: str = "minilm"  # "minilm" | "t5:/path/to/folder" | "none"
+    text_cache: bool = True  # cache caption embeddings under <out>/text-cache
+    styles: tuple[str, ...] = ()  # media-type vocabulary (sorted); empty = no media token
     num_workers: int = 0
     sample_prompts: tuple[str, ...] = ("a red heart", "a smiling face")
-    sample_steps: int = 16
+    sample_steps: int = 8  # sampler steps per Laplacian stage
+    sample_guidance: float = 2.0
     seed: int = 0
     dist: str = "none"  # "none" | "ddp" | "fsdp"
 
@@ -104,7 +107,7 @@ class TrainConfig:
 RESUMABLE_FIELDS = frozenset({
     "name", "total_images", "checkpoint_images", "keep_last", "log_images", "sample_images",
     "compile", "peak_tflops", "max_nonfinite", "num_workers", "sample_prompts", "sample_steps",
-    "data",
+    "sample_guidance", "data", "text_cache",
 })
 
 
@@ -118,7 +121,7 @@ def validate(c: TrainConfig) -> None:
     _check(c.resolution > 0 and c.resolution % (2 ** (c.levels - 1)) == 0,
            f"resolution must be a positive multiple of 2**(levels-1)={2 ** (c.levels - 1)}, got {c.resolution}")
     _check(c.levels >= 1, f"levels must be >= 1, got {c.levels}")
-    _check(not c.switch_sigmas or len(c.switch_sigmas) == c.levels - 1,
+    _check(len(c.switch_sigmas) == c.levels - 1,
            f"switch_sigmas needs levels-1={c.levels - 1} values, got {list(c.switch_sigmas)}")
     _check(all(a < b for a, b in zip(c.switch_sigmas, c.switch_sigmas[1:])) and all(s > 0 for s in c.switch_sigmas),
            f"switch_sigmas must be positive and increasing, got {list(c.switch_sigmas)}")
@@ -158,21 +161,28 @@ def validate(c: TrainConfig) -> None:
         _check(isinstance(p, (int, float)) and 0 <= p <= 1, f"cond_drop.{key} must be in [0, 1], got {p}")
     _check(c.dist in ("none", "ddp", "fsdp"), f"dist must be 'none', 'ddp' or 'fsdp', got {c.dist!r}")
     _check(c.sample_steps > 0, f"sample_steps must be > 0, got {c.sample_steps}")
+    _check(c.sample_guidance >= 0, f"sample_guidance must be >= 0, got {c.sample_guidance}")
+    _check(list(c.styles) == sorted(set(c.styles)), f"styles must be sorted and unique, got {list(c.styles)}")
+    _check(c.text_encoder in ("minilm", "none") or c.text_encoder.startswith("t5:"),
+           f"text_encoder must be 'minilm', 't5:/path' or 'none', got {c.text_encoder!r}")
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # A few seconds on a laptop CPU: 16px, 2 levels, a tiny network and a hashing text encoder.
+    # Seconds on a laptop CPU: 16px, 2 levels (8/16), the `tiny` network, synthetic data.
     "tiny-cpu": TrainConfig(
-        name="tiny-cpu", model="tiny", resolution=16, levels=2, batch_size=4, lr=1e-3,
-        total_images=64, checkpoint_images=32, log_images=16, ema_halflife_images=64.0,
-        text_encoder="hash", data="synthetic", sample_steps=4,
+        name="tiny-cpu", model="tiny", resolution=16, levels=2, switch_sigmas=(2.0,), batch_size=4,
+        lr=1e-3, total_images=64, checkpoint_images=32, log_images=16, ema_halflife_images=64.0,
+        text_encoder="minilm", data="synthetic", styles=("flat", "glossy"), sample_steps=4,
     ),
     # The demo base model: 64px emoji, 3 levels (16/32/64), MiniLM text tokens and a style token.
     "emoji-64": TrainConfig(
-        name="emoji-64", model="emoji-64", resolution=64, levels=3, batch_size=256, lr=1e-3,
+        name="emoji-64", model="emoji-64", resolution=64, levels=3, switch_sigmas=(1.0, 5.0),
+        batch_size=256, lr=1e-3,
         warmup_images=200_000, total_images=20_000_000, checkpoint_images=500_000, log_images=25_600,
         sample_images=1_000_000, ema_halflife_images=500_000.0, precision="bf16", compile=True,
         text_encoder="minilm", data="../shared/data/emoji", cond_drop={"text": 0.1, "media": 0.2},
+        styles=("emojione", "fluent-emoji", "fluent-emoji-flat", "fxemoji", "noto", "noto-v1", "twemoji"),
+        sample_prompts=("grinning face", "red heart", "rocket", "flag: Malta"),
     ),
 }
 

@@ -1,0 +1,306 @@
+"""The training loop of a Laplacian diffusion model (Edify Image section 2.2, EDM training).
+
+Each optimizer step trains one resolution stage of the mixture of experts (section 2.2.2; picked
+by seed and step, the same on every rank) on `batch_size` images over all ranks and
+`grad_accum` micro-steps:
+
+    x0, captions, styles  <- this rank's next micro-batch (a resumable stream)
+    cond                  <- text tokens + media token, fields dropped at random (section 3.1, CFG)
+    loss                  <- LaplacianEDMLoss: sigma ~ log-normal on the stage's range, D at R / 2^j (Eq. 1)
+    AdamW step with linear warm-up and gradient clipping, then the EMA update.
+
+All randomness of a step comes from generators seeded by (seed, step, rank, micro-step), and the
+data stream reports its position, so a resumed run reproduces an uninterrupted one bit for bit.
+A non-finite loss or gradient norm skips the update; `max_nonfinite` in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from edify.conditioning import Cond, random_drop
+from edify.core.guidance import CFGDenoiser
+from edify.core.laplacian import LaplacianProcess
+from edify.core.losses import LaplacianEDMLoss
+from edify.core.precond import EDMPrecond
+from edify.core.samplers import initial_state, sample_dpmpp_2m
+from edify.core.schedules import laplacian_sigmas
+from edify.core.seeding import generators
+from edify.data.vocab import StyleVocab, make_cond
+from edify.errors import EdifyError
+from edify.networks.presets import build_network
+from edify.networks.unet import UNetConfig
+from edify.training import checkpoint, distributed, monitor
+from edify.training.batches import Batch, open_stream
+from edify.training.checkpoint import TrainState
+from edify.training.config import TrainConfig
+from edify.training.ema import EMA
+
+SAMPLE_SIGMA_MAX = 80.0
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed mixing integers (splitmix64 finaliser), distinct per (seed, step, rank, micro)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+def network_config(model: str | dict) -> str | UNetConfig:
+    return UNetConfig.from_dict(model) if isinstance(model, dict) else model
+
+
+def load_text_encoder(spec: str, cache_dir: Path | None, device):
+    """The frozen text encoder of a config (None for "none"), behind an embedding cache."""
+    if spec == "none":
+        return None
+    from edify.text.encoders import load_text_encoder as load
+
+    encoder = load(spec, device=device)
+    if cache_dir is not None:
+        from edify.text.cache import CachedTextEncoder
+
+        encoder = CachedTextEncoder(encoder, cache_dir, memory_items=4096)
+    return encoder
+
+
+@dataclass
+class TrainResult:
+    """What a call to `Trainer.run` did: one loss per optimizer step (mean over ranks), in order."""
+
+    losses: list[float] = field(default_factory=list)
+    step: int = 0
+    images: int = 0
+    nonfinite_total: int = 0
+    checkpoint: Path | None = None
+
+
+class Trainer:
+    """Builds everything a run needs from a TrainConfig; `run()` trains to `total_images`.
+
+    stream / text_encoder: optional replacements for the ones the config names (tests inject a
+    synthetic stream or a small encoder). With resume=True the latest checkpoint in `out_dir`
+    is loaded (a missing one means a fresh start).
+    """
+
+    def __init__(self, config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
+                 stream=None, text_encoder=None, device: torch.device | None = None):
+        c = self.config = config
+        self.out_dir = Path(out_dir)
+        self.device = device or distributed.init_from_env()
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        distributed.check_mode(c.dist)
+        per_rank = c.batch_size // c.grad_accum
+        if per_rank % self.world:
+            raise EdifyError(f"batch_size / grad_accum must be a multiple of the world size {self.world}, "
+                             f"got {c.batch_size} / {c.grad_accum}")
+        self.micro_batch = per_rank // self.world
+
+        torch.manual_seed(c.seed)  # the same initial weights on every rank
+        self.net = build_network(network_config(c.model))
+        self.process = LaplacianProcess(c.levels, c.switch_sigmas)
+        self.stages = c.stages or tuple(range(c.levels))
+        net_cfg = self.net.config
+        if net_cfg.num_stages < c.levels:
+            raise EdifyError(f"the network embeds {net_cfg.num_stages} stages, the config trains levels={c.levels}")
+        if len(c.styles) > net_cfg.num_media_types:
+            raise EdifyError(f"the network has {net_cfg.num_media_types} media types, got {len(c.styles)} styles")
+        multiple = net_cfg.size_multiple * 2 ** (c.levels - 1)  # the coarsest stage must fit the U-Net
+        if c.resolution % multiple:
+            raise EdifyError(f"resolution must be a multiple of {multiple} for this network and "
+                             f"{c.levels} levels, got {c.resolution}")
+        self.vocab = StyleVocab(c.styles) if c.styles else None
+        cache = self.out_dir / "text-cache" if c.text_cache else None
+        self.text_encoder = text_encoder if text_encoder is not None else load_text_encoder(
+            c.text_encoder, cache, self.device)
+        self.stream = stream if stream is not None else open_stream(
+            c.data, c.resolution, multiple, self.micro_batch, c.seed, c.num_workers, c.weight_key,
+            self.rank, self.world)
+
+        dtype = torch.bfloat16 if c.precision == "bf16" and self.device.type == "cuda" else torch.float32
+        self.net.to(self.device)
+        self.flops_per_image = self._count_flops(dtype) if c.peak_tflops > 0 else {}
+        self.model = distributed.wrap_model(self.net, c.dist, self.device)
+        forward = torch.compile(self.model) if c.compile else self.model
+        self.denoiser = EDMPrecond(forward, c.sigma_data, dtype)
+        self.loss_fn = LaplacianEDMLoss(self.process, c.P_mean, c.P_std, c.sigma_data)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=tuple(c.betas),
+                                           weight_decay=c.weight_decay)
+        ema_on = c.ema_std == 0 and c.ema_decay == 0
+        self.ema = EMA(self.model, c.ema_halflife_images if ema_on else 0.0, c.ema_rampup, c.ema_decay, c.ema_std)
+        self.state = TrainState()
+        self.consecutive_nonfinite = 0
+        self.loss_stats = monitor.LossStats()
+        if resume:
+            loaded = checkpoint.load_latest(self.out_dir, c, self.model, self.optimizer, self.ema)
+            if loaded is not None:
+                self.state = loaded
+                self.stream.load_state_dict(loaded.data)
+                distributed.print0(f"resumed from {checkpoint.latest_checkpoint(self.out_dir)} "
+                                   f"at {loaded.images} images")
+
+    # ---- pieces of a step ----------------------------------------------------------------------
+
+    def stage_for(self, step: int) -> int:
+        """The stage trained at `step`: round robin, or drawn by stage_weights (same on all ranks)."""
+        if self.config.stage_sampling == "round_robin":
+            return self.stages[step % len(self.stages)]
+        w = torch.tensor(self.config.stage_weights or [1.0] * len(self.stages), dtype=torch.float64)
+        g = torch.Generator().manual_seed(step_seed(self.config.seed, step, 0xA5))
+        return self.stages[int(torch.multinomial(w, 1, generator=g))]
+
+    def make_cond(self, captions: list[str], styles: list[str | None]) -> Cond:
+        media = self.vocab.indices(styles) if self.vocab is not None else None
+        if self.text_encoder is None:
+            return Cond(media=media).to(self.device)
+        return make_cond(self.text_encoder, captions, styles if self.vocab is not None else None,
+                         self.vocab, device=self.device)
+
+    def lr_at(self, images: int) -> float:
+        """Linear warm-up over warmup_images, then constant."""
+        warmup = self.config.warmup_images
+        return self.config.lr * (min(1.0, images / warmup) if warmup > 0 else 1.0)
+
+    def _count_flops(self, dtype) -> dict[int, int]:
+        """Training FLOPs per image of each stage, counted on one image before any wrapping."""
+        c = self.config
+        denoiser = EDMPrecond(self.net, c.sigma_data, dtype)
+        cond = self.make_cond([c.sample_prompts[0]], [c.styles[0] if c.styles else None])
+        out = {}
+        for stage in self.stages:
+            side = c.resolution >> stage
+            x = torch.randn(1, 3, side, side, device=self.device)
+            out[stage] = monitor.count_training_flops(denoiser, x, torch.ones(1, device=self.device), cond, stage)
+        return out
+
+    def train_step(self) -> float:
+        """One optimizer step (or a skipped one); returns the loss averaged over ranks and micro-steps."""
+        c, step = self.config, self.state.step
+        stage = self.stage_for(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for k in range(c.grad_accum):
+            batch: Batch = self.stream.next()
+            gen = torch.Generator().manual_seed(step_seed(c.seed, step, self.rank, k))
+            x0 = batch.image.to(self.device, torch.float32)
+            cond = random_drop(self.make_cond(batch.caption, batch.style), dict(c.cond_drop), generator=gen)
+            weight = batch.weight.to(self.device) if c.weight_key else None
+            with distributed.gradient_sync(self.model, k == c.grad_accum - 1):
+                loss, sigma = self.loss_fn(self.denoiser, x0, cond, stage, generator=gen, weight=weight,
+                                           return_sigma=True)
+                (loss.mean() / c.grad_accum).backward()
+            total += loss.detach().mean() / c.grad_accum
+            self.loss_stats.add(loss, sigma, stage)
+        mean_loss = float(distributed.all_reduce_mean(total))
+        self.state.step += 1
+        self.state.images += c.batch_size
+        self.last_stage = stage
+
+        finite = math.isfinite(mean_loss)
+        if finite:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
+            self.grad_norm = float(distributed.to_full(norm))
+            finite = math.isfinite(self.grad_norm)
+        if not finite:  # skip: no optimizer or EMA update
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.nonfinite_total += 1
+            self.consecutive_nonfinite += 1
+            distributed.print0(f"non-finite loss or gradient at step {step}: update skipped "
+                               f"({self.consecutive_nonfinite} in a row, {self.state.nonfinite_total} in total)")
+            if self.consecutive_nonfinite >= c.max_nonfinite:
+                raise EdifyError(f"training stopped: {self.consecutive_nonfinite} consecutive non-finite losses "
+                                 f"(max_nonfinite={c.max_nonfinite}) at step {step}, {self.state.images} images; "
+                                 "lower lr or check the data")
+            return mean_loss
+        self.consecutive_nonfinite = 0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.state.images)
+        self.optimizer.step()
+        self.ema.update(self.model, self.state.images, c.batch_size)
+        return mean_loss
+
+    # ---- outputs ------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        state = TrainState(self.state.step, self.state.images, self.stream.state_dict(), self.state.nonfinite_total)
+        return checkpoint.save_checkpoint(self.out_dir, self.config, self.model, self.optimizer, self.ema, state)
+
+    @torch.no_grad()
+    def sample_grid(self) -> Path | None:
+        """EMA samples of `sample_prompts` (DPM-Solver++(2M) over the Laplacian stages, CFG) as a PNG."""
+        c = self.config
+        weights = self.ema.state_dict(self.model)  # collective under FSDP
+        if not distributed.is_main():
+            return None
+        net = build_network(network_config(c.model))
+        net.load_state_dict(weights)
+        net.to(self.device).eval()
+        denoiser = CFGDenoiser(EDMPrecond(net, c.sigma_data, self.denoiser.dtype), c.sample_guidance)
+        n = len(c.sample_prompts)
+        cond = self.make_cond(list(c.sample_prompts), [c.styles[i % len(c.styles)] if c.styles else None
+                                                       for i in range(n)])
+        gens = generators([c.seed + i for i in range(n)])
+        x = initial_state(self.process, SAMPLE_SIGMA_MAX, (n, 3, c.resolution, c.resolution), gens, self.device)
+        sigmas = laplacian_sigmas(self.process, c.sample_steps, sigma_max=SAMPLE_SIGMA_MAX)
+        images = sample_dpmpp_2m(denoiser, x, sigmas, self.process, cond, gens)
+        return monitor.save_grid(images, self.out_dir / "samples" / f"{self.state.images:012d}.png")
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def run(self, max_steps: int | None = None) -> TrainResult:
+        """Train until total_images (or `max_steps` more steps); checkpoint at intervals and at the end."""
+        c = self.config
+        writer = monitor.ScalarWriter(self.out_dir, enabled=distributed.is_main())
+        bar = tqdm(total=c.total_images, initial=self.state.images, unit="img", unit_scale=True,
+                   disable=not distributed.is_main(), dynamic_ncols=True)
+        result = TrainResult()
+        saved_at = None
+        t0, images0, flops, log_losses = time.perf_counter(), self.state.images, 0.0, []
+
+        def crossed(every: int) -> bool:
+            return every > 0 and self.state.images // every > (self.state.images - c.batch_size) // every
+
+        try:
+            while self.state.images < c.total_images and (max_steps is None or len(result.losses) < max_steps):
+                loss = self.train_step()
+                result.losses.append(loss)
+                log_losses.append(loss)
+                flops += self.flops_per_image.get(self.last_stage, 0) * c.batch_size
+                bar.update(c.batch_size)
+                bar.set_postfix(loss=f"{loss:.4f}", stage=self.last_stage)
+                if crossed(c.log_images) or self.state.images >= c.total_images:
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    scalars = {"loss": sum(log_losses) / len(log_losses), "lr": self.lr_at(self.state.images),
+                               "img_per_s": (self.state.images - images0) / dt,
+                               "grad_norm": getattr(self, "grad_norm", float("nan")),
+                               "nonfinite_total": self.state.nonfinite_total, **self.loss_stats.means()}
+                    if flops:
+                        scalars["mfu"] = flops / dt / (c.peak_tflops * 1e12 * self.world)
+                    writer.write(self.state.images, self.state.step, scalars)
+                    self.loss_stats.reset()
+                    t0, images0, flops, log_losses = time.perf_counter(), self.state.images, 0.0, []
+                if crossed(c.sample_images):
+                    self.sample_grid()
+                if crossed(c.checkpoint_images):
+                    result.checkpoint, saved_at = self.save(), self.state.images
+            if saved_at != self.state.images and result.losses:
+                result.checkpoint = self.save()
+        finally:
+            bar.close()
+            writer.close()
+        result.step, result.images = self.state.step, self.state.images
+        result.nonfinite_total = self.state.nonfinite_total
+        return result
+
+
+def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, **kwargs) -> TrainResult:
+    """Build a Trainer and run it to the end."""
+    return Trainer(config, out_dir, resume=resume, **kwargs).run()
