@@ -100,6 +100,8 @@ def test_namer_resolves_each_naming_scheme():
     assert namer.caption("fxemoji", "admissiontickets").text == "admission tickets"  # words run together
     assert namer.caption("fluent-emoji", "girl-dark").text == "girl: dark skin tone"  # "-skin-tone" dropped
     assert namer.caption("emojione", "flag-for-malta").text == "flag: Malta"
+    run_together = namer.caption("fxemoji", "banknotepound")  # no emoji of that name: words only
+    assert (run_together.text, run_together.named) == ("banknote pound", False)
     unnamed = namer.caption("openmoji", "edify-logo")
     assert (unnamed.text, unnamed.named) == ("edify logo", False)
 

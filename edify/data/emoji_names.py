@@ -128,6 +128,7 @@ class EmojiNamer:
         for key in self._names:  # Unicode character names, run together ("bactriancamel")
             if "-" not in key:
                 self._compact.setdefault(slug(unicodedata.name(chr(int(key, 16)), "")).replace("-", ""), key)
+        self._vocabulary = {word for name in [*self._by_slug, *self._other] for word in name.split("-")}
 
     def caption_for(self, key: str) -> str | None:
         """CLDR caption of a canonical sequence, or None when neither source knows it."""
@@ -161,10 +162,22 @@ class EmojiNamer:
             return None, "icon-name"
         return sequence_key([ord(char)]), "unicodedata"
 
+    def split_words(self, name: str) -> str:
+        """Read a run-together name as words of emoji names ("banknotepound" -> "banknote pound")."""
+        best: list[list[str] | None] = [[]] + [None] * len(name)  # fewest words covering name[:i]
+        for end in range(1, len(name) + 1):
+            for start in range(max(0, end - 24), end):
+                word = name[start:end]
+                if best[start] is not None and (word in self._vocabulary or word.isdigit()):
+                    if best[end] is None or len(best[start]) + 1 < len(best[end]):
+                        best[end] = best[start] + [word]
+        return " ".join(best[-1]) if best[-1] else name
+
     def caption(self, set_name: str, icon: str) -> Caption:
         """Caption one icon; falls back to the icon's own name read as words."""
         key, source = self._resolve(set_name, icon)
         text = self.caption_for(key) if key else None
         if text is None:
-            return Caption(icon.replace("-", " "), key, "icon-name")
+            words = " ".join(self.split_words(part) for part in icon.split("-"))
+            return Caption(words, key, "icon-name")
         return Caption(text, key, source)
