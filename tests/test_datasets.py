@@ -17,6 +17,7 @@ from edify.buckets import BUCKETS, bucket_shape, nearest_bucket
 from edify.data.datasets import (
     DataConfig, ImageFolderDataset, LoaderStats, WebImageDataset, expand_shards, fit_to_bucket,
 )
+from edify.data.tarstream import iter_tar_members
 from edify.data.sampler import (
     BucketBatchSampler, bucketed_batches, collate, folder_loader, stream_loader,
 )
@@ -146,6 +147,40 @@ def test_truncated_shard_keeps_earlier_samples(tmp_path, extra):
         keys = keys_of(ds)
     assert keys == [f"s0_{i:03d}" for i in range(len(keys))] and 1 <= len(keys) < 6
     assert ds.stats.skipped["broken_shard"] == 1
+
+
+@pytest.mark.parametrize("fmt,mode", [(tarfile.PAX_FORMAT, "w"), (tarfile.GNU_FORMAT, "w:gz"),
+                                      (tarfile.USTAR_FORMAT, "w")])
+def test_tar_reader_matches_tarfile(tmp_path, fmt, mode):
+    long_dir = "d" * 120  # past ustar's 100-byte name field: pax / GNU long names / ustar prefix
+    members = [(f"{long_dir}/k{i}.{ext}", bytes([i]) * (i * 300 + 1)) for i in range(4)
+               for ext in ("png", "json")]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, mode, format=fmt) as tf:
+        tf.addfile(_dir_info("folder"))  # non-file members are passed over
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        assert list(iter_tar_members(f)) == members
+    corrupt = bytearray(open(path, "rb").read()) if mode == "w" else None
+    if corrupt is not None:  # flip a name byte in the fourth file's header: checksum mismatch
+        with tarfile.open(path) as tf:
+            offset = [m for m in tf.getmembers() if m.isreg()][3].offset
+        corrupt[offset + 5] ^= 1
+        (tmp_path / "bad.tar").write_bytes(bytes(corrupt))
+        ds = WebImageDataset(str(tmp_path / "bad.tar"), raw=True)
+        with pytest.warns(RuntimeWarning, match="checksum"):
+            list(ds)
+        # k0 came through (its bytes are no image); k1 is cut at its json: the shard is broken
+        assert ds.stats.skipped == Counter(bad_image=1, broken_shard=1) and ds.stats.ok == 0
+
+
+def _dir_info(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
 
 
 # ------------------------------------------------------------------ splits, shuffling, epochs
