@@ -173,8 +173,8 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt, mode):
         ds = WebImageDataset(str(tmp_path / "bad.tar"), raw=True)
         with pytest.warns(RuntimeWarning, match="checksum"):
             list(ds)
-        # k0 came through (its bytes are no image); k1 is cut at its json: the shard is broken
-        assert ds.stats.skipped == Counter(bad_image=1, broken_shard=1) and ds.stats.ok == 0
+        # k0 came through (its json bytes do not parse); k1 is cut at its json: the shard is broken
+        assert ds.stats.skipped == Counter(bad_meta=1, broken_shard=1) and ds.stats.ok == 0
 
 
 def _dir_info(name: str) -> tarfile.TarInfo:
