@@ -206,6 +206,11 @@ def test_shuffle_is_seeded_and_epochs_repeat(tmp_path):
     assert order(1) != order(2) and sorted(order(1)) == sorted(order(2))
     two = order(1, epochs=2)
     assert sorted(two) == sorted(2 * order(1)) and two[:24] != two[24:]
+    ds = WebImageDataset(shards, seed=1, shuffle_buffer=10)
+    ds.set_epoch(1)
+    assert keys_of(ds) != order(1) and sorted(keys_of(ds)) == sorted(order(1))
+    ds.set_epoch(0)
+    assert keys_of(ds) == order(1)
     it = iter(WebImageDataset(shards, resample=True, seed=0))
     drawn = [next(it)["key"] for _ in range(60)]  # more than one pass: resampling never ends
     assert len(drawn) == 60 and set(drawn) <= set(order(1))

@@ -224,7 +224,8 @@ def _group_to_record(key, group, cfg, stats, rng, raw) -> dict | None:
 class WebImageDataset(IterableDataset):
     """Streaming image-text samples from webdataset tar shards.
 
-    Shards are shuffled per epoch with `seed + epoch` (the same order on every rank and worker),
+    Shards are shuffled per epoch with `seed + epoch` (the same order on every rank and worker;
+    `epochs` passes run per iteration, starting at the epoch given to `set_epoch`),
     then split: with at least as many shards as readers (ranks x DataLoader workers), reader g
     takes shards g, g + n, ...; with fewer, every reader streams every shard and keeps samples
     g, g + n, ... Either way each sample reaches exactly one reader per epoch. With `resample`,
@@ -255,7 +256,13 @@ class WebImageDataset(IterableDataset):
             raise EdifyError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
         self.config, self.shuffle, self.shuffle_buffer = config, shuffle, shuffle_buffer
         self.seed, self.epochs, self.resample, self.raw = seed, epochs, resample, raw
+        self.first_epoch = 0
         self.stats = LoaderStats()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at `epoch` (its shard order, shuffle and resampling draws);
+        takes effect in DataLoader workers started after the call (persistent_workers=False)."""
+        self.first_epoch = epoch
 
     def _reader(self) -> tuple[int, int]:
         """(this reader's index, number of readers) over ranks x DataLoader workers."""
@@ -272,7 +279,7 @@ class WebImageDataset(IterableDataset):
             tally["opened"] += yield from iter_tar_groups(url, counts.skip)
 
         if self.resample:  # draw shards with replacement, a different stream per reader
-            rng = random.Random(f"{self.seed}-{g}")
+            rng = random.Random(f"{self.seed}-{self.first_epoch}-{g}")
             while True:
                 yield from read(rng.choice(self.urls), stats)
                 if tally["opened"] == 0 and tally["tried"] >= 10 * len(self.urls):
@@ -281,7 +288,7 @@ class WebImageDataset(IterableDataset):
         while self.epochs is None or epoch < self.epochs:
             urls = list(self.urls)
             if self.shuffle:
-                random.Random(self.seed + epoch).shuffle(urls)
+                random.Random(self.seed + self.first_epoch + epoch).shuffle(urls)
             if len(urls) >= n:  # split shards
                 for url in urls[g::n]:
                     yield from read(url, stats)
@@ -315,7 +322,7 @@ class WebImageDataset(IterableDataset):
     def iter_records(self, stats: LoaderStats, raw: bool | None = None) -> Iterator[dict]:
         """Sample records, counting into `stats`."""
         raw = self.raw if raw is None else raw
-        rng = random.Random(f"{self.seed}-{self._reader()[0]}-samples")
+        rng = random.Random(f"{self.seed}-{self.first_epoch}-{self._reader()[0]}-samples")
         for key, group in self._shuffled(self._groups(stats, Counter()), rng):
             record = _group_to_record(key, group, self.config, stats, rng, raw)
             if record is not None:

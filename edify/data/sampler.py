@@ -188,14 +188,14 @@ class BatchLoader:
     batches (possible only when a worker delivered nothing) are not yielded.
     """
 
-    def __init__(self, loader: DataLoader, base: LoaderStats | None = None,
-                 sampler: BucketBatchSampler | None = None):
-        self.loader, self.base, self.sampler = loader, base or LoaderStats(), sampler
+    def __init__(self, loader: DataLoader, base: LoaderStats | None = None, epoch_target=None):
+        self.loader, self.base, self.epoch_target = loader, base or LoaderStats(), epoch_target
         self.stats = LoaderStats().merge(self.base)
 
     def set_epoch(self, epoch: int) -> None:
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+        """Reshuffle for `epoch` (the batch sampler's or the shard stream's order)."""
+        if self.epoch_target is not None:
+            self.epoch_target.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -225,7 +225,8 @@ def stream_loader(dataset: WebImageDataset, batch_size: int, *, num_workers: int
     stream = BucketedStream(dataset, batch_size, max_buffer=max_buffer, drop_last=drop_last)
     if num_workers > 0:
         loader_kwargs.setdefault("prefetch_factor", 4)
-    return BatchLoader(DataLoader(stream, batch_size=None, num_workers=num_workers, **loader_kwargs))
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers, **loader_kwargs)
+    return BatchLoader(loader, epoch_target=dataset)
 
 
 def folder_loader(dataset: ImageFolderDataset, batch_size: int, *, num_workers: int = 0,
@@ -236,4 +237,4 @@ def folder_loader(dataset: ImageFolderDataset, batch_size: int, *, num_workers: 
                                  drop_last=drop_last, rank=rank, world_size=world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                         **loader_kwargs)
-    return BatchLoader(loader, base=dataset.index_stats, sampler=sampler)
+    return BatchLoader(loader, base=dataset.index_stats, epoch_target=sampler)
