@@ -1,0 +1,106 @@
+"""The EDM training loss on the Laplacian process (Edify Image, Eq. 1; Karras et al. 2022).
+
+For a stage-j expert (resolution R / 2^j) a training example is
+    sigma ~ log-normal(P_mean, P_std) in full-res units, restricted to the stage's range (sec. 2.2.2),
+    x     = down^j(A(sigma) x0 + sigma eps)        (per-pixel noise sigma_j = sigma / 2^j),
+    loss  = lambda(sigma_j) * mean ||D(x, sigma_j) - down^j(x0)||^2,
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2   (Eq. 1, EDM weighting),
+evaluated at the per-pixel sigma_j the denoiser sees, so that lambda * c_out^2 = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from edify.conditioning import Cond
+from edify.core.laplacian import LaplacianProcess, down
+from edify.core.precond import Denoiser, stage_sigma_ranges
+from edify.core.seeding import Generators, randn
+from edify.errors import EdifyError
+
+
+def edm_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Eq. 1; EDM Table 1)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def sample_lognormal_sigma(batch: int, P_mean: float, P_std: float, high: float = math.inf,
+                           generator: Generators = None, device=None) -> Tensor:
+    """log sigma ~ N(P_mean, P_std^2), truncated to sigma <= high by inverse-CDF sampling.
+
+    u ~ U(0, Phi((log high - P_mean) / P_std)), log sigma = P_mean + P_std Phi^-1(u): exact
+    truncated log-normal, no rejection, one uniform per sample (so per-sample generators work).
+    """
+    if not P_std > 0:
+        raise EdifyError(f"P_std must be positive, got {P_std}")
+    if not high > 0:
+        raise EdifyError(f"the sigma range must have a positive upper end, got {high}")
+    u = _uniform(batch, generator, device)
+    if math.isfinite(high):
+        z_high = torch.tensor((math.log(high) - P_mean) / P_std, dtype=torch.float64)
+        u = u * torch.special.ndtr(z_high).item()
+    u = u.clamp(1e-12, 1 - 1e-12)
+    return (P_mean + P_std * torch.special.ndtri(u)).exp().to(torch.float32)
+
+
+def _uniform(batch: int, generator: Generators, device) -> Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(batch, generator=generator, dtype=torch.float64).to(device)
+    gens = list(generator)
+    if len(gens) != batch:
+        raise EdifyError(f"need one generator per sample: batch {batch}, got {len(gens)} generators")
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]).to(device)
+
+
+@dataclass(frozen=True)
+class LaplacianEDMLoss:
+    """Per-sample EDM loss of one resolution stage of a `LaplacianProcess` (Eq. 1, sec. 2.2.2).
+
+    Call with full-resolution clean images x0 [B, C, H, W]; returns the weighted per-sample loss
+    [B] (the trainer reduces it, applies weights, bins it by sigma). With return_sigma=True it
+    returns (loss, sigma) with sigma the full-res noise levels used.
+    """
+
+    process: LaplacianProcess
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_data: float = 0.5
+
+    def __post_init__(self):
+        if not self.P_std > 0 or not self.sigma_data > 0:
+            raise EdifyError(f"P_std and sigma_data must be positive, got {self.P_std}, {self.sigma_data}")
+
+    def sample_sigma(self, batch: int, stage: int, generator: Generators = None, device=None) -> Tensor:
+        """Full-res training sigmas for stage `stage`: log-normal, restricted to its range."""
+        _, high = stage_sigma_ranges(self.process)[self._check_stage(stage)]
+        return sample_lognormal_sigma(batch, self.P_mean, self.P_std, high, generator, device)
+
+    def __call__(self, denoiser: Denoiser, x0: Tensor, cond: Cond | None, stage: int,
+                 generator: Generators = None, weight: Tensor | None = None,
+                 sigma: Tensor | None = None, return_sigma: bool = False):
+        stage = self._check_stage(stage)
+        if x0.dim() != 4:
+            raise EdifyError(f"x0 must be [B, C, H, W], got shape {tuple(x0.shape)}")
+        B = x0.shape[0]
+        if sigma is None:
+            sigma = self.sample_sigma(B, stage, generator, x0.device)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x0.device).reshape(-1).expand(B)
+        noise = randn(x0.shape, generator, x0.device, x0.dtype)
+        x = self.process.noisy_state(x0, sigma, noise, stage)  # down^j(A x0 + sigma eps), Eq. 4-5
+        target = down(x0, stage)
+        sigma_px = sigma / 2**stage  # the per-pixel noise the stage-j denoiser sees
+        D_x = denoiser(x, sigma_px, cond, torch.full((B,), stage, dtype=torch.long, device=x0.device))
+        loss = edm_weight(sigma_px, self.sigma_data) * (D_x.float() - target.float()).square().mean(dim=(1, 2, 3))
+        if weight is not None:
+            loss = loss * weight
+        return (loss, sigma) if return_sigma else loss
+
+    def _check_stage(self, stage) -> int:
+        stage = int(stage)
+        if not 0 <= stage < self.process.levels:
+            raise EdifyError(f"stage must be in 0..{self.process.levels - 1}, got {stage}")
+        return stage
