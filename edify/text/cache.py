@@ -154,7 +154,7 @@ class CachedTextEncoder(TextEncoder):
             if states is not None:
                 found[text] = states
         missing = [t for t in dict.fromkeys(texts) if t not in found]
-        self.hits += len(texts) - sum(t in missing for t in texts)
+        self.hits += sum(t in found for t in texts)
         self.misses += len(missing)
         if missing:
             found.update(self._encode_missing(missing))
