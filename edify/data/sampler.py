@@ -219,12 +219,17 @@ class BatchLoader:
                 yield batch
 
 
+def _as_is(batch: dict) -> dict:
+    return batch
+
+
 def stream_loader(dataset: WebImageDataset, batch_size: int, *, num_workers: int = 0,
                   max_buffer: int | None = None, drop_last: bool = False, **loader_kwargs) -> BatchLoader:
     """Bucketed batches from webdataset shards, decoded in `num_workers` DataLoader workers."""
     stream = BucketedStream(dataset, batch_size, max_buffer=max_buffer, drop_last=drop_last)
     if num_workers > 0:
         loader_kwargs.setdefault("prefetch_factor", 4)
+    loader_kwargs.setdefault("collate_fn", _as_is)  # batches are collated already
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers, **loader_kwargs)
     return BatchLoader(loader, epoch_target=dataset)
 
