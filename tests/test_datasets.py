@@ -15,12 +15,13 @@ from torch.utils.data import DataLoader
 
 from edify.buckets import BUCKETS, bucket_shape, nearest_bucket
 from edify.data.datasets import (
-    DataConfig, ImageFolderDataset, LoaderStats, WebImageDataset, expand_shards, fit_to_bucket,
+    DataConfig, ImageFolderDataset, LoaderStats, WebImageDataset, decode_image, expand_shards,
+    fit_to_bucket,
 )
-from edify.data.tarstream import iter_tar_members
 from edify.data.sampler import (
     BucketBatchSampler, bucketed_batches, collate, folder_loader, stream_loader,
 )
+from edify.data.tarstream import iter_tar_members
 from edify.errors import EdifyError
 
 
@@ -235,6 +236,13 @@ def test_fit_to_bucket_crops_centre_and_keeps_orientation():
     assert arr[:, :5].max() < 10 and arr[:, -5:].min() > 245  # no flip by default
     arr, bucket = fit_to_bucket(Image.fromarray(wide), DataConfig(square=True))
     assert bucket == "1:1" and arr.shape == (64, 64, 3)
+    big = np.zeros((480, 640, 3), np.uint8)
+    big[:, 320:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="JPEG", quality=95)
+    arr, bucket = decode_image(buf.getvalue(), cfg)  # JPEG draft path: decoded at reduced scale
+    assert bucket == "4:3" and arr.shape == (*bucket_shape("4:3", 64), 3)
+    assert arr[:, :30].max() < 12 and arr[:, -30:].min() > 243
     rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     arr, _ = fit_to_bucket(rgba, cfg)
     assert (arr == 255).all()  # transparency composited onto the white background
@@ -318,12 +326,12 @@ def test_folder_with_metadata_jsonl(tmp_path):
     for name, value in [("x.png", 10), ("y.jpg", 20), ("z.png", 30)]:
         Image.new("RGB", (80, 60), (value,) * 3).save(tmp_path / name)
     lines = [{"file_name": "x.png", "caption": "ex", "style": "noto"},
-             {"file_name": "y.jpg", "text": "why"}]
+             {"file_name": "y.jpg", "text": "why"}, {"file_name": "gone.png", "caption": "?"}]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\nbroken\n")
     ds = ImageFolderDataset(tmp_path, DataConfig(resolution=32))
     assert [ds[i]["caption"] for i in range(len(ds))] == ["ex", "why"]
     assert ds[0]["style"] == "noto" and ds[0]["image"].shape == (3, *bucket_shape("4:3", 32))
-    assert ds.stats.skipped == Counter(no_caption=1, bad_meta=1)
+    assert ds.stats.skipped == Counter(no_caption=1, bad_meta=1, no_image=1)
     with pytest.raises(EdifyError, match="image folder does not exist"):
         ImageFolderDataset(tmp_path / "nope")
 

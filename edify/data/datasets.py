@@ -122,10 +122,15 @@ def _select_image_key(sample: dict[str, bytes], cfg: DataConfig) -> str | None:
     return keys[0] if keys else None
 
 
-def fit_to_bucket(img: Image.Image, cfg: DataConfig) -> tuple[np.ndarray, str]:
+def choose_bucket(height: int, width: int, cfg: DataConfig) -> str:
+    """The nearest aspect-ratio bucket of a source image, or 1:1 when `cfg.square`."""
+    return "1:1" if cfg.square else nearest_bucket(height, width)
+
+
+def fit_to_bucket(img: Image.Image, cfg: DataConfig, bucket: str | None = None) -> tuple[np.ndarray, str]:
     """Centre-crop to the bucket's aspect, resize (antialiased) to its shape: (HxWx3 uint8, bucket)."""
     w, h = img.size
-    bucket = "1:1" if cfg.square else nearest_bucket(h, w)
+    bucket = bucket or choose_bucket(h, w, cfg)
     H, W = bucket_shape(bucket, cfg.resolution, cfg.multiple)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
@@ -147,10 +152,12 @@ def fit_to_bucket(img: Image.Image, cfg: DataConfig) -> tuple[np.ndarray, str]:
 def decode_image(data: bytes, cfg: DataConfig) -> tuple[np.ndarray, str]:
     """Decode image bytes and fit them to a bucket; raises on anything undecodable."""
     img = Image.open(io.BytesIO(data))
+    bucket = choose_bucket(img.height, img.width, cfg)  # from the full size, before any draft
     if img.format == "JPEG":  # let libjpeg downscale by a power of two while decoding
-        img.draft("RGB", (cfg.resolution, cfg.resolution))
+        side = max(bucket_shape(bucket, cfg.resolution, cfg.multiple))
+        img.draft("RGB", (side, side))
     img.load()
-    return fit_to_bucket(img, cfg)
+    return fit_to_bucket(img, cfg, bucket)
 
 
 def to_float_image(arr: np.ndarray) -> torch.Tensor:
@@ -376,8 +383,10 @@ class ImageFolderDataset(Dataset):
         self.items: list[tuple[Path, str, dict]] = []
         self.buckets: list[str] = []
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+        seen = set()
         for path in files:
             rel = path.relative_to(self.root).as_posix()
+            seen.add(rel)
             if table is not None:
                 meta = {k: v for k, v in table.get(rel, {}).items() if k != "file_name"}
                 caption = meta.get(config.caption_key, meta.get("text"))
@@ -393,7 +402,9 @@ class ImageFolderDataset(Dataset):
                 self.stats.skip("bad_image")
                 continue
             self.items.append((path, caption, meta))
-            self.buckets.append("1:1" if config.square else nearest_bucket(h, w))
+            self.buckets.append(choose_bucket(h, w, config))
+        if table is not None:  # jsonl lines naming no image file
+            self.stats.skipped["no_image"] += len(set(table) - seen)
         if not self.items:
             raise EdifyError(f"no captioned images in {str(root)!r} (skipped: {dict(self.stats.skipped)})")
         self.index_stats = LoaderStats().merge(self.stats)  # what indexing left out
