@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from edify.buckets import BUCKETS, bucket_shape, nearest_bucket
 from edify.data.datasets import (
     DataConfig, ImageFolderDataset, LoaderStats, WebImageDataset, decode_image, expand_shards,
-    fit_to_bucket,
+    fit_to_bucket, rank_and_world_size,
 )
 from edify.data.sampler import (
     BucketBatchSampler, bucketed_batches, collate, folder_loader, stream_loader,
@@ -198,6 +198,16 @@ def test_two_ranks_two_workers_cover_each_sample_once(tmp_path, n_shards):
     shards = make_shards(tmp_path, n_shards, 16 // n_shards)
     keys = _read_rank(shards, 0, 2) + _read_rank(shards, 1, 2)
     assert sorted(keys) == sorted(f"s{s}_{i:03d}" for s in range(n_shards) for i in range(16 // n_shards))
+
+
+def test_rank_and_world_size_from_environment(tmp_path, monkeypatch):
+    shards = make_shards(tmp_path, 4, 2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert rank_and_world_size() == (1, 2)
+    from_env = WebImageDataset(shards, seed=7)
+    assert (from_env.rank, from_env.world_size) == (1, 2)
+    assert keys_of(from_env) == _read_rank(shards, 1, 0) and len(keys_of(from_env)) == 4
 
 
 def test_shuffle_is_seeded_and_epochs_repeat(tmp_path):
