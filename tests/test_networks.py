@@ -105,6 +105,29 @@ def test_batch_independence(net):
     torch.testing.assert_close(both[1:], one, rtol=1e-4, atol=1e-5)
 
 
+def test_bf16_autocast_matches_fp32(net):
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, 32, 32)
+    ref = run(net, x, make_cond(2), torch.tensor([0, 1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = run(net, x, make_cond(2), torch.tensor([0, 1]))
+    assert low.shape == ref.shape and torch.isfinite(low).all()
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(8)
+    plain = build_network("tiny").train()
+    ckpt = build_network(UNetConfig.from_dict({**plain.config.to_dict(), "checkpointing": True})).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x, c = torch.randn(2, 3, 32, 32), torch.randn(2)
+    for model in (plain, ckpt):
+        model(x, c, make_cond(2)).pow(2).mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # -- position encoding ------------------------------------------------------------------------------
 
 def test_position_encoding_identity_at_reference_and_smooth_elsewhere():
