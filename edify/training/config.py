@@ -107,7 +107,7 @@ class TrainConfig:
 RESUMABLE_FIELDS = frozenset({
     "name", "total_images", "checkpoint_images", "keep_last", "log_images", "sample_images",
     "compile", "peak_tflops", "max_nonfinite", "num_workers", "sample_prompts", "sample_steps",
-    "sample_guidance", "data", "text_cache",
+    "sample_guidance", "data", "text_cache", "dist",
 })
 
 

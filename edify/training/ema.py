@@ -85,8 +85,10 @@ class EMA:
         """
         module = distributed.unwrap(model)
         out = {name: distributed.to_full(t).cpu() for name, t in self.shadow.items()}
+        persistent = set(module.state_dict().keys())  # non-persistent buffers are rebuilt, not saved
         for name, b in module.named_buffers():
-            out[name] = distributed.to_full(b).detach().cpu()
+            if name in persistent:
+                out[name] = distributed.to_full(b).detach().cpu()
         return out
 
     @torch.no_grad()

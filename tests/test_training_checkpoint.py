@@ -1,0 +1,192 @@
+"""Checkpoints (pickle-free, atomic, exact) and the EMA, on a small stand-in module."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from edify.errors import EdifyError
+from edify.training import checkpoint as ckpt
+from edify.training.checkpoint import TrainState
+from edify.training.config import get_preset
+from edify.training.ema import EMA, power_gamma
+
+CONFIG = get_preset("tiny-cpu").replace(keep_last=2)
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95))
+    ema = EMA(model, halflife_images=16.0, rampup=0.0)
+    return model, opt, ema
+
+
+def train_steps(model, opt, ema, n, seed=123):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        loss = model(torch.randn(6, 4, generator=g)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model, 8, 4)
+
+
+def save(tmp_path, model, opt, ema, images, **kw):
+    return ckpt.save_checkpoint(tmp_path, CONFIG, model, opt, ema,
+                                TrainState(step=images // 4, images=images, data={"consumed": images}, **kw))
+
+
+def test_optimizer_state_round_trips_without_pickle():
+    model, opt, ema = make()
+    train_steps(model, opt, ema, 2)
+    tensors = {}
+    structure = ckpt.flatten_state(opt.state_dict(), tensors)
+    text = json.dumps(structure)  # plain JSON: no pickled objects anywhere
+    back = ckpt.unflatten_state(json.loads(text), tensors)
+    ref = opt.state_dict()
+    assert back["param_groups"] == ref["param_groups"]  # int keys, tuple betas preserved
+    assert set(back["state"]) == set(ref["state"])
+    for k, v in ref["state"].items():
+        for name, t in v.items():
+            assert torch.equal(back["state"][k][name], t)
+
+
+def test_resumed_objects_continue_exactly(tmp_path):
+    model, opt, ema = make()
+    train_steps(model, opt, ema, 3)
+    path = save(tmp_path, model, opt, ema, 12, nonfinite_total=2)
+    assert (tmp_path / "latest").read_text().strip() == path.name == "ckpt-000000000012"
+    assert sorted(p.name for p in path.iterdir()) == sorted([
+        "config.json", "model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json",
+        "rng.safetensors", "state.json"])
+
+    model2, opt2, ema2 = make(seed=99)  # different initial weights, fresh optimizer
+    state = ckpt.load_latest(tmp_path, CONFIG, model2, opt2, ema2)
+    assert (state.step, state.images, state.data, state.nonfinite_total) == (3, 12, {"consumed": 12}, 2)
+    # continue both: bit-identical weights, optimizer moments and EMA afterwards
+    train_steps(model, opt, ema, 2, seed=7)
+    train_steps(model2, opt2, ema2, 2, seed=7)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    for name in ema.shadow:
+        assert torch.equal(ema.shadow[name], ema2.shadow[name])
+
+
+def test_rng_states_are_restored(tmp_path):
+    model, opt, ema = make()
+    torch.manual_seed(5)
+    save(tmp_path, model, opt, ema, 4)
+    expected = torch.rand(3)
+    torch.manual_seed(6)
+    ckpt.load_latest(tmp_path, CONFIG, *make()[:3])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_keep_last_prunes_older_checkpoints(tmp_path):
+    model, opt, ema = make()
+    for images in (4, 8, 12, 16):
+        save(tmp_path, model, opt, ema, images)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-000000000012", "ckpt-000000000016"]
+
+
+def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    model, opt, ema = make()
+    train_steps(model, opt, ema, 1)
+    save(tmp_path, model, opt, ema, 4)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    train_steps(model, opt, ema, 1)
+
+    real_save = ckpt.save_file
+    calls = []
+
+    def failing_save(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) > 1:  # the first file lands, then the "disk" fails
+            with open(filename, "wb") as f:
+                f.write(b"partial")
+            raise OSError("disk full")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save(tmp_path, model, opt, ema, 8)
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+
+    assert len(calls) == 2
+    assert (tmp_path / "latest").read_text().strip() == "ckpt-000000000004"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000000000004", "latest"]  # no temp or partial dir
+    model2, opt2, ema2 = make(seed=1)
+    state = ckpt.load_latest(tmp_path, CONFIG, model2, opt2, ema2)
+    assert state.images == 4
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, saved[k])
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    model, opt, ema = make()
+    save(tmp_path, model, opt, ema, 4)
+    with pytest.raises(EdifyError, match=r"another config \(lr: 0.001 -> 0.002\)"):
+        ckpt.load_latest(tmp_path, CONFIG.replace(lr=2e-3), *make()[:3])
+    # fields that do not change the math may differ
+    assert ckpt.load_latest(tmp_path, CONFIG.replace(total_images=10**6), *make()[:3]).images == 4
+
+
+def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
+    model, opt, ema = make()
+    save(tmp_path, model, opt, ema, 4)
+    other = nn.Sequential(nn.Linear(4, 9), nn.BatchNorm1d(9), nn.Linear(9, 2))
+    with pytest.raises(EdifyError, match="does not fit the model"):
+        ckpt.load_latest(tmp_path, CONFIG, other, torch.optim.AdamW(other.parameters()), None)
+
+
+def test_corrupt_or_missing_files_raise_edify_errors(tmp_path):
+    model, opt, ema = make()
+    path = save(tmp_path, model, opt, ema, 4)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EdifyError, match="model.safetensors is corrupt"):
+        ckpt.load_latest(tmp_path, CONFIG, *make()[:3])
+    weights.unlink()
+    with pytest.raises(EdifyError, match="checkpoint file missing"):
+        ckpt.load_latest(tmp_path, CONFIG, *make()[:3])
+    (tmp_path / "latest").write_text("ckpt-000000000999\n")
+    with pytest.raises(EdifyError, match="missing checkpoint 'ckpt-000000000999'"):
+        ckpt.load_latest(tmp_path, CONFIG, *make()[:3])
+    assert ckpt.load_latest(tmp_path / "empty", CONFIG, *make()[:3]) is None
+
+
+def test_ema_half_life_in_images():
+    # Toward a constant target, the gap to the target halves every `halflife` images (EDM ema).
+    p = nn.Parameter(torch.zeros(3))
+    module = nn.Module()
+    module.p = p
+    ema = EMA(module, halflife_images=64.0, rampup=0.0)
+    with torch.no_grad():
+        p.fill_(1.0)
+    for step in range(1, 17):  # 16 steps of 4 images = 64 images
+        ema.update(module, step * 4, 4)
+    assert torch.allclose(ema.shadow["p"], torch.full((3,), 0.5), atol=1e-6)
+    # ramp-up: early on the half-life is capped at rampup * images seen
+    ramp = EMA(module, halflife_images=1e6, rampup=0.5)
+    assert ramp.beta(images_seen=8, batch_images=4) == pytest.approx(0.5 ** (4 / 4))
+
+
+def test_ema_power_function_profile():
+    # edm2: relative std sqrt((g+1) / ((g+2)^2 (g+3))); 0.10 <-> gamma = 6.94
+    assert power_gamma(0.10) == pytest.approx(6.94, abs=0.01)
+    for std in (0.05, 0.1, 0.2):
+        g = power_gamma(std)
+        assert math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))) == pytest.approx(std, rel=1e-9)
+    ema = EMA(nn.Linear(2, 2), std=0.1)
+    g = power_gamma(0.1)
+    assert ema.beta(images_seen=4, batch_images=4) == 0.0  # t = 1: the average is the weights
+    assert ema.beta(images_seen=40, batch_images=4) == pytest.approx((1 - 1 / 10) ** (g + 1))
+    with pytest.raises(EdifyError, match="EMA std"):
+        power_gamma(0.5)
+    with pytest.raises(EdifyError, match="exactly one"):
+        EMA(nn.Linear(2, 2), halflife_images=10.0, decay=0.9)

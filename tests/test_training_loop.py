@@ -1,0 +1,173 @@
+"""The training loop on the tiny network and synthetic data: exact resume, the non-finite guard,
+stage sampling, logging and FLOP counting, sample grids, the `edify train` command, a real shard."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from _training_helpers import WordHashEncoder, tiny_config
+from edify.cli import main as edify_main
+from edify.errors import EdifyError
+from edify.training import checkpoint as ckpt
+from edify.training import monitor
+from edify.training.loop import Trainer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two OpenMP threads on a busy 2-core machine spin against each other (10-50x slower steps).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trainer(out, **changes):
+    return Trainer(tiny_config(**changes), out, resume=True, text_encoder=WordHashEncoder())
+
+
+def test_resume_reproduces_the_uninterrupted_loss_sequence_exactly(tmp_path):
+    straight = trainer(tmp_path / "a")
+    losses_straight = straight.run(max_steps=6).losses
+
+    first = trainer(tmp_path / "b").run(max_steps=3)
+    assert first.checkpoint.name == "ckpt-000000000006"  # stopping early writes a checkpoint
+    resumed_trainer = trainer(tmp_path / "b")  # new objects, as a new process would build them
+    assert resumed_trainer.state.images == 6 and resumed_trainer.stream.state_dict()["consumed"] == 6
+    resumed = resumed_trainer.run(max_steps=3)
+
+    assert len(losses_straight) == 6
+    assert first.losses + resumed.losses == losses_straight  # bit-identical floats
+    for a, b in zip(straight.model.state_dict().values(), resumed_trainer.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # both stages were trained (round robin) and the loss is a real number
+    assert {straight.stage_for(s) for s in range(6)} == {0, 1}
+    assert all(0 < x < 10 for x in losses_straight)
+
+
+def test_non_finite_loss_skips_the_step_and_stops_after_k_in_a_row(tmp_path):
+    t = trainer(tmp_path, max_nonfinite=2)
+    t.train_step()  # one good step so the optimizer has state
+    real_loss = t.loss_fn
+    poison = {"on": True}
+
+    def loss_fn(*args, **kwargs):
+        loss, sigma = real_loss(*args, **kwargs)
+        return (loss * float("nan") if poison["on"] else loss), sigma
+
+    t.loss_fn = loss_fn
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in t.ema.shadow.items()}
+    adam_steps = [s["step"].item() for s in t.optimizer.state.values()]
+    loss = t.train_step()
+    assert loss != loss  # NaN reported
+    assert t.state.nonfinite_total == 1 and t.state.images == 4  # counted; data still consumed
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, before[k])
+    for k, v in t.ema.shadow.items():
+        assert torch.equal(v, ema_before[k])
+    assert [s["step"].item() for s in t.optimizer.state.values()] == adam_steps
+    assert all(p.grad is None for p in t.model.parameters())
+
+    poison["on"] = False
+    t.train_step()  # a good step resets the consecutive count
+    assert t.consecutive_nonfinite == 0
+    assert any(not torch.equal(v, before[k]) for k, v in t.model.state_dict().items())
+    poison["on"] = True
+    t.train_step()
+    with pytest.raises(EdifyError, match="2 consecutive non-finite losses"):
+        t.train_step()
+    assert t.state.nonfinite_total == 3
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    trainer(tmp_path).run(max_steps=1)
+    with pytest.raises(EdifyError, match=r"another config \(lr: 0.001 -> 0.01\)"):
+        trainer(tmp_path, lr=1e-2)
+
+
+def test_stage_sampling_and_warmup(tmp_path):
+    t = trainer(tmp_path, stage_sampling="random", stage_weights=(3.0, 1.0), warmup_images=8)
+    draws = [t.stage_for(s) for s in range(800)]
+    assert draws == [t.stage_for(s) for s in range(800)]  # a function of (seed, step) only
+    assert 0.70 < draws.count(0) / 800 < 0.80
+    assert [t.lr_at(i) for i in (0, 2, 8, 100)] == pytest.approx([0.0, 2.5e-4, 1e-3, 1e-3])
+    only = trainer(tmp_path / "one", stages=(1,))
+    assert {only.stage_for(s) for s in range(10)} == {1}
+
+
+def test_flop_count_matches_a_linear_layer_closed_form():
+    # forward 2*B*I*O, backward weight grad 2*B*I*O (the input needs no gradient): 4 B I O in all
+    class LinearDenoiser(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(48, 48, bias=False)
+
+        def forward(self, x, sigma, cond, stage):
+            return self.lin(x.flatten(1)).view_as(x)
+
+    flops = monitor.count_training_flops(LinearDenoiser(), torch.randn(5, 3, 4, 4), torch.ones(5), None, 0)
+    assert flops == 4 * 5 * 48 * 48
+    assert monitor.mfu(1e9, 100.0, 1.0) == pytest.approx(0.1)
+
+
+def test_logs_scalars_with_mfu_and_writes_a_sample_grid(tmp_path):
+    t = trainer(tmp_path, peak_tflops=1.0, total_images=8, log_images=8, sample_steps=1)
+    assert set(t.flops_per_image) == {0, 1} and t.flops_per_image[0] > t.flops_per_image[1] > 0
+    t.run()
+    rows = [json.loads(line) for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in rows] == [8]
+    row = rows[0]
+    assert {"loss", "lr", "img_per_s", "mfu", "loss/stage0", "loss/stage1", "grad_norm"} <= set(row)
+    assert any(k.startswith("loss_sigma/") for k in row) and 0 < row["mfu"] < 1
+    path = t.sample_grid()
+    image = Image.open(path)
+    assert image.size == (2 * 16, 16)  # two prompts side by side at 16 px
+    assert np.asarray(image).std() > 0
+
+
+def test_train_command_runs_and_reports_bad_input(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny-cpu", "--out", str(out), "--data", "synthetic:8", "--set", "text_encoder=none",
+            "--set", "batch_size=2", "--set", "total_images=2", "--set", "text_cache=false"]
+    assert edify_main(args) == 0
+    assert ckpt.latest_checkpoint(out).name == "ckpt-000000000002"
+    assert edify_main(args) == 2  # refuses to overwrite without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert edify_main(args + ["--set", "lr=abc"]) == 2
+    assert "lr must be float, got 'abc'" in capsys.readouterr().err
+    assert edify_main(["train", "--preset", "emoji-64", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "emoji-64"
+
+
+def _write_shard(path, n=6, side=24):
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(png, format="PNG")
+            meta = json.dumps({"caption": f"icon {i}", "style": ["flat", "glossy"][i % 2], "weight": 1.0}).encode()
+            for name, data in ((f"{i:04d}.png", png.getvalue()), (f"{i:04d}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_trains_from_a_webdataset_shard_and_resumes_its_position(tmp_path):
+    shard = tmp_path / "data" / "shard-000000.tar"
+    shard.parent.mkdir()
+    _write_shard(shard)
+    t = trainer(tmp_path / "run", data=str(shard.parent))
+    result = t.run(max_steps=2)
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    assert t.stream.state_dict() == {"kind": "loader", "epoch": 0, "batches": 2}
+    resumed = trainer(tmp_path / "run", data=str(shard.parent))
+    assert resumed.stream.state_dict() == {"kind": "loader", "epoch": 0, "batches": 2}
+    batch = resumed.stream.next()
+    assert batch.image.shape == (2, 3, 16, 16) and batch.image.min() >= -1 and batch.image.max() <= 1
