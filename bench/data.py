@@ -45,9 +45,8 @@ def build(tarballs: Path, out: Path, workers: int | None) -> dict:
                                    workers=workers, progress=False)
     seconds = time.perf_counter() - started
     counts = manifest.get("counts", {})
-    images = sum(v for v in counts.values() if isinstance(v, int))
-    print(f"build: {images} samples ({counts}) from {len(manifest.get('sets', []))} sets "
-          f"in {seconds:.1f} s -> {out}")
+    print(f"build: {counts.get('train', '?')} train + {counts.get('val', '?')} val samples from "
+          f"{len(manifest.get('sets', []))} sets, sizes {manifest.get('sizes')}, in {seconds:.1f} s -> {out}")
     return {"what": "build permissive sets, 64+256 px", "value": f"{seconds:.1f} s",
             "target": "<= 600 s", "pass": seconds <= 600, "cpu": "-"}
 
