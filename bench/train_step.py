@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=["bf16", "none"], default=None, help="default: bf16 on cuda, none on cpu")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in our U-Net")
     p.add_argument("--skip-anchor", action="store_true")
+    p.add_argument("--forward", action="store_true", help="also time an inference forward (img/s)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="peak for MFU (H100 bf16 matmul, measured)")
     p.add_argument("--explain", action="store_true", help="print torch._dynamo.explain graph breaks and exit")
     args = p.parse_args(argv)
@@ -52,6 +53,12 @@ def parse_args(argv=None):
     return args
 
 
+def image_batch(args, *shape) -> torch.Tensor:
+    """A random image batch, channels-last on CUDA (the layout the convolutions run fastest in)."""
+    x = torch.randn(*shape, device=args.device)
+    return x.contiguous(memory_format=torch.channels_last) if args.device.startswith("cuda") else x
+
+
 def make_ours(args):
     cfg = PRESETS[args.preset]
     if args.checkpointing:
@@ -59,7 +66,7 @@ def make_ours(args):
     model = build_network(cfg)
     res = args.resolution or cfg.reference_resolution
     b, dev = args.batch, args.device
-    x = torch.randn(b, cfg.in_channels, res, res, device=dev)
+    x = image_batch(args, b, cfg.in_channels, res, res)
     cond = Cond(text=torch.randn(b, args.text_len, cfg.text_dim, device=dev),
                 text_mask=torch.ones(b, args.text_len, dtype=torch.bool, device=dev),
                 media=torch.randint(-1, cfg.num_media_types, (b,), device=dev),
@@ -84,7 +91,7 @@ def make_anchor(args):
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         cross_attention_dim=cfg.text_dim, norm_num_groups=cfg.norm_groups)
     b, dev = args.batch, args.device
-    x = torch.randn(b, 16 * cfg.in_channels, grid, grid, device=dev)
+    x = image_batch(args, b, 16 * cfg.in_channels, grid, grid)
     t = torch.rand(b, device=dev) * 1000
     text = torch.randn(b, args.text_len, cfg.text_dim, device=dev)
     return model, (lambda m: m(x, t, encoder_hidden_states=text).sample), torch.randn_like(x)
@@ -116,6 +123,18 @@ def count_step_flops(model, forward, target, amp) -> int:
     return counter.get_total_flops()
 
 
+def timed(fn, args) -> float:
+    """Seconds per call of fn after args.warmup untimed calls (compilation happens there)."""
+    for _ in range(args.warmup):
+        fn()
+    sync(args.device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        fn()
+    sync(args.device)
+    return (time.perf_counter() - t0) / args.steps
+
+
 def bench_one(name, make, args, amp, results):
     model, forward, target = make(args)
     params = count_parameters(model)
@@ -127,27 +146,27 @@ def bench_one(name, make, args, amp, results):
     flops = count_step_flops(model, forward, target, amp)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     for compiled in modes:
+        row = dict(config=name, mode="compile" if compiled else "eager", params=params, batch=args.batch,
+                   gflop_img=flops / args.batch / 1e9)
         torch._dynamo.reset()
         net = torch.compile(model) if compiled else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-        step = train_step_fn(net, forward, target, opt, amp)
-        for _ in range(args.warmup):
-            step()
-        sync(args.device)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            loss = step()
-        sync(args.device)
-        dt = (time.perf_counter() - t0) / args.steps
-        results.append(dict(config=name, mode="compile" if compiled else "eager", params=params,
-                            batch=args.batch, step_ms=dt * 1e3, img_s=args.batch / dt,
-                            gflop_img=flops / args.batch / 1e9, mfu=flops / dt / (args.peak_tflops * 1e12),
-                            loss=loss.item()))
-        del opt, step, net
-    del model
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+        try:
+            dt = timed(train_step_fn(net, forward, target, opt, amp), args)
+            row.update(step_ms=dt * 1e3, img_s=args.batch / dt, mfu=flops / dt / (args.peak_tflops * 1e12))
+            if args.forward:
+                def infer(m=net):
+                    with torch.inference_mode(), amp():
+                        forward(m)
+                row["fwd_img_s"] = args.batch / timed(infer, args)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # report and go on with the next run
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        results.append(row)
+        del opt, net
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 def explain(args):
@@ -183,16 +202,21 @@ def main(argv=None):
         bench_one("diffusers anchor", make_anchor, args, amp, results)
 
     anchors = {r["mode"]: r for r in results if r["config"] == "diffusers anchor"}
+    anchors = {m: r for m, r in anchors.items() if "error" not in r}
     ref = anchors.get("compile", anchors.get("eager"))  # the ratio is against the compiled anchor when run
     res = args.resolution or PRESETS[args.preset].reference_resolution
     print(f"\ntraining step, {res}px (Haar {res // 4}x{res // 4}), text {args.text_len} tokens, amp {args.amp}, "
           f"{args.warmup} warmup + {args.steps} timed steps, peak {args.peak_tflops:g} TFLOP/s")
     print(f"{'config':22s} {'mode':8s} {'params':>8s} {'batch':>5s} {'step ms':>9s} {'img/s':>9s} "
-          f"{'GFLOP/img':>9s} {'MFU':>6s} {'vs anchor':>9s}")
+          f"{'GFLOP/img':>9s} {'MFU':>6s} {'vs anchor':>9s}" + (f" {'fwd img/s':>10s}" if args.forward else ""))
     for r in results:
+        head = f"{r['config']:22s} {r['mode']:8s} {r['params'] / 1e6:7.1f}M {r['batch']:5d}"
+        if "error" in r:
+            print(f"{head} failed: {r['error']}")
+            continue
         ratio = f"{r['img_s'] / ref['img_s']:.2f}x" if ref else "-"
-        print(f"{r['config']:22s} {r['mode']:8s} {r['params'] / 1e6:7.1f}M {r['batch']:5d} {r['step_ms']:9.1f} "
-              f"{r['img_s']:9.1f} {r['gflop_img']:9.1f} {100 * r['mfu']:5.1f}% {ratio:>9s}")
+        print(f"{head} {r['step_ms']:9.1f} {r['img_s']:9.1f} {r['gflop_img']:9.1f} {100 * r['mfu']:5.1f}% "
+              f"{ratio:>9s}" + (f" {r['fwd_img_s']:10.1f}" if args.forward else ""))
     if ref:
         print(f"'vs anchor' = img/s / img/s of the {ref['mode']} diffusers anchor")
 
