@@ -253,6 +253,8 @@ def test_bad_inputs_raise(net):
         net(torch.zeros(1, 3, 32, 32), c, make_cond(1, text_dim=16))
     with pytest.raises(EdifyError, match="condition batch size must match the image batch 1, got 2"):
         net(torch.zeros(1, 3, 32, 32), c, make_cond(2))
+    with pytest.raises(EdifyError, match=r"stage must lie in \[0, 2\], got \[3\]"):
+        net(torch.zeros(1, 3, 32, 32), c, stage=torch.tensor([3]))
     with pytest.raises(EdifyError, match="unknown network preset 'huge'"):
         build_network("huge")
     with pytest.raises(EdifyError, match=r"cross_attention_levels must lie in \[0, 1\], got \[2\]"):

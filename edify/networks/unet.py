@@ -163,6 +163,10 @@ class UNet(nn.Module):
             raise EdifyError(f"c_noise must have shape [{x.shape[0]}], got {list(c_noise.shape)}")
         if stage is not None and stage.shape != (x.shape[0],):
             raise EdifyError(f"stage must have shape [{x.shape[0]}], got {list(stage.shape)}")
+        # Value check only where it costs no device sync and no graph break (eager, CPU tensors).
+        if stage is not None and stage.device.type == "cpu" and not torch.compiler.is_compiling():
+            if stage.numel() and not 0 <= int(stage.min()) <= int(stage.max()) < cfg.num_stages:
+                raise EdifyError(f"stage must lie in [0, {cfg.num_stages - 1}], got {stage.tolist()}")
 
     def _run(self, block: nn.Module, *args) -> Tensor:
         # Activation checkpointing trades one recomputed forward for the block's saved activations.
@@ -183,6 +187,8 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, stage: Tensor | None = None,
                 residuals: list[Tensor] | None = None) -> Tensor:
         """x [B, C, H, W], c_noise [B], stage [B] long (None = stage 0) -> [B, C_out, H, W].
+
+        stage j is the Laplacian state at resolution R / 2^j (0 = full resolution), section 2.2.2.
 
         residuals: optional ControlNet outputs, one per skip then one for the middle block.
         """
