@@ -81,11 +81,18 @@ class SyntheticStream:
 
 
 def find_shards(spec: str) -> list[str] | None:
-    """The tar shards a data spec names (a folder of *.tar, a glob or a brace pattern), else None."""
+    """The tar shards a data spec names, else None (an image folder).
+
+    A folder of *.tar files; a folder whose train/ subfolder holds them (the layout `edify data
+    emoji` writes, whose val/ split is left out); a glob; or a brace pattern.
+    """
     path = Path(spec)
     if path.is_dir():
-        tars = sorted(str(p) for p in path.rglob("*.tar"))
-        return tars or None
+        for folder in (path, path / "train"):
+            tars = sorted(str(p) for p in folder.glob("*.tar"))
+            if tars:
+                return tars
+        return None
     if spec.endswith(".tar") or "{" in spec or any(c in spec for c in "*?["):
         return [spec] if "{" in spec else sorted(glob.glob(spec)) or None
     return None

@@ -175,12 +175,13 @@ PRESETS: dict[str, TrainConfig] = {
         text_encoder="minilm", data="synthetic", styles=("flat", "glossy"), sample_steps=4,
     ),
     # The demo base model: 64px emoji, 3 levels (16/32/64), MiniLM text tokens and a style token.
+    # Data: `edify data emoji --permissive-only --out data/emoji` (its train/ split is read).
     "emoji-64": TrainConfig(
         name="emoji-64", model="emoji-64", resolution=64, levels=3, switch_sigmas=(1.0, 5.0),
         batch_size=256, lr=1e-3,
         warmup_images=200_000, total_images=20_000_000, checkpoint_images=500_000, log_images=25_600,
         sample_images=1_000_000, ema_halflife_images=500_000.0, precision="bf16", compile=True,
-        text_encoder="minilm", data="../shared/data/emoji", cond_drop={"text": 0.1, "media": 0.2},
+        text_encoder="minilm", data="data/emoji", num_workers=2, cond_drop={"text": 0.1, "media": 0.2},
         styles=("emojione", "fluent-emoji", "fluent-emoji-flat", "fxemoji", "noto", "noto-v1", "twemoji"),
         sample_prompts=("grinning face", "red heart", "rocket", "flag: Malta"),
     ),

@@ -129,7 +129,8 @@ class Trainer:
         self.net.to(self.device)
         self.flops_per_image = self._count_flops(dtype) if c.peak_tflops > 0 else {}
         self.model = distributed.wrap_model(self.net, c.dist, self.device)
-        forward = torch.compile(self.model) if c.compile else self.model
+        # One static graph per stage resolution (and bucket shape); no dynamic-shape kernels.
+        forward = torch.compile(self.model, dynamic=False) if c.compile else self.model
         self.denoiser = EDMPrecond(forward, c.sigma_data, dtype)
         self.loss_fn = LaplacianEDMLoss(self.process, c.P_mean, c.P_std, c.sigma_data)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=tuple(c.betas),
@@ -191,7 +192,8 @@ class Trainer:
             batch: Batch = self.stream.next()
             gen = torch.Generator().manual_seed(step_seed(c.seed, step, self.rank, k))
             x0 = batch.image.to(self.device, torch.float32)
-            cond = random_drop(self.make_cond(batch.caption, batch.style), dict(c.cond_drop), generator=gen)
+            drop = dict(sorted(c.cond_drop.items()))  # a fixed order of random draws, however the dict was built
+            cond = random_drop(self.make_cond(batch.caption, batch.style), drop, generator=gen)
             weight = batch.weight.to(self.device) if c.weight_key else None
             with distributed.gradient_sync(self.model, k == c.grad_accum - 1):
                 loss, sigma = self.loss_fn(self.denoiser, x0, cond, stage, generator=gen, weight=weight,
@@ -263,21 +265,23 @@ class Trainer:
                    disable=not distributed.is_main(), dynamic_ncols=True)
         result = TrainResult()
         saved_at = None
-        t0, images0, flops, log_losses = time.perf_counter(), self.state.images, 0.0, []
+        busy, images0, flops, log_losses = 0.0, self.state.images, 0.0, []
 
         def crossed(every: int) -> bool:
             return every > 0 and self.state.images // every > (self.state.images - c.batch_size) // every
 
         try:
             while self.state.images < c.total_images and (max_steps is None or len(result.losses) < max_steps):
-                loss = self.train_step()
+                started = time.perf_counter()
+                loss = self.train_step()  # ends in a host sync (.item of the loss), so the time is real
+                busy += time.perf_counter() - started
                 result.losses.append(loss)
                 log_losses.append(loss)
                 flops += self.flops_per_image.get(self.last_stage, 0) * c.batch_size
                 bar.update(c.batch_size)
                 bar.set_postfix(loss=f"{loss:.4f}", stage=self.last_stage)
                 if crossed(c.log_images) or self.state.images >= c.total_images:
-                    dt = max(time.perf_counter() - t0, 1e-9)
+                    dt = max(busy, 1e-9)  # time in train_step only, not in checkpoints or samples
                     scalars = {"loss": sum(log_losses) / len(log_losses), "lr": self.lr_at(self.state.images),
                                "img_per_s": (self.state.images - images0) / dt,
                                "grad_norm": getattr(self, "grad_norm", float("nan")),
@@ -286,7 +290,7 @@ class Trainer:
                         scalars["mfu"] = flops / dt / (c.peak_tflops * 1e12 * self.world)
                     writer.write(self.state.images, self.state.step, scalars)
                     self.loss_stats.reset()
-                    t0, images0, flops, log_losses = time.perf_counter(), self.state.images, 0.0, []
+                    busy, images0, flops, log_losses = 0.0, self.state.images, 0.0, []
                 if crossed(c.sample_images):
                     self.sample_grid()
                 if crossed(c.checkpoint_images):
