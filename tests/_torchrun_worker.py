@@ -1,7 +1,8 @@
 """Worker for the multi-process training tests, launched by
 `python -m torch.distributed.run --nproc_per_node 2 --standalone tests/_torchrun_worker.py MODE OUT`.
 
-Trains the tiny config for two steps with data-parallel mode MODE (ddp or fsdp) and writes the
+Trains the tiny config for two steps (two accumulated micro-batches each) with data-parallel
+mode MODE (ddp or fsdp) and writes the
 per-step losses (mean over ranks) to OUT/result.json on rank 0.
 """
 
@@ -20,7 +21,9 @@ from edify.training.loop import Trainer  # noqa: E402
 
 
 def main(mode: str, out: str) -> None:
-    config = tiny_config(dist=mode, batch_size=4, total_images=8, checkpoint_images=8, log_images=4)
+    # 8 images per step = 2 ranks x 2 accumulated micro-batches of 2 (exercises the no-sync path)
+    config = tiny_config(dist=mode, batch_size=8, grad_accum=2, total_images=16, checkpoint_images=16,
+                         log_images=8)
     trainer = Trainer(config, out, text_encoder=WordHashEncoder())
     result = trainer.run()
     if distributed.is_main():

@@ -171,3 +171,19 @@ def test_trains_from_a_webdataset_shard_and_resumes_its_position(tmp_path):
     assert resumed.stream.state_dict() == {"kind": "loader", "epoch": 0, "batches": 2}
     batch = resumed.stream.next()
     assert batch.image.shape == (2, 3, 16, 16) and batch.image.min() >= -1 and batch.image.max() <= 1
+
+
+def test_per_sample_loss_weights_scale_the_loss(tmp_path):
+    # Same seeds, same data: weight 2 doubles the loss exactly; weight 0 leaves the weights alone.
+    losses = {}
+    for w in (1.0, 2.0, 0.0):
+        t = trainer(tmp_path / str(w), grad_clip=0.0)
+        t.stream.weights.fill_(w)
+        before = {k: v.clone() for k, v in t.model.state_dict().items()}
+        losses[w] = t.train_step()
+        if w == 0.0:
+            assert all(torch.equal(v, before[k]) for k, v in t.model.state_dict().items())
+    assert losses[2.0] == 2 * losses[1.0] and losses[0.0] == 0.0
+    unweighted = trainer(tmp_path / "off", grad_clip=0.0, weight_key="")
+    unweighted.stream.weights.fill_(5.0)  # ignored without a weight key
+    assert unweighted.train_step() == losses[1.0]
