@@ -51,6 +51,40 @@ def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def time_forward(name: str, side: int, batch: int, repeats: int = 20) -> float:
+    """Median seconds of one inference forward at side x side on the current device (CPU)."""
+    import time
+
+    import torch
+
+    from edify.conditioning import Cond
+
+    net = build_network(name).eval()
+    cfg = net.config
+    x, c_noise = torch.randn(batch, cfg.in_channels, side, side), torch.randn(batch)
+    cond = Cond(text=torch.randn(batch, 16, cfg.text_dim), text_mask=torch.ones(batch, 16, dtype=torch.bool))
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            net(x, c_noise, cond)
+            if i >= 3:  # the first calls pick kernels
+                times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 if __name__ == "__main__":
+    # python -m edify.networks.presets [--time PRESET]: parameter counts, optional CPU forward times.
+    import sys
+
+    import torch
+
     for preset in PRESETS:
-        print(f"{preset:18s} {count_parameters(build_network(preset)) / 1e6:8.2f}M parameters")
+        with torch.device("meta"):
+            print(f"{preset:18s} {count_parameters(build_network(preset)) / 1e6:8.2f}M parameters")
+    if len(sys.argv) == 3 and sys.argv[1] == "--time":
+        name = sys.argv[2]
+        print(f"{name} forward, CPU, {torch.get_num_threads()} threads, median of 20:")
+        for batch in (1, 2):
+            side = get_config(name).reference_resolution
+            print(f"  {side}x{side} batch {batch}: {1e3 * time_forward(name, side, batch):.1f} ms")
