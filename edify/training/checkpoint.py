@@ -274,7 +274,8 @@ def load_checkpoint(path: str | Path, config: TrainConfig, model: nn.Module,
 
     Raises EdifyError if the checkpoint was written with a config that differs in anything
     but the fields listed in config.RESUMABLE_FIELDS, or if a file is missing or corrupt.
-    Every rank calls it (each rank reads the files and keeps its own shard).
+    Every rank calls it (each rank reads the files and keeps its own shard) and gets back its own
+    global RNG states, when the world size is the one the checkpoint was written with.
     """
     path = Path(path)
     meta = read_meta(path)

@@ -140,6 +140,7 @@ class Trainer:
         self.state = TrainState()
         self.consecutive_nonfinite = 0
         self.loss_stats = monitor.LossStats()
+        self.grad_norm, self.last_stage = float("nan"), self.stages[0]
         if resume:
             loaded = checkpoint.load_latest(self.out_dir, c, self.model, self.optimizer, self.ema)
             if loaded is not None:
@@ -255,6 +256,17 @@ class Trainer:
         images = sample_dpmpp_2m(denoiser, x, sigmas, self.process, cond, gens)
         return monitor.save_grid(images, self.out_dir / "samples" / f"{self.state.images:012d}.png")
 
+    def _scalars(self, losses: list[float], images: int, seconds: float, flops: float) -> dict[str, float]:
+        """One log point: losses by stage and noise bin (this rank's samples), lr, img/s, MFU."""
+        seconds = max(seconds, 1e-9)  # time in train_step only, not in checkpoints or samples
+        out = {"loss": sum(losses) / len(losses), "lr": self.lr_at(self.state.images),
+               "img_per_s": images / seconds, "grad_norm": self.grad_norm,
+               "nonfinite_total": self.state.nonfinite_total, **self.loss_stats.means()}
+        if flops:  # achieved FLOP/s per device over the peak (MFU)
+            out["mfu"] = monitor.mfu(flops / images, images / seconds / self.world, self.config.peak_tflops)
+        self.loss_stats.reset()
+        return out
+
     # ---- the loop -----------------------------------------------------------------------------
 
     def run(self, max_steps: int | None = None) -> TrainResult:
@@ -281,15 +293,8 @@ class Trainer:
                 bar.update(c.batch_size)
                 bar.set_postfix(loss=f"{loss:.4f}", stage=self.last_stage)
                 if crossed(c.log_images) or self.state.images >= c.total_images:
-                    dt = max(busy, 1e-9)  # time in train_step only, not in checkpoints or samples
-                    scalars = {"loss": sum(log_losses) / len(log_losses), "lr": self.lr_at(self.state.images),
-                               "img_per_s": (self.state.images - images0) / dt,
-                               "grad_norm": getattr(self, "grad_norm", float("nan")),
-                               "nonfinite_total": self.state.nonfinite_total, **self.loss_stats.means()}
-                    if flops:
-                        scalars["mfu"] = flops / dt / (c.peak_tflops * 1e12 * self.world)
-                    writer.write(self.state.images, self.state.step, scalars)
-                    self.loss_stats.reset()
+                    writer.write(self.state.images, self.state.step,
+                                 self._scalars(log_losses, self.state.images - images0, busy, flops))
                     busy, images0, flops, log_losses = 0.0, self.state.images, 0.0, []
                 if crossed(c.sample_images):
                     self.sample_grid()
