@@ -159,18 +159,39 @@ def _write_shard(path, n=6, side=24):
                 tar.addfile(info, io.BytesIO(data))
 
 
-def test_trains_from_a_webdataset_shard_and_resumes_its_position(tmp_path):
-    shard = tmp_path / "data" / "shard-000000.tar"
-    shard.parent.mkdir()
+def test_trains_from_a_webdataset_shard_and_resumes_exactly(tmp_path):
+    shard = tmp_path / "data" / "train" / "shard-000000.tar"  # the layout `edify data emoji` writes
+    shard.parent.mkdir(parents=True)
     _write_shard(shard)
-    t = trainer(tmp_path / "run", data=str(shard.parent))
-    result = t.run(max_steps=2)
-    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
-    assert t.stream.state_dict() == {"kind": "loader", "epoch": 0, "batches": 2}
-    resumed = trainer(tmp_path / "run", data=str(shard.parent))
-    assert resumed.stream.state_dict() == {"kind": "loader", "epoch": 0, "batches": 2}
+    data = str(shard.parent.parent)
+    straight = trainer(tmp_path / "a", data=data).run(max_steps=4).losses
+    first = trainer(tmp_path / "b", data=data)
+    part = first.run(max_steps=1).losses
+    assert first.stream.state_dict() == {"kind": "loader", "epoch": 0, "batches": 1}
+    resumed = trainer(tmp_path / "b", data=data)
+    assert resumed.stream.state_dict() == {"kind": "loader", "epoch": 0, "batches": 1}
+    assert part + resumed.run(max_steps=3).losses == straight  # 4 steps x 2 images wrap the 6-image shard
     batch = resumed.stream.next()
     assert batch.image.shape == (2, 3, 16, 16) and batch.image.min() >= -1 and batch.image.max() <= 1
+    assert set(batch.style) <= {"flat", "glossy"} and all(c.startswith("icon ") for c in batch.caption)
+
+
+def test_condition_dropout_reaches_the_denoiser(tmp_path):
+    seen = []
+    t = trainer(tmp_path, cond_drop={"text": 1.0, "media": 0.0})
+    real = t.denoiser
+
+    def spy(x, sigma, cond, stage):
+        seen.append(cond)
+        return real(x, sigma, cond, stage)
+
+    t.denoiser = spy
+    t.train_step()
+    t.config = t.config.replace(cond_drop={"text": 0.0, "media": 1.0})
+    t.train_step()
+    dropped_text, dropped_media = seen
+    assert not dropped_text.text_mask.any() and (dropped_text.media >= 0).all()
+    assert dropped_media.text_mask.any(dim=1).all() and (dropped_media.media == -1).all()
 
 
 def test_per_sample_loss_weights_scale_the_loss(tmp_path):
