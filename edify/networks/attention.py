@@ -51,7 +51,7 @@ class TransformerBlock(nn.Module):
     """Pre-norm transformer block on the feature grid: [self-attn] -> [cross-attn] -> MLP, each residual.
 
     The grid is flattened to tokens once on entry and restored once on exit; on a channels-last
-    tensor both reshapes are views, so the block adds no layout copies.
+    tensor (GroupNorm keeps that layout) both reshapes are views, so the block adds no layout copies.
     """
 
     def __init__(self, dim: int, head_dim: int, context_dim: int | None, self_attention: bool,
