@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from edify.errors import EdifyError
+
 # Field names a guidance wrapper or a training dropout may switch off.
 CONDITION_FIELDS = ("text", "media", "pitch", "dof")
 
@@ -40,7 +42,7 @@ class Cond:
 
     def __post_init__(self):
         if (self.text is None) != (self.text_mask is None):
-            raise ValueError("Cond: text and text_mask must be given together")
+            raise EdifyError("Cond: text and text_mask must be given together")
 
     @property
     def batch_size(self) -> int | None:
@@ -65,11 +67,11 @@ class Cond:
         out = {}
         for name in names:
             if name not in CONDITION_FIELDS:
-                raise ValueError(f"unknown condition {name!r}; known: {', '.join(CONDITION_FIELDS)}")
+                raise EdifyError(f"unknown condition {name!r}; known: {', '.join(CONDITION_FIELDS)}")
             if name == "text":
                 if self.text_mask is None:
                     continue
-                keep = torch.ones_like(self.text_mask[:, 0]) if where is None else ~where.to(self.text_mask.device)
+                keep = torch.zeros_like(self.text_mask[:, 0]) if where is None else ~where.to(self.text_mask.device)
                 out["text_mask"] = self.text_mask & keep[:, None]
             else:
                 v = getattr(self, name)
@@ -99,7 +101,7 @@ class Cond:
                 out[f.name] = None
                 continue
             if any(v is None for v in vals):
-                raise ValueError(f"Cond.cat: field {f.name!r} is set in some conditions and None in others")
+                raise EdifyError(f"Cond.cat: field {f.name!r} is set in some conditions and None in others")
             if f.name in ("text", "text_mask"):
                 length = max(v.shape[1] for v in vals)
                 vals = [torch.nn.functional.pad(v, (0, 0, 0, length - v.shape[1]) if v.dim() == 3
@@ -119,7 +121,8 @@ def random_drop(cond: Cond, probs: dict[str, float], generator: torch.Generator 
     device = next(getattr(cond, f.name) for f in fields(cond) if getattr(cond, f.name) is not None).device
     for name, p in probs.items():
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"drop probability for {name!r} must be in [0, 1], got {p}")
-        where = torch.rand(batch, generator=generator) < p
+            raise EdifyError(f"drop probability for {name!r} must be in [0, 1], got {p}")
+        where = torch.rand(batch, generator=generator,
+                           device=generator.device if generator is not None else "cpu") < p
         cond = cond.drop([name], where.to(device))
     return cond

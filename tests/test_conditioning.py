@@ -42,8 +42,6 @@ def test_drop_all_categorical():
     assert d.media.tolist() == [NULL] * 4 and d.dof.tolist() == [NULL] * 4
 
 
-@pytest.mark.xfail(strict=True, reason="Cond.drop(['text']) with where=None keeps every mask row "
-                                       "(keep is built with ones_like instead of zeros_like)")
 def test_drop_all_text():
     assert not _cond().drop(["text"]).text_mask.any()
 

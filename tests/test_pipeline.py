@@ -1,0 +1,152 @@
+"""TextToImagePipeline and `edify generate` with a tiny random model (no shipped weights needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from edify.cli import main as cli_main
+from edify.errors import EdifyError
+from edify.networks.presets import build_network
+from edify.pipelines.text2image import PipelineConfig, SamplingDefaults, TextToImagePipeline
+from edify.text.encoders import TextEncoder
+
+
+class HashEncoder(TextEncoder):
+    """A deterministic stand-in encoder: one token per word, states from a hash of the word."""
+
+    def __init__(self, dim: int = 384, max_length: int = 8):
+        self._dim, self._max = dim, max_length
+
+    def encode(self, texts):
+        L = max(1, min(self._max, max(len(t.split()) for t in texts)))
+        states = torch.zeros(len(texts), L, self._dim)
+        mask = torch.zeros(len(texts), L, dtype=torch.bool)
+        for b, t in enumerate(texts):
+            for i, word in enumerate(t.split()[:L]):
+                seed = int(hashlib.sha256(word.encode()).hexdigest()[:8], 16)
+                states[b, i] = torch.randn(self._dim, generator=torch.Generator().manual_seed(seed))
+                mask[b, i] = True
+        return states, mask
+
+    dim = property(lambda self: self._dim)
+    max_length = property(lambda self: self._max)
+    name = property(lambda self: "hash")
+    device = property(lambda self: torch.device("cpu"))
+
+    def to(self, device):
+        return self
+
+
+def tiny_pipeline(styles=("noto", "twemoji")) -> TextToImagePipeline:
+    torch.manual_seed(0)
+    net = build_network("tiny")
+    config = PipelineConfig(network=net.config.to_dict(), levels=3, switch_sigmas=(1.0, 5.0),
+                            resolution=32, styles=styles,
+                            defaults=SamplingDefaults(num_steps=6, guidance_scale=2.0))
+    return TextToImagePipeline(net, config, text_encoder=HashEncoder())
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "m", max_shard_bytes=20_000)  # forces several shards
+    assert len(list((tmp_path / "m").glob("model-*.safetensors"))) > 1
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "m", text_encoder=HashEncoder())
+    assert loaded.config == pipe.config
+    for (k, a), (k2, b) in zip(pipe.network.state_dict().items(), loaded.network.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    a = pipe("red apple", style="noto", seed=3, output_type="tensor").images
+    b = loaded("red apple", style="noto", seed=3, output_type="tensor").images
+    assert torch.equal(a, b)
+
+
+def test_bf16_save_halves_the_files(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "f32")
+    pipe.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    size = lambda p: sum(f.stat().st_size for f in p.glob("*.safetensors"))  # noqa: E731
+    assert size(tmp_path / "bf16") < 0.6 * size(tmp_path / "f32")
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "bf16", text_encoder=HashEncoder())
+    ref = pipe.network.state_dict()
+    for k, v in loaded.network.state_dict().items():
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v, ref[k].to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+def test_per_seed_images_do_not_depend_on_batch():
+    pipe = tiny_pipeline()
+    batch = pipe(["red apple", "green apple", "cat face"], style="twemoji", seed=[11, 12, 13],
+                 output_type="tensor").images
+    single = pipe("green apple", style="twemoji", seed=12, output_type="tensor").images
+    assert batch.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(batch[1:2], single, rtol=0, atol=1e-5)
+    assert not torch.allclose(batch[0], batch[2])
+
+
+def test_outputs_are_images_of_the_requested_size_and_nfe():
+    pipe = tiny_pipeline()
+    out = pipe("red apple", height=32, width=64, seed=0, num_images_per_prompt=2, sampler="heun", num_steps=6)
+    assert [im.size for im in out.images] == [(64, 32), (64, 32)]
+    assert out.seeds == [0, 1]
+    assert out.nfe == 2 * 6 - 1  # 6 steps (the last one to 0 included), Heun's last is first order
+
+
+def test_guidance_and_negative_prompt_change_the_image():
+    pipe = tiny_pipeline()
+    base = pipe("red apple", seed=1, guidance_scale=1.0, output_type="tensor").images
+    guided = pipe("red apple", seed=1, guidance_scale=4.0, output_type="tensor").images
+    negative = pipe("red apple", seed=1, guidance_scale=4.0, negative_prompt="blue", output_type="tensor").images
+    assert not torch.allclose(base, guided) and not torch.allclose(guided, negative)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=""), "non-empty"),
+    (dict(prompt="apple", style="openmoji"), "known: noto, twemoji"),
+    (dict(prompt="apple", height=40), "multiple of 32"),
+    (dict(prompt="apple", num_steps=2), "num_steps"),
+    (dict(prompt="apple", sampler="ddim"), "unknown sampler"),
+    (dict(prompt=["a", "b"], seed=[1]), "one seed per image"),
+])
+def test_bad_inputs_raise_one_line(kwargs, message):
+    pipe = tiny_pipeline()
+    with pytest.raises(EdifyError, match=message) as info:
+        pipe(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_model_folders(tmp_path):
+    with pytest.raises(EdifyError, match="no model folder"):
+        TextToImagePipeline.from_pretrained(tmp_path / "nope")
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(EdifyError, match="corrupt weights"):
+        TextToImagePipeline.from_pretrained(tmp_path / "m")
+    # weights of another config
+    pipe.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["network"]["widths"] = [32, 64]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdifyError, match="do not match"):
+        TextToImagePipeline.from_pretrained(tmp_path / "m")
+
+
+def test_generate_cli_writes_pngs_and_fails_cleanly(tmp_path, monkeypatch, capsys):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(TextToImagePipeline, "text_encoder", property(lambda self: HashEncoder()))
+    out = tmp_path / "img.png"
+    code = cli_main(["generate", "red apple", "--model", str(tmp_path / "m"), "-o", str(out),
+                     "--num", "2", "--steps", "3", "--style", "noto"])
+    assert code == 0
+    assert (tmp_path / "img-0.png").exists() and (tmp_path / "img-1.png").exists()
+    capsys.readouterr()
+    code = cli_main(["generate", "red apple", "--model", str(tmp_path / "m"), "-o", str(out),
+                     "--style", "nope"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "unknown style 'nope'" in err
+    code = cli_main(["generate", "apple", "--model", str(tmp_path / "missing")])
+    assert code == 2 and "no model folder" in capsys.readouterr().err
