@@ -86,11 +86,13 @@ def test_rng_states_are_restored(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_keep_last_prunes_older_checkpoints(tmp_path):
+def test_keep_last_prunes_older_checkpoints_and_stale_temp_folders(tmp_path):
     model, opt, ema = make()
+    (tmp_path / ".tmp-ckpt-000000000999").mkdir()  # what a process killed mid-save leaves
     for images in (4, 8, 12, 16):
         save(tmp_path, model, opt, ema, images)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-000000000012", "ckpt-000000000016"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000000000012", "ckpt-000000000016", "latest"]
 
 
 def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):

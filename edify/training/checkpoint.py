@@ -209,11 +209,14 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 
 
 def prune(out_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
+    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names), and the
+    temporary folders a killed process left behind (rank 0 is the only writer, so none is live)."""
     latest = latest_checkpoint(out_dir)
     for path in list_checkpoints(out_dir)[:-keep_last]:
         if latest is None or path.resolve() != latest.resolve():
             shutil.rmtree(path, ignore_errors=True)
+    for path in out_dir.glob(f".tmp-{PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
