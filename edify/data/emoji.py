@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from edify.data.emoji_names import Caption, EmojiNamer
 from edify.data.render import IconGeometry, RenderResult, render_sample
-from edify.data.shards import AtomicShardWriter, finished_shard, write_json_atomic
+from edify.data.shards import AtomicShardWriter, finished_shard, sidecar, write_json_atomic
 from edify.errors import EdifyError
 
 # set name -> SPDX license of the published package; share-alike sets are kept out by
@@ -306,7 +306,7 @@ def build_emoji_dataset(
         try:
             for shard in pending:
                 with AtomicShardWriter(shard.path, shard.fingerprint(sizes)) as writer:
-                    statuses, named = Counter(), 0
+                    statuses, named, shard_started = Counter(), 0, time.perf_counter()
                     for sample in shard.samples:
                         result = next(results)
                         statuses[result.status] += 1
@@ -314,7 +314,8 @@ def build_emoji_dataset(
                             writer.write(sample_record(sample, shard.icon_set, result))
                             named += sample.caption.named
                         bar.update()
-                    writer.stats = {"icons": len(shard.samples), "named": named, "statuses": dict(statuses)}
+                    writer.stats = {"icons": len(shard.samples), "named": named, "statuses": dict(statuses),
+                                    "seconds": round(time.perf_counter() - shard_started, 3)}
         finally:
             results.close()  # stops the worker pool on error or interrupt
     manifest = summarize(out, shards, icon_sets, sizes, total, time.perf_counter() - started)
@@ -326,8 +327,10 @@ def summarize(out: Path, shards: list[Shard], icon_sets: list[IconSet], sizes: t
               rendered: int, seconds: float) -> dict[str, Any]:
     """Manifest from the shard sidecars: per-set counts and attribution, shard lists, timing."""
     per_set: dict[str, Counter] = {s.name: Counter() for s in icon_sets}
+    build_seconds = 0.0
     for shard in shards:
-        info = json.loads((shard.path.with_name(shard.path.name + ".json")).read_text())
+        info = json.loads(sidecar(shard.path).read_text())
+        build_seconds += info.get("seconds", 0.0)
         counts = per_set[shard.icon_set.name]
         counts["icons"] += info["icons"]
         counts[shard.split] += info["count"]
@@ -348,8 +351,9 @@ def summarize(out: Path, shards: list[Shard], icon_sets: list[IconSet], sizes: t
         "named_fraction": round(totals["named"] / max(totals["written"], 1), 4),
         "shards": {split: [str(sh.path.relative_to(out)) for sh in shards if sh.split == split]
                    for split in ("train", "val")},
-        "icons_rendered": rendered,
-        "seconds": round(seconds, 2),
+        "icons_rendered": rendered,  # this run; shards already built are skipped
+        "seconds": round(seconds, 2),  # this run's wall time
+        "build_seconds": round(build_seconds, 2),  # time spent writing every shard, over all runs
         "images_per_second": round(rendered * len(sizes) / seconds, 1) if rendered else None,
     }
 
