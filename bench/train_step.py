@@ -10,6 +10,7 @@ MFU = FLOPs of one training step (forward + backward, counted by FlopCounterMode
 GPU:        python bench/train_step.py --batch 128 --steps 20
 CPU smoke:  python bench/train_step.py --device cpu --preset tiny --batch 2 --steps 2
 Graph-break check (CPU is fine):  python bench/train_step.py --device cpu --preset tiny --explain
+FLOP count without compute:       python bench/train_step.py --flops-only --batch 1
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--forward", action="store_true", help="also time an inference forward (img/s)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="peak for MFU (H100 bf16 matmul, measured)")
     p.add_argument("--explain", action="store_true", help="print torch._dynamo.explain graph breaks and exit")
+    p.add_argument("--flops-only", action="store_true",
+                   help="count params and training-step FLOPs on the meta device (no compute) and exit")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.compile = args.compile or ("both" if cuda else "off")
@@ -179,6 +182,17 @@ def explain(args):
         print("  break:", reason)
 
 
+def flops_only(args):
+    args.device, amp = "meta", contextlib.nullcontext
+    makers = [(f"edify {args.preset}", make_ours)] + ([] if args.skip_anchor else [("diffusers anchor", make_anchor)])
+    for name, make in makers:
+        with torch.device("meta"):
+            model, forward, target = make(args)
+        flops = count_step_flops(model, forward, target, amp)
+        print(f"{name:22s} {count_parameters(model) / 1e6:7.1f}M params "
+              f"{flops / args.batch / 1e9:7.1f} GFLOP/img per training step (forward + backward)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))
@@ -186,6 +200,9 @@ def main(argv=None):
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     if args.explain:
         explain(args)
+        return
+    if args.flops_only:
+        flops_only(args)
         return
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
