@@ -15,6 +15,11 @@ class WordHashEncoder:
 
     dim = 384
     name = "word-hash"
+    max_length = 77
+    device = torch.device("cpu")
+
+    def to(self, device):
+        return self
 
     def encode(self, texts):
         words = [["<s>"] + t.split() for t in texts]

@@ -14,8 +14,10 @@ from torch import nn
 from _training_helpers import WordHashEncoder, tiny_config
 from edify.cli import main as edify_main
 from edify.errors import EdifyError
+from edify.pipelines.text2image import TextToImagePipeline
 from edify.training import checkpoint as ckpt
 from edify.training import monitor
+from edify.training.export import export_pipeline
 from edify.training.loop import Trainer
 
 
@@ -208,3 +210,16 @@ def test_per_sample_loss_weights_scale_the_loss(tmp_path):
     unweighted = trainer(tmp_path / "off", grad_clip=0.0, weight_key="")
     unweighted.stream.weights.fill_(5.0)  # ignored without a weight key
     assert unweighted.train_step() == losses[1.0]
+
+
+def test_exported_model_folder_generates_with_the_ema_weights(tmp_path):
+    t = trainer(tmp_path / "run")
+    t.run(max_steps=2)
+    folder = export_pipeline(tmp_path / "run", tmp_path / "model")
+    pipe = TextToImagePipeline.from_pretrained(folder, text_encoder=WordHashEncoder())
+    ema = t.ema.state_dict(t.model)
+    for k, v in pipe.network.state_dict().items():
+        assert torch.equal(v, ema[k])
+    assert (pipe.config.levels, pipe.config.switch_sigmas, pipe.config.styles) == (2, (2.0,), ("flat", "glossy"))
+    out = pipe("a red heart", style="glossy", seed=0, num_steps=2, output_type="tensor")
+    assert out.images.shape == (1, 3, 16, 16) and torch.isfinite(out.images).all()

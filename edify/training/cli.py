@@ -2,7 +2,7 @@
 
     edify train --preset tiny-cpu --out runs/tiny
     edify train --preset emoji-64 --data shards/ --set batch_size=128 --set cond_drop.text=0.2
-    edify train --preset emoji-64 --out runs/emoji --resume
+    edify train --preset emoji-64 --out runs/emoji --resume --export weights/emoji-64
 
 Multi-GPU: `torchrun --nproc_per_node N -m edify.cli train ... --set dist=ddp` (or fsdp).
 """
@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set lr=1e-4 --set cond_drop.text=0.2")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (and checkpoint)")
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="afterwards, write the EMA weights as a model folder for `edify generate`")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
 
@@ -49,5 +51,9 @@ def run(args: argparse.Namespace) -> int:
     result = trainer.run(max_steps=args.max_steps)
     distributed.print0(f"trained to {result.images} images ({result.step} steps, "
                        f"{result.nonfinite_total} skipped); checkpoint: {result.checkpoint}")
+    if args.export and distributed.is_main():
+        from edify.training.export import export_pipeline
+
+        distributed.print0(f"model folder: {export_pipeline(out, args.export)}")
     distributed.shutdown()
     return 0

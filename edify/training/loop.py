@@ -25,24 +25,18 @@ import torch
 from tqdm import tqdm
 
 from edify.conditioning import Cond, random_drop
-from edify.core.guidance import CFGDenoiser
 from edify.core.laplacian import LaplacianProcess
 from edify.core.losses import LaplacianEDMLoss
 from edify.core.precond import EDMPrecond
-from edify.core.samplers import initial_state, sample_dpmpp_2m
-from edify.core.schedules import laplacian_sigmas
-from edify.core.seeding import generators
 from edify.data.vocab import StyleVocab, make_cond
 from edify.errors import EdifyError
-from edify.networks.presets import build_network
-from edify.networks.unet import UNetConfig
+from edify.pipelines.text2image import TextToImagePipeline
 from edify.training import checkpoint, distributed, monitor
 from edify.training.batches import Batch, open_stream
 from edify.training.checkpoint import TrainState
 from edify.training.config import TrainConfig
 from edify.training.ema import EMA
-
-SAMPLE_SIGMA_MAX = 80.0
+from edify.training.export import build_net, pipeline_config
 
 
 def step_seed(*parts: int) -> int:
@@ -52,10 +46,6 @@ def step_seed(*parts: int) -> int:
         h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
         h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
     return h >> 1
-
-
-def network_config(model: str | dict) -> str | UNetConfig:
-    return UNetConfig.from_dict(model) if isinstance(model, dict) else model
 
 
 def load_text_encoder(spec: str, cache_dir: Path | None, device):
@@ -105,7 +95,7 @@ class Trainer:
         self.micro_batch = per_rank // self.world
 
         torch.manual_seed(c.seed)  # the same initial weights on every rank
-        self.net = build_network(network_config(c.model))
+        self.net = build_net(c)
         self.process = LaplacianProcess(c.levels, c.switch_sigmas)
         self.stages = c.stages or tuple(range(c.levels))
         net_cfg = self.net.config
@@ -236,25 +226,24 @@ class Trainer:
         state = TrainState(self.state.step, self.state.images, self.stream.state_dict(), self.state.nonfinite_total)
         return checkpoint.save_checkpoint(self.out_dir, self.config, self.model, self.optimizer, self.ema, state)
 
-    @torch.no_grad()
     def sample_grid(self) -> Path | None:
-        """EMA samples of `sample_prompts` (DPM-Solver++(2M) over the Laplacian stages, CFG) as a PNG."""
+        """EMA samples of `sample_prompts` through the text-to-image pipeline, saved as one PNG."""
         c = self.config
         weights = self.ema.state_dict(self.model)  # collective under FSDP
         if not distributed.is_main():
             return None
-        net = build_network(network_config(c.model))
+        if self.text_encoder is None:
+            distributed.print0("no sample grid: the text-to-image pipeline needs a text encoder")
+            return None
+        net = build_net(c)
         net.load_state_dict(weights)
-        net.to(self.device).eval()
-        denoiser = CFGDenoiser(EDMPrecond(net, c.sigma_data, self.denoiser.dtype), c.sample_guidance)
+        pipe = TextToImagePipeline(net, pipeline_config(c, net, getattr(self.text_encoder, "max_length", None)),
+                                   text_encoder=self.text_encoder)
+        pipe.to(self.device, self.denoiser.dtype)
         n = len(c.sample_prompts)
-        cond = self.make_cond(list(c.sample_prompts), [c.styles[i % len(c.styles)] if c.styles else None
-                                                       for i in range(n)])
-        gens = generators([c.seed + i for i in range(n)])
-        x = initial_state(self.process, SAMPLE_SIGMA_MAX, (n, 3, c.resolution, c.resolution), gens, self.device)
-        sigmas = laplacian_sigmas(self.process, c.sample_steps, sigma_max=SAMPLE_SIGMA_MAX)
-        images = sample_dpmpp_2m(denoiser, x, sigmas, self.process, cond, gens)
-        return monitor.save_grid(images, self.out_dir / "samples" / f"{self.state.images:012d}.png")
+        styles = [c.styles[i % len(c.styles)] if c.styles else None for i in range(n)]
+        out = pipe(list(c.sample_prompts), style=styles, seed=c.seed, output_type="tensor")
+        return monitor.save_grid(out.images, self.out_dir / "samples" / f"{self.state.images:012d}.png")
 
     def _scalars(self, losses: list[float], images: int, seconds: float, flops: float) -> dict[str, float]:
         """One log point: losses by stage and noise bin (this rank's samples), lr, img/s, MFU."""
