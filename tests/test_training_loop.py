@@ -100,6 +100,8 @@ def test_stage_sampling_and_warmup(tmp_path):
     assert draws == [t.stage_for(s) for s in range(800)]  # a function of (seed, step) only
     assert 0.70 < draws.count(0) / 800 < 0.80
     assert [t.lr_at(i) for i in (0, 2, 8, 100)] == pytest.approx([0.0, 2.5e-4, 1e-3, 1e-3])
+    decay = trainer(tmp_path / "decay", lr_decay_images=100)
+    assert [decay.lr_at(i) for i in (50, 100, 400, 10_000)] == pytest.approx([1e-3, 1e-3, 5e-4, 1e-4])
     only = trainer(tmp_path / "one", stages=(1,))
     assert {only.stage_for(s) for s in range(10)} == {1}
 

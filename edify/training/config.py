@@ -42,6 +42,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-4
     warmup_images: int = 0
+    lr_decay_images: int = 0  # inverse square-root decay after this many images (edm2); 0 = constant
     betas: tuple[float, ...] = (0.9, 0.99)
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off
@@ -140,6 +141,7 @@ def validate(c: TrainConfig) -> None:
            f"batch_size must be a multiple of grad_accum={c.grad_accum}, got {c.batch_size}")
     _check(c.lr > 0, f"lr must be > 0, got {c.lr}")
     _check(c.warmup_images >= 0, f"warmup_images must be >= 0, got {c.warmup_images}")
+    _check(c.lr_decay_images >= 0, f"lr_decay_images must be >= 0, got {c.lr_decay_images}")
     _check(len(c.betas) == 2 and all(0 <= b < 1 for b in c.betas), f"betas must be two values in [0, 1), got {list(c.betas)}")
     _check(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
     _check(c.grad_clip >= 0, f"grad_clip must be >= 0, got {c.grad_clip}")
@@ -179,7 +181,7 @@ PRESETS: dict[str, TrainConfig] = {
     "emoji-64": TrainConfig(
         name="emoji-64", model="emoji-64", resolution=64, levels=3, switch_sigmas=(1.0, 5.0),
         batch_size=256, lr=1e-3,
-        warmup_images=200_000, total_images=20_000_000, checkpoint_images=500_000, log_images=25_600,
+        warmup_images=200_000, lr_decay_images=2_000_000, total_images=20_000_000, checkpoint_images=500_000, log_images=25_600,
         sample_images=1_000_000, ema_halflife_images=500_000.0, precision="bf16", compile=True,
         text_encoder="minilm", data="data/emoji", num_workers=2, cond_drop={"text": 0.1, "media": 0.2},
         styles=("emojione", "fluent-emoji", "fluent-emoji-flat", "fxemoji", "noto", "noto-v1", "twemoji"),

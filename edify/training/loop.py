@@ -157,9 +157,13 @@ class Trainer:
                          self.vocab, device=self.device)
 
     def lr_at(self, images: int) -> float:
-        """Linear warm-up over warmup_images, then constant."""
-        warmup = self.config.warmup_images
-        return self.config.lr * (min(1.0, images / warmup) if warmup > 0 else 1.0)
+        """Linear warm-up over warmup_images; then constant, or lr / sqrt(images / lr_decay_images)
+        once past lr_decay_images (the inverse square-root schedule of edm2, Karras et al. 2024)."""
+        c = self.config
+        lr = c.lr * (min(1.0, images / c.warmup_images) if c.warmup_images > 0 else 1.0)
+        if c.lr_decay_images > 0:
+            lr /= math.sqrt(max(images / c.lr_decay_images, 1.0))
+        return lr
 
     def _count_flops(self, dtype) -> dict[int, int]:
         """Training FLOPs per image of each stage, counted on one image before any wrapping."""
