@@ -207,6 +207,23 @@ def test_bad_input_raises(tarballs: Path, tmp_path: Path, monkeypatch):
         fetch_tarballs(["twemoji"], tmp_path / "cache")
 
 
+def test_fetch_uses_npm_pack_without_a_registry_address(tmp_path: Path, monkeypatch):
+    commands = []
+
+    def fake_npm(command, **kwargs):  # stands in for `npm pack NAME --pack-destination DIR`
+        commands.append(command)
+        write_package(Path(command[command.index("--pack-destination") + 1]), command[2].split("/")[1], ICONS, {})
+        return emoji_data.subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(emoji_data.shutil, "which", lambda name: "/usr/bin/npm")
+    monkeypatch.setattr(emoji_data.subprocess, "run", fake_npm)
+    cache = tmp_path / "cache"
+    fetch_tarballs(["twemoji", "noto"], cache)
+    fetch_tarballs(["twemoji"], cache)  # already cached: npm is not called again
+    assert [c[:3] for c in commands] == [["npm", "pack", "@iconify-json/twemoji"], ["npm", "pack", "@iconify-json/noto"]]
+    assert not any("http" in part for c in commands for part in c)
+
+
 def test_cli_exit_codes(tarballs: Path, tmp_path: Path, capsys):
     base = ["data", "emoji", "--quiet", "--workers", "1", "--sizes", "16"]
     assert main(base + ["--tarballs", str(tarballs), "--sets", "twemoji", "--out", str(tmp_path / "o")]) == 0

@@ -54,6 +54,9 @@ KNOWN_SETS: dict[str, str] = {
     "openmoji": "CC-BY-SA-4.0",
     "emojione-v1": "CC-BY-SA-4.0",
 }
+# sets whose chars.json (codepoints -> icon name) also names the other sets' icons; they are read
+# even when not built, so captions and the split do not depend on which sets are built
+NAMING_SETS = ("twemoji", "noto", "fluent-emoji-flat", "openmoji")
 VAL_PER_MILLE = 50  # 5% of named emoji held out
 SHARD_SIZE = 1000  # icons per shard
 FORMAT_VERSION = 1
@@ -274,7 +277,7 @@ def build_emoji_dataset(
     if workers < 1:
         raise EdifyError(f"workers must be at least 1, got {workers}")
     if tarballs is None:
-        folder = fetch_tarballs(names, default_cache())
+        folder = fetch_tarballs(names + [n for n in NAMING_SETS if n not in names], default_cache())
     else:
         folder = Path(tarballs)
         if not folder.is_dir():
@@ -289,10 +292,11 @@ def build_emoji_dataset(
     if permissive_only:  # trust the package's own license over the table above
         icon_sets = [s for s in icon_sets if not is_share_alike(s.license)]
     # other sets' chars.json help name icons of sets without one, even when not being built
-    chars = {s.name: s.chars for s in icon_sets}
-    for name in KNOWN_SETS:
-        other = find_tarball(folder, name) if name not in chars else None
-        if other is not None:
+    built, chars = {s.name: s for s in icon_sets}, {}
+    for name in KNOWN_SETS:  # a fixed order: the first set naming an icon wins, whatever is built
+        if name in built:
+            chars[name] = built[name].chars
+        elif (other := find_tarball(folder, name)) is not None:
             chars[name] = read_icon_set(other, name).chars
     namer = EmojiNamer(chars)
     out = Path(out)
