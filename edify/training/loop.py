@@ -7,7 +7,7 @@ by seed and step, the same on every rank) on `batch_size` images over all ranks 
     x0, captions, styles  <- this rank's next micro-batch (a resumable stream)
     cond                  <- text tokens + media token, fields dropped at random (section 3.1, CFG)
     loss                  <- LaplacianEDMLoss: sigma ~ log-normal on the stage's range, D at R / 2^j (Eq. 1)
-    AdamW step with linear warm-up and gradient clipping, then the EMA update.
+    AdamW step (linear warm-up, optional inverse-sqrt decay, gradient clipping), then the EMA update.
 
 All randomness of a step comes from generators seeded by (seed, step, rank, micro-step), and the
 data stream reports its position, so a resumed run reproduces an uninterrupted one bit for bit.
@@ -88,6 +88,8 @@ class Trainer:
         self.device = device or distributed.init_from_env()
         self.rank, self.world = distributed.rank(), distributed.world_size()
         distributed.check_mode(c.dist)
+        if self.world > 1 and c.dist == "none":  # ranks would train unsynchronised copies
+            raise EdifyError(f"{self.world} processes need dist='ddp' or 'fsdp' (--set dist=ddp), got 'none'")
         per_rank = c.batch_size // c.grad_accum
         if per_rank % self.world:
             raise EdifyError(f"batch_size / grad_accum must be a multiple of the world size {self.world}, "
