@@ -225,3 +225,13 @@ def test_exported_model_folder_generates_with_the_ema_weights(tmp_path):
     assert (pipe.config.levels, pipe.config.switch_sigmas, pipe.config.styles) == (2, (2.0,), ("flat", "glossy"))
     out = pipe("a red heart", style="glossy", seed=0, num_steps=2, output_type="tensor")
     assert out.images.shape == (1, 3, 16, 16) and torch.isfinite(out.images).all()
+
+
+def test_several_processes_without_a_dist_mode_are_refused(tmp_path, monkeypatch):
+    from edify.training import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(EdifyError, match="2 processes need dist='ddp' or 'fsdp'"):
+        trainer(tmp_path)
+    with pytest.raises(EdifyError, match="multiple of the world size 2, got 3 / 1"):
+        trainer(tmp_path, dist="ddp", batch_size=3)
