@@ -148,6 +148,12 @@ def test_train_command_runs_and_reports_bad_input(tmp_path, capsys):
     assert "lr must be float, got 'abc'" in capsys.readouterr().err
     assert edify_main(["train", "--preset", "emoji-64", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "emoji-64"
+    # a checkpoint's config.json reproduces the run's config
+    saved = ckpt.latest_checkpoint(out) / "config.json"
+    assert edify_main(["train", "--config", str(saved), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(saved.read_text())
+    assert edify_main(["train", "--config", str(tmp_path / "missing.json")]) == 2
+    assert "training config file not found" in capsys.readouterr().err
 
 
 def _write_shard(path, n=6, side=24):

@@ -13,12 +13,14 @@ import argparse
 from pathlib import Path
 
 from edify.errors import EdifyError
-from edify.training.config import PRESETS, apply_overrides, get_preset
+from edify.training.config import PRESETS, apply_overrides, get_preset, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny-cpu", choices=sorted(PRESETS),
                         help="named training configuration (default: tiny-cpu)")
+    parser.add_argument("--config", default=None, metavar="JSON",
+                        help="a config file (e.g. a checkpoint's config.json) instead of --preset")
     parser.add_argument("--data", default=None,
                         help="'synthetic[:N]', a folder of .tar shards, a shard pattern or an image folder")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<preset>)")
@@ -32,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = get_preset(args.preset)
+    config = load_config(args.config) if args.config else get_preset(args.preset)
     if args.data is not None:
         config = config.replace(data=args.data)
     config = apply_overrides(config, args.overrides)

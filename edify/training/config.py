@@ -197,10 +197,13 @@ def get_preset(name: str) -> TrainConfig:
 
 
 def load_config(path: str | Path) -> TrainConfig:
+    """A TrainConfig from a JSON file (the format of a checkpoint's config.json)."""
     try:
         return TrainConfig.from_json(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise EdifyError(f"training config {path} is not valid JSON: {err}") from None
+    except FileNotFoundError:
+        raise EdifyError(f"training config file not found: {path}") from None
 
 
 _HINTS = typing.get_type_hints(TrainConfig)

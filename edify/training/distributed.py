@@ -89,15 +89,6 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def broadcast_object(obj):
-    """Rank 0's `obj` on every rank."""
-    if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def check_mode(mode: str) -> str:
     if mode not in DIST_MODES:
         raise EdifyError(f"dist mode must be one of {', '.join(DIST_MODES)}, got {mode!r}")
