@@ -31,16 +31,9 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from edify.buckets import bucket_shape, nearest_bucket
 from edify.data.tarstream import expand_shards, is_local, iter_tar_groups
 from edify.errors import EdifyError
+from edify.training.distributed import rank_and_world_size  # noqa: F401  (re-exported)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when initialised, else RANK / WORLD_SIZE env vars."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 @dataclass

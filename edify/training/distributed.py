@@ -56,6 +56,14 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of the process group, or from the RANK / WORLD_SIZE variables before
+    initialisation (data readers and DataLoader workers split shards with it)."""
+    if is_initialized():
+        return rank(), world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def is_main() -> bool:
     return rank() == 0
 
