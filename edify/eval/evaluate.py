@@ -1,0 +1,234 @@
+"""Evaluate generated images against real ones: the metrics of `edify eval` in one function.
+
+    evaluate(fake, real, metrics=("fid", "kid", "swd"))  -> {"fid": ..., "kid": ..., "swd": ...}
+
+Images are [-1, 1] tensors [N, 3, H, W] or iterables of batches (generated batches can stream
+straight in: each batch is passed to the Inception extractor and to the SWD descriptor sampler
+once). Real features may come precomputed (a cached `FeatureStats`), in which case the real
+images are only read for SWD. Also here: reading a real validation split and drawing the
+deterministic caption list a run generates from.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from edify.errors import EdifyError
+from edify.eval.features import InceptionFeatures, as_batches
+from edify.eval.fid import FID_MIN_SAMPLES, KID_MIN_SAMPLES, FeatureStats, fid, kid
+from edify.eval.retrieval import retrieval_accuracy
+from edify.eval.swd import SWDDescriptors, swd_from_descriptors
+
+METRICS = ("fid", "kid", "swd", "retrieval")
+FEATURE_METRICS = frozenset({"fid", "kid", "retrieval"})
+
+
+def parse_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:
+    names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
+    names = [m for m in names if m]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise EdifyError(f"metrics must be a non-empty subset of {', '.join(METRICS)}, got {names or metrics!r}")
+    return tuple(dict.fromkeys(names))
+
+
+def _consume(images, batch_size: int, extractor: InceptionFeatures | None, swd_seed: int | None):
+    """One pass over an image set: (features or None, SWD descriptors or None, count)."""
+    feats, desc, count = [], SWDDescriptors(swd_seed) if swd_seed is not None else None, 0
+    for batch in as_batches(images, batch_size):
+        if batch.shape[0] == 0:
+            continue
+        if extractor is not None:
+            feats.append(extractor(batch))
+        if desc is not None:
+            desc.add(batch)
+        count += batch.shape[0]
+    if count == 0:
+        raise EdifyError("an image set to evaluate is empty, got 0 images")
+    return (torch.cat(feats) if extractor is not None else None), desc, count
+
+
+def sample_count_warnings(metrics: Sequence[str], n_fake: int, n_real: int) -> list[str]:
+    """Warnings for sample counts below what a metric needs to be a standard figure."""
+    out = []
+    n = min(n_fake, n_real)
+    if "fid" in metrics and n < FID_MIN_SAMPLES:
+        out.append(f"FID from {n_fake} generated / {n_real} real images: below {FID_MIN_SAMPLES} per set "
+                   "(the feature dimension) the covariance is singular and FID is biased upward; "
+                   "compare it only across runs with the same counts")
+    if "kid" in metrics and n < KID_MIN_SAMPLES:
+        out.append(f"KID from {n_fake} generated / {n_real} real images: below {KID_MIN_SAMPLES} per set "
+                   "its spread is large; read kid_std")
+    return out
+
+
+def evaluate(images_fake: Tensor | Iterable[Tensor], images_real: Tensor | Iterable[Tensor] | None = None,
+             metrics: str | Sequence[str] = ("fid", "kid", "swd"), *,
+             extractor: InceptionFeatures | None = None, real_stats: FeatureStats | None = None,
+             fake_labels: Sequence[Hashable] | None = None, real_labels: Sequence[Hashable] | None = None,
+             batch_size: int = 64, seed: int = 0, kid_subsets: int = 100, kid_subset_size: int = 1000,
+             warn: bool = True) -> dict:
+    """Metrics of generated images against real ones.
+
+    Returns {"fid", "kid", "kid_std", "swd", "swd_<res>"..., "retrieval_top1", "retrieval_top5",
+    "num_fake", "num_real"} for the metrics asked. FID/KID/retrieval use Inception pool features
+    (`extractor`, built on first need), with `real_stats` standing in for the real images' features;
+    retrieval needs `fake_labels` / `real_labels` (e.g. (caption, style) pairs); SWD needs
+    `images_real`. Warns (UserWarning) when counts are below a metric's minimum.
+    """
+    metrics = parse_metrics(metrics)
+    need_features = bool(FEATURE_METRICS & set(metrics))
+    if need_features and extractor is None:
+        extractor = InceptionFeatures(batch_size=batch_size)
+    if "swd" in metrics and images_real is None:
+        raise EdifyError("SWD needs the real images, got images_real=None")
+    if need_features and real_stats is None and images_real is None:
+        raise EdifyError("FID, KID and retrieval need real images or real_stats, got neither")
+    if "retrieval" in metrics and (fake_labels is None or real_labels is None):
+        raise EdifyError("retrieval needs fake_labels and real_labels (e.g. caption, style pairs), got None")
+
+    swd_seed = seed if "swd" in metrics else None
+    f_fake, d_fake, n_fake = _consume(images_fake, batch_size, extractor if need_features else None, swd_seed)
+    real_extractor = extractor if need_features and real_stats is None else None
+    f_real, d_real, n_real = None, None, real_stats.count if real_stats is not None else 0
+    if real_extractor is not None or swd_seed is not None:
+        f_real, d_real, n_real = _consume(images_real, batch_size, real_extractor, swd_seed)
+        if real_stats is not None and n_real != real_stats.count:
+            raise EdifyError(f"real_stats hold {real_stats.count} images, images_real has {n_real}")
+    if need_features:
+        real_stats = real_stats if real_stats is not None else FeatureStats.from_features(f_real) \
+            if n_real >= 2 else None
+        if real_stats is None:
+            raise EdifyError(f"FID, KID and retrieval need at least 2 real images, got {n_real}")
+
+    if warn:
+        for message in sample_count_warnings(metrics, n_fake, n_real):
+            warnings.warn(message, stacklevel=2)
+    result: dict = {}
+    if "fid" in metrics:
+        if n_fake < 2:
+            raise EdifyError(f"FID needs at least 2 generated images, got {n_fake}")
+        result["fid"] = fid(real_stats, FeatureStats.from_features(f_fake))
+    if "kid" in metrics:
+        result["kid"], result["kid_std"] = kid(real_stats.features, f_fake, kid_subsets, kid_subset_size, seed)
+    if "swd" in metrics:
+        result.update(swd_from_descriptors(d_real, d_fake, seed=seed))
+    if "retrieval" in metrics:
+        result.update(retrieval_accuracy(f_fake, real_stats.features, fake_labels, real_labels))
+    result["num_fake"], result["num_real"] = n_fake, n_real
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Real validation splits
+
+
+@dataclass
+class RealSplit:
+    """The real images of a split at one resolution, with their captions and styles, in file order."""
+
+    images: Tensor  # [N, 3, R, R] in [-1, 1]
+    captions: list[str]
+    styles: list[str | None]
+    path: Path
+    fingerprint: str  # names, sizes and mtimes of the files read: part of the feature cache key
+
+    @property
+    def labels(self) -> list[tuple[str, str | None]]:
+        return list(zip(self.captions, self.styles))
+
+
+def split_folder(data: str | Path, split: str) -> Path:
+    """<data>/<split>, which must exist (the layout `edify data emoji` writes)."""
+    path = Path(data) / split
+    if not Path(data).is_dir():
+        raise EdifyError(f"data folder does not exist: {str(data)!r}")
+    if not path.is_dir():
+        found = sorted(p.name for p in Path(data).iterdir() if p.is_dir())
+        raise EdifyError(f"data {str(data)!r} has no split {split!r} (splits found: {', '.join(found) or 'none'})")
+    return path
+
+
+def _fingerprint(files: list[Path]) -> str:
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def _tar_image_key(shards: list[Path], resolution: int) -> str | None:
+    """The member key holding `resolution`-px images ("64.png"), None for unsized keys; raises on a mismatch."""
+    from edify.data.datasets import IMAGE_EXTS
+    from edify.data.tarstream import iter_tar_groups
+
+    for _, group in iter_tar_groups(str(shards[0]), lambda reason: None):
+        images = [k for k in group if k.rsplit(".", 1)[-1] in IMAGE_EXTS and not k.startswith("mask")]
+        sized = {int(k.split(".", 1)[0]): k for k in images if k.split(".", 1)[0].isdigit()}
+        if not sized:
+            if images:
+                _check_native_side(group[images[0]], resolution)
+            return None
+        if resolution not in sized:
+            raise EdifyError(f"the model makes {resolution} px images, the data split holds "
+                             f"{', '.join(str(s) for s in sorted(sized))} px images")
+        return sized[resolution]
+    return None
+
+
+def load_split(data: str | Path, split: str, resolution: int) -> RealSplit:
+    """All real images of a split (webdataset shards or an image folder) at `resolution` px."""
+    from edify.data.datasets import DataConfig, ImageFolderDataset, WebImageDataset, to_float_image
+
+    folder = split_folder(data, split)
+    shards = sorted(folder.glob("*.tar"))
+    multiple = 16 if resolution % 16 == 0 else 4 if resolution % 4 == 0 else 1
+    if shards:
+        key = _tar_image_key(shards, resolution)
+        cfg = DataConfig(resolution=resolution, multiple=multiple, square=True, image_key=key)
+        records = list(WebImageDataset([str(s) for s in shards], cfg, shuffle=False, rank=0, world_size=1,
+                                       raw=True))
+        files = shards
+    else:
+        cfg = DataConfig(resolution=resolution, multiple=multiple, square=True)
+        dataset = ImageFolderDataset(folder, cfg, raw=True)
+        records = [r for r in (dataset[i] for i in range(len(dataset))) if "skip" not in r]
+        files = [p for p, _, _ in dataset.items]
+        _check_native_side(files[0], resolution)
+    if not records:
+        raise EdifyError(f"no readable images in split {split!r} of {str(data)!r}")
+    images = to_float_image(torch.stack([torch.from_numpy(r["image"].copy()) for r in records]).numpy())
+    return RealSplit(images, [r["caption"] for r in records], [r["style"] for r in records], folder,
+                     _fingerprint(files))
+
+
+def _check_native_side(source, resolution: int) -> None:
+    """Unsized images (image folders, unsized tar keys): the source's long side must be `resolution`."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        side = max(im.size)
+    if side != resolution:
+        raise EdifyError(f"the model makes {resolution} px images, the data split holds {side} px images")
+
+
+def draw_prompts(real: RealSplit, num_samples: int, seed: int) -> list[int]:
+    """Indices of the real samples whose caption/style each generated image uses.
+
+    A seeded permutation of the split, repeated (each pass reshuffled) when more samples than real
+    images are asked: the same list for the same seed and split, whatever the batch size.
+    """
+    if num_samples < 1:
+        raise EdifyError(f"num_samples must be >= 1, got {num_samples}")
+    rng = random.Random(seed)
+    out: list[int] = []
+    while len(out) < num_samples:
+        order = list(range(len(real.captions)))
+        rng.shuffle(order)
+        out.extend(order[: num_samples - len(out)])
+    return out
