@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -57,7 +58,9 @@ def _load(path: str, expected_sha1: str) -> torch.jit.ScriptModule:
     digest = sha1_of(path)
     if digest != expected_sha1:
         raise EdifyError(f"Inception weights at {path!r} have sha1 {digest}, expected {expected_sha1}")
-    return torch.jit.load(path, map_location="cpu").eval()
+    with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript loading deprecated; it still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(path, map_location="cpu").eval()
 
 
 def as_batches(images: Tensor | Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
@@ -124,7 +127,10 @@ class InceptionFeatures:
     def forward_batch(self, x: Tensor) -> Tensor:
         net = self.net.to(self.device)
         self.calls += 1
-        return net(self.preprocess(x)).float().cpu()
+        # TorchScript's profiling optimiser re-specialises for every new batch shape, costing seconds
+        # per shape on a CPU for no steady-state gain on this convolutional graph: run it plainly.
+        with torch.jit.optimized_execution(False):
+            return net(self.preprocess(x)).float().cpu()
 
     def __call__(self, images: Tensor | Iterable[Tensor]) -> Tensor:
         """Features [N, 2048] of all images, in order."""

@@ -131,8 +131,8 @@ def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = PROJECTIONS, rep
     for _ in range(repeats):
         theta = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
         theta = theta / theta.norm(dim=0, keepdim=True)  # unit directions on the sphere
-        pa, _ = torch.sort(a.double() @ theta, dim=0)
-        pb, _ = torch.sort(b.double() @ theta, dim=0)
+        pa, _ = torch.sort(theta.T @ a.double().T, dim=1)  # [projections, n]: sorting rows is faster
+        pb, _ = torch.sort(theta.T @ b.double().T, dim=1)
         total += float((pa - pb).abs().mean())  # W_1 in 1-d: mean gap of the sorted projections
     return total / repeats
 
