@@ -22,17 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from edify.conditioning import Cond
 from edify.errors import EdifyError
 
 
 @dataclass
 class Batch:
-    """One micro-batch: images [B, 3, H, W] in [-1, 1], captions, styles, per-sample loss weights."""
+    """One micro-batch: images [B, 3, H, W] in [-1, 1], captions, styles, per-sample loss weights,
+    and, from streams that encode text ahead (the in-memory one), the ready Cond on the device."""
 
     image: Tensor
     caption: list[str]
     style: list[str | None]
     weight: Tensor
+    cond: Cond | None = None
 
 
 SYNTHETIC_COLORS = ("red", "green", "blue", "yellow")

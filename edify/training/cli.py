@@ -3,6 +3,8 @@
     edify train --preset tiny-cpu --out runs/tiny
     edify train --preset emoji-64 --data shards/ --set batch_size=128 --set cond_drop.text=0.2
     edify train --preset emoji-64 --out runs/emoji --resume --export weights/emoji-64
+    edify train --preset emoji-64 --out runs/emoji --max-minutes 8 --export weights/emoji-64 \
+        --export-dtype bf16 --model-card      # stop on time, checkpoint, ship bf16 shards + README.md
 
 Multi-GPU: `torchrun --nproc_per_node N -m edify.cli train ... --set dist=ddp` (or fsdp).
 """
@@ -10,7 +12,12 @@ Multi-GPU: `torchrun --nproc_per_node N -m edify.cli train ... --set dist=ddp` (
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
+import sys
 from pathlib import Path
+
+import torch
 
 from edify.errors import EdifyError
 from edify.training.config import PRESETS, apply_overrides, get_preset, load_config
@@ -28,8 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set lr=1e-4 --set cond_drop.text=0.2")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (and checkpoint)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop after this many wall-clock minutes from the start (and checkpoint)")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="afterwards, write the EMA weights as a model folder for `edify generate`")
+    parser.add_argument("--export-dtype", default="fp32", choices=("fp32", "bf16"),
+                        help="dtype of the exported weights (default fp32)")
+    parser.add_argument("--export-shard-mib", type=float, default=16.0,
+                        help="largest exported weight file in MiB (default 16)")
+    parser.add_argument("--model-card", action="store_true",
+                        help="with --export: a sample grid (samples.png) and README.md filled from the run's logs")
+    parser.add_argument("--manifest", default=None,
+                        help="dataset manifest.json for the model card (default: <data>/manifest.json)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
 
@@ -43,19 +60,32 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.max_steps is not None and args.max_steps < 1:
         raise EdifyError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.max_minutes is not None:
+        if not args.max_minutes > 0:
+            raise EdifyError(f"--max-minutes must be > 0, got {args.max_minutes}")
+        config = config.replace(max_minutes=args.max_minutes)
+    if not args.export_shard_mib > 0:
+        raise EdifyError(f"--export-shard-mib must be > 0, got {args.export_shard_mib}")
     out = Path(args.out) if args.out else Path("runs") / config.name
     from edify.training import checkpoint, distributed
     from edify.training.loop import Trainer
 
     if not args.resume and checkpoint.latest_checkpoint(out) is not None:
         raise EdifyError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
-    trainer = Trainer(config, out, resume=args.resume)
+    command = shlex.join(["edify", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else shlex.join(sys.argv)
+    trainer = Trainer(config, out, resume=args.resume, command=command)
     result = trainer.run(max_steps=args.max_steps)
     distributed.print0(f"trained to {result.images} images ({result.step} steps, "
-                       f"{result.nonfinite_total} skipped); checkpoint: {result.checkpoint}")
+                       f"{result.nonfinite_total} skipped, stopped by {result.stop}); checkpoint: {result.checkpoint}")
+    grid = trainer.sample_grid() if args.export and args.model_card else None  # collective under FSDP
     if args.export and distributed.is_main():
         from edify.training.export import export_pipeline
 
-        distributed.print0(f"model folder: {export_pipeline(out, args.export)}")
+        folder = export_pipeline(out, args.export, dtype=torch.bfloat16 if args.export_dtype == "bf16" else torch.float32,
+                                 max_shard_bytes=int(args.export_shard_mib * 2**20), card=args.model_card,
+                                 manifest=args.manifest)
+        if grid is not None:
+            shutil.copyfile(grid, folder / "samples.png")
+        distributed.print0(f"model folder: {folder}")
     distributed.shutdown()
     return 0

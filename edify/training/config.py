@@ -63,11 +63,18 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" | "bf16" (bf16 autocast on CUDA only)
     compile: bool = False
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 = do not report MFU
+    max_minutes: float = 0.0  # wall-clock budget from the trainer's start; then checkpoint and stop (0 = none)
     # Conditioning (section 3.1): per-field dropout probabilities for classifier-free guidance.
     cond_drop: dict = field(default_factory=lambda: {"text": 0.1, "media": 0.1})
     weight_key: str = "weight"  # per-sample loss weight key in the data ("" = unweighted)
     # Data and text.
     data: str = "synthetic"
+    # Load every sample once onto the training device and encode each unique caption once
+    # (edify.training.memory_data); for datasets that fit in device memory, e.g. the emoji demo.
+    data_in_memory: bool = False
+    # A caption table file (python -m edify.training.memory_data) that replaces the text encoder's
+    # weights in training, e.g. on a machine without them; "" = encode with text_encoder.
+    text_table: str = ""
     text_encoder: str = "minilm"  # "minilm" | "t5:/path/to/folder" | "none"
     text_cache: bool = True  # cache caption embeddings under <out>/text-cache
     styles: tuple[str, ...] = ()  # media-type vocabulary (sorted); empty = no media token
@@ -108,7 +115,7 @@ class TrainConfig:
 RESUMABLE_FIELDS = frozenset({
     "name", "total_images", "checkpoint_images", "keep_last", "log_images", "sample_images",
     "compile", "peak_tflops", "max_nonfinite", "num_workers", "sample_prompts", "sample_steps",
-    "sample_guidance", "data", "text_cache", "dist",
+    "sample_guidance", "data", "text_cache", "dist", "max_minutes", "text_table",
 })
 
 
@@ -158,6 +165,7 @@ def validate(c: TrainConfig) -> None:
     _check(c.keep_last >= 1, f"keep_last must be >= 1, got {c.keep_last}")
     _check(c.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {c.precision!r}")
     _check(c.peak_tflops >= 0, f"peak_tflops must be >= 0, got {c.peak_tflops}")
+    _check(c.max_minutes >= 0, f"max_minutes must be >= 0, got {c.max_minutes}")
     for key, p in c.cond_drop.items():
         _check(key in CONDITION_FIELDS, f"cond_drop field must be one of {', '.join(CONDITION_FIELDS)}, got {key!r}")
         _check(isinstance(p, (int, float)) and 0 <= p <= 1, f"cond_drop.{key} must be in [0, 1], got {p}")

@@ -3,10 +3,19 @@
 The folder gets the EMA weights (or the raw ones) and a pipeline config carrying what sampling
 needs from the training config: the network config, the Laplacian process (levels, switch
 sigmas, ramp), sigma_data, the resolution, the text encoder and the style vocabulary.
+
+For shipping, the weights can be written in bf16 and sharded under a per-file byte limit, with a
+model card (README.md) filled from a template (docs/model_card_template.md) with the dataset's
+licenses and attribution (its manifest.json) and the run's own logs: the commands, the GPU, images
+seen, wall time, img/s and MFU as the trainer measured them. A number the logs lack is written
+as "not recorded", never estimated.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
+import string
 from pathlib import Path
 
 import torch
@@ -48,13 +57,161 @@ def pipeline_config(config: TrainConfig, net: UNet, text_max_length: int | None 
 
 
 def export_pipeline(run_or_checkpoint: str | Path, out: str | Path, use_ema: bool = True,
-                    dtype: torch.dtype = torch.float32) -> Path:
-    """Write the latest checkpoint of a run folder (or the given checkpoint) as a model folder."""
+                    dtype: torch.dtype = torch.float32, max_shard_bytes: int = 16 * 2**20,
+                    card: bool = False, manifest: str | Path | None = None,
+                    template: str | Path | None = None) -> Path:
+    """Write the latest checkpoint of a run folder (or the given checkpoint) as a model folder.
+
+    Weights are cast to `dtype` and sharded so that no weight file exceeds `max_shard_bytes` on
+    disk (safetensors headers included). With `card`, README.md is filled from the run's own
+    logs (see `model_card`)."""
+    if max_shard_bytes < 2 * SHARD_HEADER_MARGIN:
+        raise EdifyError(f"max_shard_bytes must be >= {2 * SHARD_HEADER_MARGIN}, got {max_shard_bytes}")
     config, weights = checkpoint.load_weights(run_or_checkpoint, use_ema=use_ema)
     net = build_net(config)
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise EdifyError(f"checkpoint weights do not fit its network config: {len(missing)} missing, "
                          f"{len(unexpected)} unexpected")
-    TextToImagePipeline(net, pipeline_config(config, net)).save_pretrained(out, dtype=dtype)
-    return Path(out)
+    largest = max(v.numel() for v in net.state_dict().values()) * torch.empty((), dtype=dtype).element_size()
+    if largest > max_shard_bytes - SHARD_HEADER_MARGIN:
+        raise EdifyError(f"max_shard_bytes must exceed the largest tensor ({largest} bytes) by "
+                         f"{SHARD_HEADER_MARGIN}, got {max_shard_bytes}")
+    out = Path(out)
+    TextToImagePipeline(net, pipeline_config(config, net)).save_pretrained(
+        out, dtype=dtype, max_shard_bytes=max_shard_bytes - SHARD_HEADER_MARGIN)
+    too_big = [p.name for p in out.glob("model*.safetensors") if p.stat().st_size > max_shard_bytes]
+    if too_big:  # pragma: no cover - the margin covers any header of this network
+        raise EdifyError(f"weight files over {max_shard_bytes} bytes: {too_big}")
+    if card:
+        run = Path(run_or_checkpoint)
+        ckpt = checkpoint.latest_checkpoint(run) if (run / checkpoint.LATEST).is_file() else run
+        run = run if ckpt != run else run.parent
+        text = model_card(run, ckpt, out, config, manifest=manifest, template=template)
+        (out / "README.md").write_text(text)
+    return out
+
+
+# ---- model card -------------------------------------------------------------------------------
+
+SHARD_HEADER_MARGIN = 256 * 1024  # room for a safetensors header (names, shapes, offsets)
+TEMPLATE = Path(__file__).resolve().parents[2] / "docs" / "model_card_template.md"
+NOT_RECORDED = "not recorded"
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_numbers(run: Path) -> dict:
+    """Throughput and MFU from the run's scalars.jsonl, wall time and GPU from its runs.jsonl.
+
+    img/s over the whole run = sum of interval images / sum of interval training seconds (steps
+    only: no checkpoints or samples, compilation included); MFU likewise, time-weighted; the
+    steady-state figures are the medians over log intervals. Missing logs give None."""
+    rows = {}
+    for row in _jsonl(run / "scalars.jsonl"):
+        rows[row["images"]] = row  # a resumed run that repeats a log point replaces it
+    rows = [rows[k] for k in sorted(rows) if "interval_seconds" in rows[k]]
+    runs = _jsonl(run / "runs.jsonl")
+    out = {"img_per_s": None, "img_per_s_median": None, "mfu": None, "mfu_median": None, "final_loss": None,
+           "wall_seconds": None, "train_seconds": None, "gpus": [], "commands": [], "runs": len(runs)}
+    if rows:
+        seconds = sum(r["interval_seconds"] for r in rows)
+        out["img_per_s"] = sum(r["interval_images"] for r in rows) / seconds
+        out["img_per_s_median"] = statistics.median(r["img_per_s"] for r in rows)
+        out["final_loss"] = rows[-1]["loss"]
+        if all("mfu" in r for r in rows):
+            out["mfu"] = sum(r["mfu"] * r["interval_seconds"] for r in rows) / seconds
+            out["mfu_median"] = statistics.median(r["mfu"] for r in rows)
+    if runs:
+        out["wall_seconds"] = sum(r["wall_seconds"] for r in runs)
+        out["train_seconds"] = sum(r["train_seconds"] for r in runs)
+        out["gpus"] = sorted({r["gpu"] for r in runs})
+        out["commands"] = [r["command"] for r in runs if r.get("command")]
+    return out
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return NOT_RECORDED if value is None else f"{value:{spec}}{suffix}"
+
+
+def data_section(config: TrainConfig, manifest: str | Path | None) -> str:
+    """The data paragraph: sets, counts, licenses and attribution from the dataset manifest."""
+    path = Path(manifest) if manifest else Path(config.data) / "manifest.json"
+    if not path.is_file():
+        return f"Training data: `{config.data}` (no dataset manifest found, so no attribution is recorded)."
+    m = json.loads(path.read_text())
+    lines = ["| set | title | version | license | author | train images |", "|---|---|---|---|---|---|"]
+    for name, s in sorted(m.get("sets", {}).items()):
+        author = f"[{s.get('author', '')}]({s['author_url']})" if s.get("author_url") else s.get("author", "")
+        license_ = f"[{s['license']}]({s['license_url']})" if s.get("license_url") else s.get("license", "")
+        lines.append(f"| {name} | {s.get('title', '')} | {s.get('version', '')} | {license_} | {author} | "
+                     f"{s.get('train', NOT_RECORDED)} |")
+    counts = m.get("counts", {})
+    return "\n".join([f"Licenses of the training images: {', '.join(m.get('licenses', [])) or NOT_RECORDED}. "
+                      f"{counts.get('train', NOT_RECORDED)} training images rendered at {m.get('sizes')} px "
+                      f"(split rule: {m.get('split', {}).get('rule', NOT_RECORDED)}).", ""] + lines)
+
+
+def model_card(run: Path, ckpt: Path, model_dir: Path, config: TrainConfig, manifest: str | Path | None = None,
+               template: str | Path | None = None) -> str:
+    """README.md of a model folder, every number read from the run's own logs (never estimated)."""
+    template_path = Path(template) if template else TEMPLATE
+    if not template_path.is_file():
+        raise EdifyError(f"model card template not found: {template_path}")
+    meta = checkpoint.read_meta(ckpt)
+    n = run_numbers(run)
+    weights = sorted(p for p in model_dir.glob("model*.safetensors"))
+    params = sum(v.numel() for v in build_net(config).state_dict().values())
+    commands = "\n".join(n["commands"]) or NOT_RECORDED
+    values = {
+        "name": config.name,
+        "params_millions": f"{params / 1e6:.1f}",
+        "resolution": str(config.resolution),
+        "levels": str(config.levels),
+        "stage_sides": "/".join(str(config.resolution >> j) for j in reversed(range(config.levels))),
+        "switch_sigmas": ", ".join(f"{s:g}" for s in config.switch_sigmas),
+        "text_encoder": config.text_encoder,
+        "styles": ", ".join(config.styles) or "none",
+        "weights_dtype": str(next(iter(_first_tensor_dtypes(weights)), NOT_RECORDED)),
+        "weight_files": ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.1f} MiB)" for p in weights),
+        "data": data_section(config, manifest),
+        "commands": commands,
+        "gpu": ", ".join(n["gpus"]) or NOT_RECORDED,
+        "images_seen": f"{meta['images']:,}",
+        "steps": f"{meta['step']:,}",
+        "batch_size": str(config.batch_size),
+        "lr": f"{config.lr:g}",
+        "warmup_images": f"{config.warmup_images:,}",
+        "ema": (f"power function, std {config.ema_std:g}" if config.ema_std > 0 else
+                f"decay {config.ema_decay:g}" if config.ema_decay > 0 else
+                f"half-life {config.ema_halflife_images:,.0f} images"),
+        "precision": config.precision,
+        "wall_time": _fmt(None if n["wall_seconds"] is None else n["wall_seconds"] / 60, ".1f", " min"),
+        "train_time": _fmt(None if n["train_seconds"] is None else n["train_seconds"] / 60, ".1f", " min"),
+        "runs": str(n["runs"]),
+        "img_per_s": _fmt(n["img_per_s"], ",.0f"),
+        "img_per_s_median": _fmt(n["img_per_s_median"], ",.0f"),
+        "mfu": _fmt(None if n["mfu"] is None else 100 * n["mfu"], ".1f", "%"),
+        "mfu_median": _fmt(None if n["mfu_median"] is None else 100 * n["mfu_median"], ".1f", "%"),
+        "peak_tflops": f"{config.peak_tflops:g}" if config.peak_tflops > 0 else NOT_RECORDED,
+        "final_loss": _fmt(n["final_loss"], ".4f"),
+        "sampling_steps": str(config.sample_steps * config.levels),
+        "guidance": f"{config.sample_guidance:g}",
+    }
+    try:
+        return string.Template(template_path.read_text()).substitute(values)
+    except (KeyError, ValueError) as err:
+        raise EdifyError(f"model card template {template_path} has an unknown or bad placeholder: {err}") from None
+
+
+def _first_tensor_dtypes(files: list[Path]) -> list[str]:
+    from safetensors import safe_open
+
+    for path in files[:1]:
+        with safe_open(str(path), framework="pt") as f:
+            return [str(f.get_slice(k).get_dtype()) for k in list(f.keys())[:1]]
+    return []

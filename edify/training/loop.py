@@ -12,11 +12,17 @@ by seed and step, the same on every rank) on `batch_size` images over all ranks 
 All randomness of a step comes from generators seeded by (seed, step, rank, micro-step), and the
 data stream reports its position, so a resumed run reproduces an uninterrupted one bit for bit.
 A non-finite loss or gradient norm skips the update; `max_nonfinite` in a row stop the run.
+With `max_minutes`, the run also stops (and checkpoints) once that much wall-clock time has passed
+since the trainer started, so a fixed-length job (e.g. one 10-minute accelerator call) always ends
+with a checkpoint; `--resume` continues it. Each `run` appends one line to `runs.jsonl` in the run
+folder (command, device, GPU name, images, wall and training seconds), which the model card reads.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +54,18 @@ def step_seed(*parts: int) -> int:
     return h >> 1
 
 
+def wall_clock() -> float:
+    """Seconds on a monotonic clock (the `max_minutes` budget; tests replace it)."""
+    return time.monotonic()
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's name (torch.cuda.get_device_name), else the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
 def load_text_encoder(spec: str, cache_dir: Path | None, device):
     """The frozen text encoder of a config (None for "none"), behind an embedding cache."""
     if spec == "none":
@@ -71,6 +89,7 @@ class TrainResult:
     images: int = 0
     nonfinite_total: int = 0
     checkpoint: Path | None = None
+    stop: str = ""  # "total_images", "max_steps" or "max_minutes"
 
 
 class Trainer:
@@ -78,11 +97,15 @@ class Trainer:
 
     stream / text_encoder: optional replacements for the ones the config names (tests inject a
     synthetic stream or a small encoder). With resume=True the latest checkpoint in `out_dir`
-    is loaded (a missing one means a fresh start).
+    is loaded (a missing one means a fresh start). `command`: the command line that started the
+    run, recorded in runs.jsonl for the model card.
     """
 
     def __init__(self, config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
-                 stream=None, text_encoder=None, device: torch.device | None = None):
+                 stream=None, text_encoder=None, device: torch.device | None = None,
+                 command: str | None = None):
+        self.started = wall_clock()  # the max_minutes budget counts data loading and compilation too
+        self.command = command
         c = self.config = config
         self.out_dir = Path(out_dir)
         self.device = device or distributed.init_from_env()
@@ -111,8 +134,20 @@ class Trainer:
                              f"{c.levels} levels, got {c.resolution}")
         self.vocab = StyleVocab(c.styles) if c.styles else None
         cache = self.out_dir / "text-cache" if c.text_cache else None
+        if text_encoder is None and c.text_table:
+            if c.text_encoder == "none":
+                raise EdifyError(f"text_table needs a text_encoder, got 'none' with {c.text_table!r}")
+            from edify.training.memory_data import TableTextEncoder, TextTable
+
+            text_encoder = TableTextEncoder(TextTable.load(c.text_table), self.device)
         self.text_encoder = text_encoder if text_encoder is not None else load_text_encoder(
             c.text_encoder, cache, self.device)
+        if stream is None and c.data_in_memory:
+            from edify.training.memory_data import open_memory_stream
+
+            stream = open_memory_stream(c.data, c.resolution, multiple, self.micro_batch, c.seed, c.num_workers,
+                                        c.weight_key, self.rank, self.world, self.text_encoder, self.vocab,
+                                        self.device, log=distributed.print0)
         self.stream = stream if stream is not None else open_stream(
             c.data, c.resolution, multiple, self.micro_batch, c.seed, c.num_workers, c.weight_key,
             self.rank, self.world)
@@ -190,7 +225,8 @@ class Trainer:
             gen = torch.Generator().manual_seed(step_seed(c.seed, step, self.rank, k))
             x0 = batch.image.to(self.device, torch.float32)
             drop = dict(sorted(c.cond_drop.items()))  # a fixed order of random draws, however the dict was built
-            cond = random_drop(self.make_cond(batch.caption, batch.style), drop, generator=gen)
+            cond = batch.cond if batch.cond is not None else self.make_cond(batch.caption, batch.style)
+            cond = random_drop(cond, drop, generator=gen)
             weight = batch.weight.to(self.device) if c.weight_key else None
             with distributed.gradient_sync(self.model, k == c.grad_accum - 1):
                 loss, sigma = self.loss_fn(self.denoiser, x0, cond, stage, generator=gen, weight=weight,
@@ -255,7 +291,8 @@ class Trainer:
         """One log point: losses by stage and noise bin (this rank's samples), lr, img/s, MFU."""
         seconds = max(seconds, 1e-9)  # time in train_step only, not in checkpoints or samples
         out = {"loss": sum(losses) / len(losses), "lr": self.lr_at(self.state.images),
-               "img_per_s": images / seconds, "grad_norm": self.grad_norm,
+               "img_per_s": images / seconds, "interval_images": images, "interval_seconds": seconds,
+               "grad_norm": self.grad_norm,
                "nonfinite_total": self.state.nonfinite_total, **self.loss_stats.means()}
         if flops:  # achieved FLOP/s per device over the peak (MFU)
             out["mfu"] = monitor.mfu(flops / images, images / seconds / self.world, self.config.peak_tflops)
@@ -264,8 +301,26 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
 
+    def out_of_time(self) -> bool:
+        c = self.config
+        return c.max_minutes > 0 and wall_clock() - self.started >= 60 * c.max_minutes
+
+    def _record_run(self, result: TrainResult, images0: int, train_seconds: float, flops: float) -> None:
+        """Append this run's facts to runs.jsonl (rank 0): what the model card is filled from."""
+        if not distributed.is_main():
+            return
+        record = {"command": self.command, "device": str(self.device), "gpu": device_name(self.device),
+                  "world_size": self.world, "torch": torch.__version__, "start_images": images0,
+                  "images": self.state.images, "steps": self.state.step, "stop": result.stop,
+                  "wall_seconds": round(wall_clock() - self.started, 3), "train_seconds": round(train_seconds, 3),
+                  "train_flops": flops, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "runs.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def run(self, max_steps: int | None = None) -> TrainResult:
-        """Train until total_images (or `max_steps` more steps); checkpoint at intervals and at the end."""
+        """Train until total_images, `max_steps` more steps or `max_minutes` since the trainer
+        started, whichever comes first; checkpoint at intervals and at the end."""
         c = self.config
         writer = monitor.ScalarWriter(self.out_dir, enabled=distributed.is_main())
         bar = tqdm(total=c.total_images, initial=self.state.images, unit="img", unit_scale=True,
@@ -273,21 +328,35 @@ class Trainer:
         result = TrainResult()
         saved_at = None
         busy, images0, flops, log_losses = 0.0, self.state.images, 0.0, []
+        first_images, total_busy, total_flops = self.state.images, 0.0, 0.0
 
         def crossed(every: int) -> bool:
             return every > 0 and self.state.images // every > (self.state.images - c.batch_size) // every
 
         try:
-            while self.state.images < c.total_images and (max_steps is None or len(result.losses) < max_steps):
+            while True:
+                if self.state.images >= c.total_images:
+                    result.stop = "total_images"
+                elif max_steps is not None and len(result.losses) >= max_steps:
+                    result.stop = "max_steps"
+                elif self.out_of_time():
+                    result.stop = "max_minutes"
+                if result.stop:
+                    break
                 started = time.perf_counter()
                 loss = self.train_step()  # ends in a host sync (.item of the loss), so the time is real
-                busy += time.perf_counter() - started
+                step_seconds = time.perf_counter() - started
+                busy += step_seconds
+                total_busy += step_seconds
                 result.losses.append(loss)
                 log_losses.append(loss)
-                flops += self.flops_per_image.get(self.last_stage, 0) * c.batch_size
+                step_flops = self.flops_per_image.get(self.last_stage, 0) * c.batch_size
+                flops += step_flops
+                total_flops += step_flops
                 bar.update(c.batch_size)
                 bar.set_postfix(loss=f"{loss:.4f}", stage=self.last_stage)
-                if crossed(c.log_images) or self.state.images >= c.total_images:
+                if crossed(c.log_images) or self.state.images >= c.total_images or (
+                        log_losses and self.out_of_time()):
                     writer.write(self.state.images, self.state.step,
                                  self._scalars(log_losses, self.state.images - images0, busy, flops))
                     busy, images0, flops, log_losses = 0.0, self.state.images, 0.0, []
@@ -300,6 +369,10 @@ class Trainer:
         finally:
             bar.close()
             writer.close()
+        if result.stop == "max_minutes":
+            distributed.print0(f"max_minutes={c.max_minutes:g} reached at {self.state.images} images: "
+                               f"checkpoint {result.checkpoint}")
+        self._record_run(result, first_images, total_busy, total_flops)
         result.step, result.images = self.state.step, self.state.images
         result.nonfinite_total = self.state.nonfinite_total
         return result
