@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -50,6 +49,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The `edify train` command equivalent to the parsed arguments (recorded for the model card)."""
+    words = ["edify", "train"] + (["--config", args.config] if args.config else ["--preset", args.preset])
+    for flag, value in (("--data", args.data), ("--out", args.out), ("--max-steps", args.max_steps),
+                        ("--max-minutes", args.max_minutes), ("--export", args.export)):
+        if value is not None:
+            words += [flag, str(value)]
+    words += ["--resume"] if args.resume else []
+    for item in args.overrides:
+        words += ["--set", item]
+    if args.export:
+        words += ["--export-dtype", args.export_dtype, "--export-shard-mib", f"{args.export_shard_mib:g}"]
+        words += ["--model-card"] if args.model_card else []
+        words += ["--manifest", args.manifest] if args.manifest else []
+    return shlex.join(words)
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else get_preset(args.preset)
     if args.data is not None:
@@ -72,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.resume and checkpoint.latest_checkpoint(out) is not None:
         raise EdifyError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
-    command = shlex.join(["edify", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else shlex.join(sys.argv)
-    trainer = Trainer(config, out, resume=args.resume, command=command)
+    trainer = Trainer(config, out, resume=args.resume, command=command_line(args))
     result = trainer.run(max_steps=args.max_steps)
     distributed.print0(f"trained to {result.images} images ({result.step} steps, "
                        f"{result.nonfinite_total} skipped, stopped by {result.stop}); checkpoint: {result.checkpoint}")

@@ -65,23 +65,24 @@ def export_pipeline(run_or_checkpoint: str | Path, out: str | Path, use_ema: boo
     Weights are cast to `dtype` and sharded so that no weight file exceeds `max_shard_bytes` on
     disk (safetensors headers included). With `card`, README.md is filled from the run's own
     logs (see `model_card`)."""
-    if max_shard_bytes < 2 * SHARD_HEADER_MARGIN:
-        raise EdifyError(f"max_shard_bytes must be >= {2 * SHARD_HEADER_MARGIN}, got {max_shard_bytes}")
     config, weights = checkpoint.load_weights(run_or_checkpoint, use_ema=use_ema)
     net = build_net(config)
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise EdifyError(f"checkpoint weights do not fit its network config: {len(missing)} missing, "
                          f"{len(unexpected)} unexpected")
-    largest = max(v.numel() for v in net.state_dict().values()) * torch.empty((), dtype=dtype).element_size()
-    if largest > max_shard_bytes - SHARD_HEADER_MARGIN:
-        raise EdifyError(f"max_shard_bytes must exceed the largest tensor ({largest} bytes) by "
-                         f"{SHARD_HEADER_MARGIN}, got {max_shard_bytes}")
+    state = net.state_dict()
+    # A safetensors file = 8 bytes + a JSON header (under 160 bytes per tensor besides its name) + data.
+    header = 1024 + sum(len(k) + 160 for k in state)
+    largest = max(v.numel() for v in state.values()) * torch.empty((), dtype=dtype).element_size()
+    if largest + header > max_shard_bytes:
+        raise EdifyError(f"max_shard_bytes must hold the largest tensor and a header ({largest + header} bytes), "
+                         f"got {max_shard_bytes}")
     out = Path(out)
     TextToImagePipeline(net, pipeline_config(config, net)).save_pretrained(
-        out, dtype=dtype, max_shard_bytes=max_shard_bytes - SHARD_HEADER_MARGIN)
+        out, dtype=dtype, max_shard_bytes=max_shard_bytes - header)
     too_big = [p.name for p in out.glob("model*.safetensors") if p.stat().st_size > max_shard_bytes]
-    if too_big:  # pragma: no cover - the margin covers any header of this network
+    if too_big:  # pragma: no cover - the header bound above holds for any tensor name and shape
         raise EdifyError(f"weight files over {max_shard_bytes} bytes: {too_big}")
     if card:
         run = Path(run_or_checkpoint)
@@ -94,7 +95,6 @@ def export_pipeline(run_or_checkpoint: str | Path, out: str | Path, use_ema: boo
 
 # ---- model card -------------------------------------------------------------------------------
 
-SHARD_HEADER_MARGIN = 256 * 1024  # room for a safetensors header (names, shapes, offsets)
 TEMPLATE = Path(__file__).resolve().parents[2] / "docs" / "model_card_template.md"
 NOT_RECORDED = "not recorded"
 
