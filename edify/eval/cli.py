@@ -40,14 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "fid,kid,swd,retrieval")
     parser.add_argument("--cache", default=None, help=f"reference feature cache folder (default: {default_cache()})")
     parser.add_argument("--no-cache", action="store_true", help="recompute the real features, write nothing")
+    parser.add_argument("--max-real", type=int, default=None,
+                        help="use only the first N real images of the split (quick checks; default: all)")
     parser.add_argument("--batch", type=int, default=32, help="generation and feature batch size")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
 
 
 def run(args: argparse.Namespace) -> int:
-    from edify.eval.evaluate import FEATURE_METRICS, draw_prompts, evaluate, load_split, parse_metrics
+    from edify.eval.evaluate import FEATURE_METRICS, evaluate_pipeline, load_split, parse_metrics, real_reference
     from edify.eval.features import InceptionFeatures
-    from edify.eval.fid import cache_key, reference_stats
     from edify.pipelines.generate_cli import default_model
     from edify.pipelines.text2image import TextToImagePipeline
 
@@ -66,41 +67,21 @@ def run(args: argparse.Namespace) -> int:
     resolution = pipe.config.resolution
     pipe.check_inputs(["x"], None, resolution, resolution, steps, guidance, sampler)  # fail before any work
 
-    real = load_split(args.data, args.split, resolution)
+    real = load_split(args.data, args.split, resolution, max_images=args.max_real)
     extractor, real_stats = None, None
     if FEATURE_METRICS & set(metrics):
         extractor = InceptionFeatures(args.device, batch_size=args.batch)
-        key = cache_key(str(Path(args.data).resolve()), args.split, resolution, extractor.id, real.fingerprint)
         cache = None if args.no_cache else Path(args.cache) if args.cache else default_cache()
-        real_stats, _ = reference_stats(key, cache, lambda: (extractor(real.images), {
-            "data": str(args.data), "split": args.split, "resolution": resolution, "extractor": extractor.id,
-            "count": len(real.captions)}))
-        if real_stats.count != len(real.captions):
-            raise EdifyError(f"cached features hold {real_stats.count} images, the split has {len(real.captions)}")
-
-    indices = draw_prompts(real, args.num_samples, args.seed)
-    known = set(pipe.vocab.names)
-    nfe = [0]
-
-    def generated():
-        for i in range(0, len(indices), args.batch):
-            chunk = indices[i:i + args.batch]
-            out = pipe([real.captions[j] for j in chunk], style=[real.styles[j] if real.styles[j] in known
-                                                                 else None for j in chunk],
-                       num_steps=steps, guidance_scale=guidance, sampler=sampler,
-                       seed=[args.seed + i + k for k in range(len(chunk))], output_type="tensor")
-            nfe[0] = out.nfe
-            yield out.images
-
+        real_stats = real_reference(real, args.data, args.split, resolution, extractor, cache)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = evaluate(generated(), real.images, metrics, extractor=extractor, real_stats=real_stats,
-                          fake_labels=[real.labels[j] for j in indices], real_labels=real.labels,
-                          batch_size=args.batch, seed=args.seed)
+        result = evaluate_pipeline(pipe, real, args.num_samples, sampler=sampler, steps=steps, guidance=guidance,
+                                   seed=args.seed, metrics=metrics, batch_size=args.batch, extractor=extractor,
+                                   real_stats=real_stats)
     for w in caught:
         print(f"edify eval: warning: {w.message}", file=sys.stderr)
     record = {
-        **result, "num_samples": result["num_fake"], "nfe": nfe[0], "sampler": sampler, "steps": steps,
+        **result, "num_samples": result["num_fake"], "sampler": sampler, "steps": steps,
         "guidance": guidance, "seed": args.seed, "model": str(model), "data": str(args.data),
         "split": args.split, "resolution": resolution, "metrics": list(metrics),
         "feature_extractor": extractor.id if extractor else None, "device": str(args.device),

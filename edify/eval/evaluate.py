@@ -11,6 +11,7 @@ deterministic caption list a run generates from.
 
 from __future__ import annotations
 
+import itertools
 import random
 import warnings
 from collections.abc import Hashable, Iterable, Sequence
@@ -179,30 +180,33 @@ def _tar_image_key(shards: list[Path], resolution: int) -> str | None:
     return None
 
 
-def load_split(data: str | Path, split: str, resolution: int) -> RealSplit:
-    """All real images of a split (webdataset shards or an image folder) at `resolution` px."""
+def load_split(data: str | Path, split: str, resolution: int, max_images: int | None = None) -> RealSplit:
+    """The real images of a split (webdataset shards or an image folder) at `resolution` px, in file
+    order; all of them, or the first `max_images`."""
     from edify.data.datasets import DataConfig, ImageFolderDataset, WebImageDataset, to_float_image
 
+    if max_images is not None and max_images < 2:
+        raise EdifyError(f"max_images must be >= 2 (or None for all), got {max_images}")
     folder = split_folder(data, split)
     shards = sorted(folder.glob("*.tar"))
     multiple = 16 if resolution % 16 == 0 else 4 if resolution % 4 == 0 else 1
     if shards:
         key = _tar_image_key(shards, resolution)
         cfg = DataConfig(resolution=resolution, multiple=multiple, square=True, image_key=key)
-        records = list(WebImageDataset([str(s) for s in shards], cfg, shuffle=False, rank=0, world_size=1,
-                                       raw=True))
+        stream = WebImageDataset([str(s) for s in shards], cfg, shuffle=False, rank=0, world_size=1, raw=True)
+        records = list(itertools.islice(stream, max_images))
         files = shards
     else:
         cfg = DataConfig(resolution=resolution, multiple=multiple, square=True)
         dataset = ImageFolderDataset(folder, cfg, raw=True)
-        records = [r for r in (dataset[i] for i in range(len(dataset))) if "skip" not in r]
+        records = [r for r in (dataset[i] for i in range(len(dataset))) if "skip" not in r][:max_images]
         files = [p for p, _, _ in dataset.items]
         _check_native_side(files[0], resolution)
     if not records:
         raise EdifyError(f"no readable images in split {split!r} of {str(data)!r}")
     images = to_float_image(torch.stack([torch.from_numpy(r["image"].copy()) for r in records]).numpy())
-    return RealSplit(images, [r["caption"] for r in records], [r["style"] for r in records], folder,
-                     _fingerprint(files))
+    fingerprint = _fingerprint(files) + (f";first {max_images}" if max_images is not None else "")
+    return RealSplit(images, [r["caption"] for r in records], [r["style"] for r in records], folder, fingerprint)
 
 
 def _check_native_side(source, resolution: int) -> None:
@@ -232,3 +236,51 @@ def draw_prompts(real: RealSplit, num_samples: int, seed: int) -> list[int]:
         rng.shuffle(order)
         out.extend(order[: num_samples - len(out)])
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A model against a split (what `edify eval` and the benches run)
+
+
+def real_reference(real: RealSplit, data: str | Path, split: str, resolution: int,
+                   extractor: InceptionFeatures, cache_dir: str | Path | None) -> FeatureStats:
+    """Inception statistics of a split's real images, cached per data + split + resolution + extractor."""
+    from edify.eval.fid import cache_key, reference_stats
+
+    key = cache_key(str(Path(data).resolve()), split, resolution, extractor.id, real.fingerprint)
+    meta = {"data": str(data), "split": split, "resolution": resolution, "extractor": extractor.id,
+            "count": len(real.captions)}
+    stats, _ = reference_stats(key, cache_dir, lambda: (extractor(real.images), meta))
+    if stats.count != len(real.captions):
+        raise EdifyError(f"cached features hold {stats.count} images, the split has {len(real.captions)}")
+    return stats
+
+
+def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, steps: int, guidance: float,
+                      seed: int = 0, metrics: str | Sequence[str] = METRICS, batch_size: int = 32,
+                      extractor: InceptionFeatures | None = None, real_stats: FeatureStats | None = None,
+                      warn: bool = True) -> dict:
+    """Generate `num_samples` images for captions/styles drawn from `real` (`draw_prompts`; image i
+    uses seed + i) and evaluate them against all of `real`. Adds "nfe" to `evaluate`'s result.
+    Styles the model does not know are replaced by no style."""
+    if batch_size < 1:
+        raise EdifyError(f"batch size must be >= 1, got {batch_size}")
+    metrics = parse_metrics(metrics)
+    indices = draw_prompts(real, num_samples, seed)
+    known = set(pipe.vocab.names)
+    nfe = [0]
+
+    def generated():
+        for i in range(0, len(indices), batch_size):
+            chunk = indices[i:i + batch_size]
+            out = pipe([real.captions[j] for j in chunk],
+                       style=[real.styles[j] if real.styles[j] in known else None for j in chunk],
+                       num_steps=steps, guidance_scale=guidance, sampler=sampler,
+                       seed=[seed + i + k for k in range(len(chunk))], output_type="tensor")
+            nfe[0] = out.nfe
+            yield out.images
+
+    result = evaluate(generated(), real.images, metrics, extractor=extractor, real_stats=real_stats,
+                      fake_labels=[real.labels[j] for j in indices], real_labels=real.labels,
+                      batch_size=batch_size, seed=seed, warn=warn)
+    return {**result, "nfe": nfe[0]}

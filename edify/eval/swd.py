@@ -121,6 +121,8 @@ def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = PROJECTIONS, rep
     """E_theta W_1(theta.a, theta.b) over random unit directions; sets cut to the same size."""
     if a.shape[1] != b.shape[1]:
         raise EdifyError(f"descriptor dimensions differ: {a.shape[1]} and {b.shape[1]}")
+    if projections < 1 or repeats < 1:
+        raise EdifyError(f"projections and repeats must be >= 1, got {projections} and {repeats}")
     g = torch.Generator().manual_seed(seed)
     n = min(a.shape[0], b.shape[0])
     if a.shape[0] > n:
@@ -137,19 +139,20 @@ def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = PROJECTIONS, rep
     return total / repeats
 
 
-def swd_from_descriptors(real: SWDDescriptors, fake: SWDDescriptors, seed: int = 0) -> dict[str, float]:
+def swd_from_descriptors(real: SWDDescriptors, fake: SWDDescriptors, seed: int = 0,
+                         projections: int = PROJECTIONS, repeats: int = REPEATS) -> dict[str, float]:
     """{"swd_<res>": x10^3 distance per pyramid level, ..., "swd": their mean}."""
     if real.shape != fake.shape:
         raise EdifyError(f"SWD compares images of one size, got real {real.shape} and fake {fake.shape}")
     result = {}
     for res, a, b in zip(real.resolutions(), real.finish(), fake.finish()):
-        result[f"swd_{res}"] = SCALE * sliced_wasserstein(a, b, seed=seed + res)
+        result[f"swd_{res}"] = SCALE * sliced_wasserstein(a, b, projections, repeats, seed=seed + res)
     result["swd"] = sum(result.values()) / len(result)
     return result
 
 
 def swd(real: Tensor | Iterable[Tensor], fake: Tensor | Iterable[Tensor], seed: int = 0,
-        batch_size: int = 256) -> dict[str, float]:
+        batch_size: int = 256, projections: int = PROJECTIONS, repeats: int = REPEATS) -> dict[str, float]:
     """Multi-scale SWD between two image sets in [-1, 1] (tensors [N, 3, H, W] or batch iterables)."""
     descriptors = []
     for images in (real, fake):
@@ -157,4 +160,4 @@ def swd(real: Tensor | Iterable[Tensor], fake: Tensor | Iterable[Tensor], seed: 
         for batch in as_batches(images, batch_size):
             acc.add(batch)
         descriptors.append(acc)
-    return swd_from_descriptors(*descriptors, seed=seed)
+    return swd_from_descriptors(*descriptors, seed=seed, projections=projections, repeats=repeats)
