@@ -117,7 +117,8 @@ def run_numbers(run: Path) -> dict:
     rows = [rows[k] for k in sorted(rows) if "interval_seconds" in rows[k]]
     runs = _jsonl(run / "runs.jsonl")
     out = {"img_per_s": None, "img_per_s_median": None, "mfu": None, "mfu_median": None, "final_loss": None,
-           "wall_seconds": None, "train_seconds": None, "gpus": [], "commands": [], "runs": len(runs)}
+           "wall_seconds": None, "train_seconds": None, "gpus": [], "commands": [], "runs": len(runs),
+           "precisions": []}
     if rows:
         seconds = sum(r["interval_seconds"] for r in rows)
         out["img_per_s"] = sum(r["interval_images"] for r in rows) / seconds
@@ -130,6 +131,7 @@ def run_numbers(run: Path) -> dict:
         out["wall_seconds"] = sum(r["wall_seconds"] for r in runs)
         out["train_seconds"] = sum(r["train_seconds"] for r in runs)
         out["gpus"] = sorted({r["gpu"] for r in runs})
+        out["precisions"] = sorted({r["precision"] for r in runs if "precision" in r})
         out["commands"] = [r["command"] for r in runs if r.get("command")]
     return out
 
@@ -138,12 +140,16 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return NOT_RECORDED if value is None else f"{value:{spec}}{suffix}"
 
 
+def _manifest(config: TrainConfig, manifest: str | Path | None) -> dict:
+    path = Path(manifest) if manifest else Path(config.data) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def data_section(config: TrainConfig, manifest: str | Path | None) -> str:
     """The data paragraph: sets, counts, licenses and attribution from the dataset manifest."""
-    path = Path(manifest) if manifest else Path(config.data) / "manifest.json"
-    if not path.is_file():
+    m = _manifest(config, manifest)
+    if not m:
         return f"Training data: `{config.data}` (no dataset manifest found, so no attribution is recorded)."
-    m = json.loads(path.read_text())
     lines = ["| set | title | version | license | author | train images |", "|---|---|---|---|---|---|"]
     for name, s in sorted(m.get("sets", {}).items()):
         author = f"[{s.get('author', '')}]({s['author_url']})" if s.get("author_url") else s.get("author", "")
@@ -167,6 +173,8 @@ def model_card(run: Path, ckpt: Path, model_dir: Path, config: TrainConfig, mani
     weights = sorted(p for p in model_dir.glob("model*.safetensors"))
     params = sum(v.numel() for v in build_net(config).state_dict().values())
     commands = "\n".join(n["commands"]) or NOT_RECORDED
+    manifest_counts = _manifest(config, manifest).get("counts", {})
+    style = "twemoji" if "twemoji" in config.styles else (config.styles[0] if config.styles else "")
     values = {
         "name": config.name,
         "params_millions": f"{params / 1e6:.1f}",
@@ -189,7 +197,10 @@ def model_card(run: Path, ckpt: Path, model_dir: Path, config: TrainConfig, mani
         "ema": (f"power function, std {config.ema_std:g}" if config.ema_std > 0 else
                 f"decay {config.ema_decay:g}" if config.ema_decay > 0 else
                 f"half-life {config.ema_halflife_images:,.0f} images"),
-        "precision": config.precision,
+        "precision": ", ".join(n["precisions"]) or NOT_RECORDED,
+        "train_images": f"{manifest_counts['train']:,}" if "train" in manifest_counts else NOT_RECORDED,
+        "style_flag": f" --style {style}" if style else "",
+        "style_arg": f", style={style!r}" if style else "",
         "wall_time": _fmt(None if n["wall_seconds"] is None else n["wall_seconds"] / 60, ".1f", " min"),
         "train_time": _fmt(None if n["train_seconds"] is None else n["train_seconds"] / 60, ".1f", " min"),
         "runs": str(n["runs"]),
@@ -197,7 +208,7 @@ def model_card(run: Path, ckpt: Path, model_dir: Path, config: TrainConfig, mani
         "img_per_s_median": _fmt(n["img_per_s_median"], ",.0f"),
         "mfu": _fmt(None if n["mfu"] is None else 100 * n["mfu"], ".1f", "%"),
         "mfu_median": _fmt(None if n["mfu_median"] is None else 100 * n["mfu_median"], ".1f", "%"),
-        "peak_tflops": f"{config.peak_tflops:g}" if config.peak_tflops > 0 else NOT_RECORDED,
+        "peak_tflops": f"{config.peak_tflops:g} TFLOP/s" if config.peak_tflops > 0 else NOT_RECORDED,
         "final_loss": _fmt(n["final_loss"], ".4f"),
         "sampling_steps": str(config.sample_steps * config.levels),
         "guidance": f"{config.sample_guidance:g}",

@@ -159,6 +159,7 @@ class Trainer:
         # One static graph per stage resolution (and bucket shape); no dynamic-shape kernels.
         forward = torch.compile(self.model, dynamic=False) if c.compile else self.model
         self.denoiser = EDMPrecond(forward, c.sigma_data, dtype)
+        self.network_dtype = dtype
         self.loss_fn = LaplacianEDMLoss(self.process, c.P_mean, c.P_std, c.sigma_data)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=tuple(c.betas),
                                            weight_decay=c.weight_decay)
@@ -310,7 +311,9 @@ class Trainer:
         if not distributed.is_main():
             return
         record = {"command": self.command, "device": str(self.device), "gpu": device_name(self.device),
-                  "world_size": self.world, "torch": torch.__version__, "start_images": images0,
+                  "world_size": self.world, "torch": torch.__version__,
+                  "precision": "bf16 autocast" if self.network_dtype == torch.bfloat16 else "fp32",
+                  "compiled": self.config.compile, "start_images": images0,
                   "images": self.state.images, "steps": self.state.step, "stop": result.stop,
                   "wall_seconds": round(wall_clock() - self.started, 3), "train_seconds": round(train_seconds, 3),
                   "train_flops": flops, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -328,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m edify.training.memory_data",
         description="encode every caption of a dataset (and extra prompts) once into a caption table file")
-    parser.add_argument("data", help="folder of .tar shards (or its parent holding train/), or an image folder")
     parser.add_argument("out", help="output .safetensors file")
+    parser.add_argument("--data", default=None,
+                        help="folder of .tar shards (or its parent holding train/), or an image folder")
+    parser.add_argument("--texts", default=None, help="a text file of captions, one per line")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--text-encoder", default="minilm", help="'minilm' or 't5:/path'")
     parser.add_argument("--prompt", action="append", default=[], help="an extra text to include (repeatable)")
@@ -338,11 +340,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from edify.text.encoders import load_text_encoder
 
-    records, stats = read_samples(args.data, args.resolution, 16, "weight", args.workers)
-    table = TextTable.build(load_text_encoder(args.text_encoder), records["caption"] + args.prompt)
+    texts = list(args.prompt)
+    if args.data:
+        records, stats = read_samples(args.data, args.resolution, 16, "weight", args.workers)
+        texts += records["caption"]
+        print(f"{len(records['caption'])} samples of {args.data} (skipped {stats['skipped']})")
+    if args.texts:
+        texts += [line.strip() for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+    table = TextTable.build(load_text_encoder(args.text_encoder), texts)
     path = table.save(args.out, torch.float32 if args.fp32 else torch.float16)
-    print(f"{path}: {len(table)} texts from {len(records['caption'])} samples (skipped {stats['skipped']}), "
-          f"{table.states.shape[0]} token states of {table.dim} dims, {path.stat().st_size / 2**20:.1f} MiB")
+    print(f"{path}: {len(table)} unique texts, {table.states.shape[0]} token states of {table.dim} dims, "
+          f"{path.stat().st_size / 2**20:.1f} MiB")
     return 0
 
 
