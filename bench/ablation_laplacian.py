@@ -35,7 +35,8 @@ from edify.networks.presets import get_config  # noqa: E402
 from edify.training.config import apply_overrides, get_preset  # noqa: E402
 
 # What --smoke changes: the tiny network (with room for the emoji styles), a few images, fp32, nothing periodic.
-SMOKE = dict(model=dataclasses.replace(get_config("tiny"), num_media_types=8).to_dict(), batch_size=4, total_images=16, precision="fp32", compile=False, num_workers=0,
+SMOKE = dict(model=dataclasses.replace(get_config("tiny"), num_media_types=8).to_dict(),
+             batch_size=4, total_images=16, precision="fp32", compile=False, num_workers=0,
              warmup_images=0, lr_decay_images=0, sample_images=0, checkpoint_images=0, log_images=8,
              text_cache=False, ema_halflife_images=16.0)
 

@@ -54,7 +54,8 @@ def make_pipeline(net, levels: int, size: int, device, dtype) -> TextToImagePipe
     return pipe.to(device, dtype=dtype)
 
 
-def time_sampling(pipe, batch: int, steps: int, sampler: str, guidance: float, repeats: int, device) -> tuple[float, int]:
+def time_sampling(pipe, batch: int, steps: int, sampler: str, guidance: float, repeats: int,
+                  device) -> tuple[float, int]:
     """Median seconds per image over `repeats` batches (after one warm-up batch), and the NFE."""
     prompts = ["a red heart"] * batch
 

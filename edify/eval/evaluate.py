@@ -86,14 +86,14 @@ def evaluate(images_fake: Tensor | Iterable[Tensor], images_real: Tensor | Itera
     """
     metrics = parse_metrics(metrics)
     need_features = bool(FEATURE_METRICS & set(metrics))
-    if need_features and extractor is None:
-        extractor = InceptionFeatures(batch_size=batch_size)
     if "swd" in metrics and images_real is None:
         raise EdifyError("SWD needs the real images, got images_real=None")
     if need_features and real_stats is None and images_real is None:
         raise EdifyError("FID, KID and retrieval need real images or real_stats, got neither")
     if "retrieval" in metrics and (fake_labels is None or real_labels is None):
         raise EdifyError("retrieval needs fake_labels and real_labels (e.g. caption, style pairs), got None")
+    if need_features and extractor is None:
+        extractor = InceptionFeatures(batch_size=batch_size)
 
     swd_seed = seed if "swd" in metrics else None
     f_fake, d_fake, n_fake = _consume(images_fake, batch_size, extractor if need_features else None, swd_seed)
@@ -103,11 +103,10 @@ def evaluate(images_fake: Tensor | Iterable[Tensor], images_real: Tensor | Itera
         f_real, d_real, n_real = _consume(images_real, batch_size, real_extractor, swd_seed)
         if real_stats is not None and n_real != real_stats.count:
             raise EdifyError(f"real_stats hold {real_stats.count} images, images_real has {n_real}")
-    if need_features:
-        real_stats = real_stats if real_stats is not None else FeatureStats.from_features(f_real) \
-            if n_real >= 2 else None
-        if real_stats is None:
+    if need_features and real_stats is None:
+        if n_real < 2:
             raise EdifyError(f"FID, KID and retrieval need at least 2 real images, got {n_real}")
+        real_stats = FeatureStats.from_features(f_real)
 
     if warn:
         for message in sample_count_warnings(metrics, n_fake, n_real):

