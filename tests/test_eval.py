@@ -250,6 +250,10 @@ def test_features_do_not_depend_on_batching(extractor, sets):
 
 
 def test_bad_inputs_raise_edify_error(extractor, tmp_path):
+    with pytest.raises(EdifyError, match="expected 0000000000"):
+        InceptionFeatures(sha1="0" * 40)  # the weights file is checked against its known sha1
+    with pytest.raises(EdifyError, match="feature batch size must be >= 1, got 0"):
+        InceptionFeatures(batch_size=0)
     with pytest.raises(EdifyError, match=r"in \[-1, 1\]"):
         extractor(torch.full((1, 3, 8, 8), 2.0))
     with pytest.raises(EdifyError, match=r"\[B, 3, H, W\]"):
