@@ -24,8 +24,8 @@ PEAK=${PEAK_TFLOPS:-790}  # the measured bf16 matmul rate of the H100 (DESIGN.md
 if [ "$SMOKE" = 1 ]; then
   DATA=${DATA:-runs/smoke-data}; RUN=${RUN:-runs/smoke-run}; SETS=fxemoji,emojione; WORKERS=2; PEAK=0
   SHARD_MIB=0.2  # the tiny network's 0.5 MB of bf16 weights in several shards, as the real model's 44 MB
-  # the emoji-64 preset on the tiny network, a few CPU steps (no compile, no bf16 on the CPU)
-  TRAIN_SET=(--set model=tiny --set batch_size=8 --set total_images=48 --set log_images=16
+  # the emoji-64 preset on the tiny network for a few CPU seconds (no compile; bf16 is CUDA-only)
+  TRAIN_SET=(--set model=tiny --set batch_size=8 --set total_images=1000000 --set log_images=64
              --set checkpoint_images=0 --set sample_images=0 --set warmup_images=0 --set compile=false
              --set sample_steps=2 --set num_workers=0 --set styles=emojione,fxemoji)
 else
@@ -84,14 +84,15 @@ data() {
 }
 
 train() {  # train M minutes from the latest checkpoint in $RUN (or from scratch), export into $2
-  local minutes=$1 export_dir=${2:-$OUT/model}
+  local minutes=$1 export_dir=${2:-$OUT/model} extra=()
+  read -r -a extra <<< "${TRAIN_EXTRA:-}"  # e.g. TRAIN_EXTRA="--set compile=false"
   python_deps
   [ -f "$DATA/manifest.json" ] || data  # a fresh machine: build the data first
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
   "$PY" -m edify.cli train --preset emoji-64 --data "$DATA" --out "$RUN" --resume --max-minutes "$minutes" \
-    --set text_table="$TABLE" --set peak_tflops="$PEAK" "${TRAIN_SET[@]}" \
+    --set text_table="$TABLE" --set peak_tflops="$PEAK" "${TRAIN_SET[@]}" "${extra[@]}" \
     --export "$export_dir" --export-dtype bf16 --export-shard-mib "$SHARD_MIB" --model-card --manifest "$DATA/manifest.json"
-  cp "$RUN/scalars.jsonl" "$(dirname "$export_dir")/scalars.jsonl"
+  if [ "$(dirname "$export_dir")" != "$RUN" ]; then cp "$RUN/scalars.jsonl" "$(dirname "$export_dir")/"; fi
   summary "$export_dir"
 }
 
@@ -131,9 +132,9 @@ smoke() {  # SMOKE=1: the whole path on the CPU, then `edify generate` on the ex
   [ -f "$TABLE" ] || table
   rm -rf "$RUN" "$OUT"
   data
-  train 0.5
+  train 0.4  # stops on the clock after 24 s, checkpoints, exports
   "$PY" -m edify.cli train --preset emoji-64 --data "$DATA" --out "$RUN" --resume --max-steps 1 \
-    --set text_table="$TABLE" "${TRAIN_SET[@]}" --set total_images=56  # continues from the checkpoint
+    --set text_table="$TABLE" "${TRAIN_SET[@]}"  # continues from that checkpoint
   "$PY" -m edify.cli generate --model "$OUT/model" "red apple" --steps 6 -o "$OUT/red-apple.png"
   ls -la "$OUT" "$OUT/model"
 }
@@ -142,7 +143,7 @@ step=${1:-}
 shift || true
 case "$step" in
   pack|table|data|smoke|collect) "$step" ;;
-  train) train "${1:?minutes}" ;;
+  train) train "${1:?minutes}" "${2:-}" ;;
   first) data; train "${1:?minutes}" ;;
   bg) bg "${1:?minutes}" ;;
   poll) poll "${1:-540}" ;;
