@@ -210,7 +210,8 @@ def test_export_writes_bf16_shards_under_the_limit_and_a_model_card_from_the_log
     command = (f"edify train --preset tiny-cpu --data {tmp_path / 'data'} --out {run} --export {model} {sets} "
                "--export-dtype bf16 --export-shard-mib 0.15 --model-card")
     assert f"```\n{command}\n```" in card
-    assert "[CC-BY-4.0](https://creativecommons.org/licenses/by/4.0/)" in card and "[Someone](https://example.org)" in card
+    assert "[CC-BY-4.0](https://creativecommons.org/licenses/by/4.0/)" in card
+    assert "| flat | Flat Set | 1.0 |" in card and "[Someone](https://example.org)" in card
     assert "| accelerator | CPU (" in card and "${" not in card and "BF16" in card
 
     capsys.readouterr()

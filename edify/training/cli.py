@@ -96,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
     if args.export and distributed.is_main():
         from edify.training.export import export_pipeline
 
-        folder = export_pipeline(out, args.export, dtype=torch.bfloat16 if args.export_dtype == "bf16" else torch.float32,
-                                 max_shard_bytes=int(args.export_shard_mib * 2**20), card=args.model_card,
-                                 manifest=args.manifest)
+        dtype = torch.bfloat16 if args.export_dtype == "bf16" else torch.float32
+        folder = export_pipeline(out, args.export, dtype=dtype, max_shard_bytes=int(args.export_shard_mib * 2**20),
+                                 card=args.model_card, manifest=args.manifest)
         if grid is not None:
             shutil.copyfile(grid, folder / "samples.png")
         distributed.print0(f"model folder: {folder}")

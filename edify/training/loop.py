@@ -207,7 +207,12 @@ class Trainer:
         """Training FLOPs per image of each stage, counted on one image before any wrapping."""
         c = self.config
         denoiser = EDMPrecond(self.net, c.sigma_data, dtype)
-        cond = self.make_cond([c.sample_prompts[0]], [c.styles[0] if c.styles else None])
+        data = getattr(self.stream, "data", None)
+        if getattr(data, "table", None) is not None:  # in memory: the padded text length every step sees
+            cond = Cond(text=data.text[:1], text_mask=data.text_mask[:1],
+                        media=None if data.media is None else data.media[:1])
+        else:
+            cond = self.make_cond([c.sample_prompts[0]], [c.styles[0] if c.styles else None])
         out = {}
         for stage in self.stages:
             side = c.resolution >> stage
