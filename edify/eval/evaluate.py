@@ -261,7 +261,8 @@ def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, 
                       warn: bool = True) -> dict:
     """Generate `num_samples` images for captions/styles drawn from `real` (`draw_prompts`; image i
     uses seed + i) and evaluate them against all of `real`. Adds "nfe" to `evaluate`'s result.
-    Styles the model does not know are replaced by no style."""
+    Styles the model does not know are replaced by no style. Retrieval counts a hit when any real
+    image of the same caption (in any style) ranks within the top k."""
     if batch_size < 1:
         raise EdifyError(f"batch size must be >= 1, got {batch_size}")
     metrics = parse_metrics(metrics)
@@ -279,7 +280,8 @@ def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, 
             nfe[0] = out.nfe
             yield out.images
 
+    # retrieval targets: every real image with the generated image's caption, whatever its style
     result = evaluate(generated(), real.images, metrics, extractor=extractor, real_stats=real_stats,
-                      fake_labels=[real.labels[j] for j in indices], real_labels=real.labels,
+                      fake_labels=[real.captions[j] for j in indices], real_labels=real.captions,
                       batch_size=batch_size, seed=seed, warn=warn)
     return {**result, "nfe": nfe[0]}

@@ -1,11 +1,12 @@
 """Prompt adherence as image-to-image retrieval against the real validation images.
 
-For a generated image made from the caption (and style) of a validation sample, rank every real
-validation image by cosine similarity of Inception features to the generated one. The image is a
-hit at k when one of its prompt's real images (the real images with the same caption and style) is
-among the k most similar; ties are resolved in favour of the prompt's images. Top-k accuracy is
-the hit rate over the generated images. A model that ignored its prompt scores about k / N_real;
-generated images equal to the real ones score 100% top-1.
+For a generated image made from the caption of a validation sample, rank every real validation
+image by cosine similarity of Inception features to the generated one. The image is a hit at k when
+one of its prompt's real images (those with the same label: `edify eval` uses the caption, so the
+same emoji in every style counts) is among the k most similar; ties are resolved in favour of the
+prompt's images. Top-k accuracy is the hit rate over the generated images. A model that ignored its
+prompt scores about k * (real images per caption) / N_real; generated images equal to the real ones
+score 100% top-1.
 """
 
 from __future__ import annotations
