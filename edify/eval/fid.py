@@ -1,6 +1,6 @@
 """Frechet Inception Distance and Kernel Inception Distance from features, with cached references.
 
-FID (Heusel et al. 2017, Eq. 6) fits a Gaussian to each feature set:
+FID (Heusel et al. 2017, the Frechet distance of their TTUR paper) fits a Gaussian to each feature set:
 
     FID = |mu_r - mu_g|^2 + tr(Sigma_r + Sigma_g - 2 (Sigma_r Sigma_g)^(1/2))
 
@@ -11,9 +11,9 @@ validation splits, where Sigma is singular), the trace is exact in feature space
 features A_r, A_g, the non-zero eigenvalues of Sigma_r Sigma_g are the squared singular values of
 A_r A_g^T / sqrt((n_r - 1)(n_g - 1)), so the trace is that matrix's nuclear norm.
 
-KID (Binkowski et al. 2018, section 3) is the unbiased MMD^2 estimate with the cubic polynomial
-kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets; unbiased, so it is meaningful with
-far fewer samples than FID.
+KID (Binkowski et al. 2018, "Demystifying MMD GANs") is the unbiased MMD^2 estimate with the cubic
+polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets; unbiased, so it is
+meaningful with far fewer samples than FID.
 
 Reference statistics (mu, Sigma and the features themselves, for KID and retrieval) are cached as
 safetensors under a key naming the dataset, split, resolution and feature extractor.
@@ -107,7 +107,7 @@ def trace_sqrt_product(sigma1: Tensor, sigma2: Tensor) -> float:
 
 
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
-    """Frechet distance of N(mu1, Sigma1) and N(mu2, Sigma2) (Heusel et al. 2017, Eq. 6)."""
+    """Frechet distance of N(mu1, Sigma1) and N(mu2, Sigma2) (Heusel et al. 2017, FID)."""
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
         raise EdifyError(f"Gaussian statistics must agree in dimension, got mu {tuple(mu1.shape)} / "
                          f"{tuple(mu2.shape)} and sigma {tuple(sigma1.shape)} / {tuple(sigma2.shape)}")
@@ -139,7 +139,7 @@ def fid(real: FeatureStats | Tensor, fake: FeatureStats | Tensor) -> float:
 
 
 def polynomial_kernel(x: Tensor, y: Tensor, degree: int = 3, coef0: float = 1.0) -> Tensor:
-    """k(x, y) = (x.y / d + coef0)^degree (Binkowski et al. 2018, section 3)."""
+    """k(x, y) = (x.y / d + coef0)^degree (Binkowski et al. 2018, the KID kernel)."""
     return (x @ y.T / x.shape[1] + coef0) ** degree
 
 

@@ -48,7 +48,7 @@ def pyramid_levels(height: int, width: int) -> int:
 
 
 def laplacian_pyramid(x: Tensor, levels: int) -> list[Tensor]:
-    """Bands x - up(down(x)) from full resolution down, then the coarsest low-pass (Eq. 3)."""
+    """Bands x - up(down(x)) from full resolution down, then the coarsest low-pass (Edify Eq. 3)."""
     bands = []
     for _ in range(levels - 1):
         low = down(x)
