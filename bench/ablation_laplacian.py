@@ -93,8 +93,13 @@ def main() -> None:
     from edify.training.export import export_pipeline
     from edify.training.loop import Trainer
 
+    from edify.training.checkpoint import latest_checkpoint
+
     configs = run_configs(args)
     out_root = Path(args.out or f"runs/ablation-laplacian-{args.preset}")
+    for name, _ in configs:
+        if latest_checkpoint(out_root / name) is not None:
+            raise SystemExit(f"{out_root / name} already holds checkpoints; choose another --out")
     resolution = configs[0][1].resolution
     real = load_split(args.data, args.split, resolution, max_images=args.max_real)
     extractor = InceptionFeatures(args.device, batch_size=args.batch)
