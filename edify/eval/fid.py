@@ -52,11 +52,11 @@ class FeatureStats:
 
     @staticmethod
     def from_features(features: Tensor) -> FeatureStats:
-        f = _check_features(features, "features", min_count=2)
+        f = _check_features(features, "features", min_count=2).float()  # stored as float32: fit what is stored
         f64 = f.double()
         mu = f64.mean(0)
         A = f64 - mu
-        return FeatureStats(mu, A.T @ A / (f.shape[0] - 1), f.float())  # unbiased covariance
+        return FeatureStats(mu, A.T @ A / (f.shape[0] - 1), f)  # unbiased covariance
 
     @property
     def count(self) -> int:
