@@ -14,6 +14,7 @@ import json
 import math
 import random
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
@@ -203,10 +204,14 @@ def test_retrieval_counts_any_real_image_of_the_prompt():
 def test_evaluate_identical_sets(sets):
     x0, f0 = sets[0.0]
     labels = [(f"c{i}", None) for i in range(12)]
-    with pytest.warns(UserWarning, match="below 2048"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         result = evaluate(x0, x0, ("fid", "kid", "swd", "retrieval"), extractor=_Spy(sets),
                           real_stats=FeatureStats.from_features(f0), fake_labels=labels, real_labels=labels,
                           batch_size=7)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and "FID from 12 generated / 12 real" in messages[0] and "below 2048" in messages[0]
+    assert "KID from 12 generated / 12 real" in messages[1] and "below 100" in messages[1]
     assert abs(result["fid"]) < 1e-3 and result["swd"] == 0.0 and result["retrieval_top1"] == 1.0
     assert result["kid"] == pytest.approx(kid(f0, f0)[0], rel=1e-9)
     assert result["num_fake"] == result["num_real"] == 12
