@@ -130,7 +130,7 @@ def evaluate(images_fake: Tensor | Iterable[Tensor], images_real: Tensor | Itera
 # Real validation splits
 
 
-@dataclass
+@dataclass(frozen=True)
 class RealSplit:
     """The real images of a split at one resolution, with their captions and styles, in file order."""
 
