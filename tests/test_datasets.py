@@ -16,13 +16,14 @@ from torch.utils.data import DataLoader
 from edify.buckets import BUCKETS, bucket_shape, nearest_bucket
 from edify.data.datasets import (
     DataConfig, ImageFolderDataset, LoaderStats, WebImageDataset, decode_image, expand_shards,
-    fit_to_bucket, rank_and_world_size,
+    fit_to_bucket,
 )
 from edify.data.sampler import (
     BucketBatchSampler, bucketed_batches, collate, folder_loader, stream_loader,
 )
 from edify.data.tarstream import iter_tar_members
 from edify.errors import EdifyError
+from edify.training.distributed import rank_and_world_size
 
 
 def noisy_png(h: int = 64, w: int = 64) -> bytes:

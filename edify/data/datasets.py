@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from edify.buckets import bucket_shape, nearest_bucket
 from edify.data.tarstream import expand_shards, is_local, iter_tar_groups
 from edify.errors import EdifyError
-from edify.training.distributed import rank_and_world_size  # noqa: F401  (re-exported)
+from edify.training.distributed import resolve_rank
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -249,11 +249,7 @@ class WebImageDataset(IterableDataset):
             raise EdifyError(f"epochs must be >= 1 or None, got {epochs}")
         if shuffle_buffer < 0:
             raise EdifyError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-        env_rank, env_world = rank_and_world_size()
-        self.rank = env_rank if rank is None else rank
-        self.world_size = env_world if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise EdifyError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        self.rank, self.world_size = resolve_rank(rank, world_size)
         self.config, self.shuffle, self.shuffle_buffer = config, shuffle, shuffle_buffer
         self.seed, self.epochs, self.resample, self.raw = seed, epochs, resample, raw
         self.first_epoch = 0

@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_in
 
 from edify.buckets import BUCKETS
 from edify.data.datasets import (
-    ImageFolderDataset, LoaderStats, WebImageDataset, rank_and_world_size, to_float_image,
+    ImageFolderDataset, LoaderStats, WebImageDataset, to_float_image,
 )
 from edify.errors import EdifyError
+from edify.training.distributed import resolve_rank
 
 
 def collate(samples: Sequence[dict]) -> dict:
@@ -141,11 +142,7 @@ class BucketBatchSampler(Sampler[list[int]]):
                  drop_last: bool = False, rank: int | None = None, world_size: int | None = None):
         if batch_size < 1:
             raise EdifyError(f"batch_size must be >= 1, got {batch_size}")
-        env_rank, env_world = rank_and_world_size()
-        self.rank = env_rank if rank is None else rank
-        self.world_size = env_world if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise EdifyError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        self.rank, self.world_size = resolve_rank(rank, world_size)
         self.buckets, self.batch_size = list(buckets), batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0

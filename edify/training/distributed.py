@@ -64,6 +64,16 @@ def rank_and_world_size() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """An explicit (rank, world size) with the missing parts taken from `rank_and_world_size`."""
+    env_rank, env_world = rank_and_world_size()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise EdifyError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return rank, world_size
+
+
 def is_main() -> bool:
     return rank() == 0
 
