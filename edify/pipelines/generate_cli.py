@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     if not paths[0].parent.exists():
         raise EdifyError(f"output folder {str(paths[0].parent)!r} does not exist")
     model = Path(args.model) if args.model else default_model()
+    if not args.model and not model.is_dir():
+        raise EdifyError(f"no model folder at {str(model)!r}: the demo model is not in this checkout; "
+                         f"pass --model PATH or set EDIFY_MODEL (train one with `edify train --export`)")
     pipe = TextToImagePipeline.from_pretrained(model).to(args.device)
     start = time.perf_counter()
     result = pipe(args.prompt, negative_prompt=args.negative, style=args.style, num_steps=args.steps,
