@@ -1,0 +1,112 @@
+"""Figures of a trained model: a sample grid on validation captions and the training curves.
+
+    python docs/model_figures.py grid --model weights/emoji-64 --data data/emoji --out docs/emoji64_val_grid.png
+    python docs/model_figures.py curves --run runs/emoji-64 --out docs/emoji64_curves.png   # needs matplotlib
+
+grid: `--captions` distinct captions of the validation split (seeded draw, captions the model never
+saw in training) in `--styles` styles, one row per caption and one column per style, each image
+with its own seed; the real validation image of the caption (first style found) is in the first
+column for reference.
+curves: loss (per optimizer step, smoothed) and img/s against images seen, from the run's
+scalars.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CELL = 64
+LABEL_WIDTH = 220
+
+
+def grid(args) -> None:
+    from edify.eval.evaluate import load_split
+    from edify.pipelines.text2image import TextToImagePipeline, to_pil
+
+    pipe = TextToImagePipeline.from_pretrained(args.model)
+    real = load_split(args.data, "val", pipe.config.resolution)
+    first = {}
+    for i, caption in enumerate(real.captions):
+        first.setdefault(caption, i)
+    captions = sorted(first)
+    random.Random(args.seed).shuffle(captions)
+    captions = captions[: args.captions]
+    styles = [s for s in args.styles.split(",") if s]
+    prompts = [c for c in captions for _ in styles]
+    out = pipe(prompts, style=[s for _ in captions for s in styles], seed=list(range(len(prompts))),
+               num_steps=args.steps, guidance_scale=args.guidance)
+    cols = len(styles) + 1
+    sheet = Image.new("RGB", (LABEL_WIDTH + cols * CELL, 14 + len(captions) * CELL), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, name in enumerate(["real (val)"] + styles):
+        draw.text((LABEL_WIDTH + j * CELL + 2, 1), name[:10], fill="black")
+    for r, caption in enumerate(captions):
+        y = 14 + r * CELL
+        draw.text((2, y + CELL // 2 - 6), caption[:34], fill="black")
+        sheet.paste(to_pil(real.images[first[caption]][None])[0].resize((CELL, CELL)), (LABEL_WIDTH, y))
+        for j in range(len(styles)):
+            sheet.paste(out.images[r * len(styles) + j].resize((CELL, CELL)), (LABEL_WIDTH + (j + 1) * CELL, y))
+    sheet.save(args.out)
+    print(f"{args.out}: {len(captions)} validation captions x {len(styles)} styles, "
+          f"{out.nfe} network evaluations per image, guidance {args.guidance or pipe.config.defaults.guidance_scale}")
+
+
+def curves(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (Path(args.run) / "scalars.jsonl").read_text().splitlines() if line]
+    rows = [r for r in rows if "loss" in r]
+    images = [r["images"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(images, [r["loss"] for r in rows], lw=0.8, label="all stages")
+    for stage in range(3):
+        key = f"loss/stage{stage}"
+        pts = [(r["images"], r[key]) for r in rows if key in r]
+        if pts:
+            ax1.plot(*zip(*pts), lw=0.6, alpha=0.7, label=f"stage {stage}")
+    ax1.set_xlabel("images seen")
+    ax1.set_ylabel("weighted EDM loss (interval mean)")
+    ax1.legend(fontsize=7)
+    ax2.plot(images, [r.get("img_per_s", float("nan")) for r in rows], lw=0.8)
+    ax2.set_xlabel("images seen")
+    ax2.set_ylabel("training img/s (interval)")
+    fig.suptitle(args.title or str(args.run), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"{args.out}: {len(rows)} log points up to {images[-1] if images else 0} images")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    g = sub.add_parser("grid")
+    g.add_argument("--model", required=True)
+    g.add_argument("--data", required=True)
+    g.add_argument("--captions", type=int, default=32)
+    g.add_argument("--styles", default="twemoji,noto,fluent-emoji-flat,emojione")
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--guidance", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True)
+    c = sub.add_parser("curves")
+    c.add_argument("--run", required=True)
+    c.add_argument("--title", default=None)
+    c.add_argument("--out", required=True)
+    args = parser.parse_args()
+    print("command: python " + " ".join(sys.argv))
+    grid(args) if args.what == "grid" else curves(args)
+
+
+if __name__ == "__main__":
+    main()
