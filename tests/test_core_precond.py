@@ -74,7 +74,7 @@ def test_precond_bf16_flag_returns_fp32():
 
 def test_stage_ranges_and_router():
     r = stage_sigma_ranges(PROC)
-    assert r == {0: (0.0, 1.0), 1: (0.0, 4.0), 2: (0.0, math.inf)}
+    assert r == {0: (0.0, 1.0), 1: (1.0, 4.0), 2: (4.0, math.inf)}
     experts = {j: (lambda j: lambda x, s, c=None, st=None: torch.full_like(x, 10.0 * j + 1))(j) for j in range(3)}
 
     class Wrap(nn.Module):
@@ -103,6 +103,16 @@ def test_truncated_lognormal_sigma():
     assert s.median().item() == pytest.approx(median, rel=0.03)
     full = sample_lognormal_sigma(20_000, -1.2, 1.2, generator=torch.Generator().manual_seed(0)).log()
     assert full.mean().item() == pytest.approx(-1.2, abs=0.03) and full.std().item() == pytest.approx(1.2, rel=0.03)
+    # two-sided, far in the upper tail (the coarsest expert's range): median Phi^-1((Phi(a) + Phi(b)) / 2)
+    both = sample_lognormal_sigma(20_000, -1.2, 1.2, high=20.0, low=1.25, generator=torch.Generator().manual_seed(1))
+    assert both.min() >= 1.25 and both.max() <= 20.0
+    za, zb = [torch.tensor((math.log(v) + 1.2) / 1.2, dtype=torch.float64) for v in (1.25, 20.0)]
+    mid = (torch.special.ndtr(za) + torch.special.ndtr(zb)) / 2
+    assert both.median().item() == pytest.approx(math.exp(-1.2 + 1.2 * torch.special.ndtri(mid).item()), rel=0.03)
+    # the conditional law above `low` keeps the log-normal's shape: P(s > 5 | s > 1.25) in closed form
+    tail = (1 - torch.special.ndtr(torch.tensor((math.log(5.0) + 1.2) / 1.2, dtype=torch.float64))) / \
+        (torch.special.ndtr(zb) - torch.special.ndtr(za))
+    assert (both > 5.0).double().mean().item() == pytest.approx(tail.item(), abs=0.01)
 
 
 def test_loss_matches_hand_computation_and_respects_stage_range():
@@ -111,7 +121,8 @@ def test_loss_matches_hand_computation_and_respects_stage_range():
     D = EDMPrecond(TinyNet())
     for stage in range(3):
         loss, sigma = loss_fn(D, x0, None, stage, generator=generators([0, 1, 2, 3]), return_sigma=True)
-        assert loss.shape == (4,) and (sigma <= stage_sigma_ranges(PROC)[stage][1]).all()
+        low, high = stage_sigma_ranges(PROC)[stage]
+        assert loss.shape == (4,) and (sigma <= high).all() and (sigma >= low).all()
         # the same draws by hand: sigma from the uniforms, then the noise, per sample
         g = generators([0, 1, 2, 3])
         sig = loss_fn.sample_sigma(4, stage, g)
@@ -178,6 +189,7 @@ def test_guidance_negative_prompt_and_one_batched_call():
     lambda: LaplacianEDMLoss(PROC)(lambda *a: a[0], torch.zeros(1, 3, 8, 8), None, 3),
     lambda: LaplacianEDMLoss(PROC, P_std=0.0),
     lambda: sample_lognormal_sigma(2, -1.2, 1.2, high=0.0),
+    lambda: sample_lognormal_sigma(2, -1.2, 1.2, high=1.0, low=2.0),
 ])
 def test_bad_input(bad):
     with pytest.raises(EdifyError):

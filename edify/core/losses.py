@@ -1,7 +1,8 @@
 """The EDM training loss on the Laplacian process (Edify Image, Eq. 1; Karras et al. 2022).
 
 For a stage-j expert (resolution R / 2^j) a training example is
-    sigma ~ log-normal(P_mean, P_std) in full-res units, restricted to the stage's range (sec. 2.2.2),
+    sigma_j = sigma / 2^j ~ log-normal(P_mean, P_std), truncated to the stage's range, where the
+            sampler uses the expert: full-res sigma in [s_j*, s_{j+1}*] (sec. 2.2.2),
     x     = down^j(A(sigma) x0 + sigma eps)        (per-pixel noise sigma_j = sigma / 2^j),
     loss  = lambda(sigma_j) * mean ||D(x, sigma_j) - down^j(x0)||^2,
     lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2   (Eq. 1, EDM weighting),
@@ -29,22 +30,33 @@ def edm_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
 
 
 def sample_lognormal_sigma(batch: int, P_mean: float, P_std: float, high: float = math.inf,
-                           generator: Generators = None, device=None) -> Tensor:
-    """log sigma ~ N(P_mean, P_std^2), truncated to sigma <= high by inverse-CDF sampling.
+                           generator: Generators = None, device=None, low: float = 0.0) -> Tensor:
+    """log sigma ~ N(P_mean, P_std^2), truncated to low <= sigma <= high by inverse-CDF sampling.
 
-    u ~ U(0, Phi((log high - P_mean) / P_std)), log sigma = P_mean + P_std Phi^-1(u): exact
-    truncated log-normal, no rejection, one uniform per sample (so per-sample generators work).
+    u ~ U(Phi(z_low), Phi(z_high)), log sigma = P_mean + P_std Phi^-1(u): the exact truncated
+    log-normal, no rejection, one uniform per sample (so per-sample generators work).
     """
     if not P_std > 0:
         raise EdifyError(f"P_std must be positive, got {P_std}")
     if not high > 0:
         raise EdifyError(f"the sigma range must have a positive upper end, got {high}")
-    u = _uniform(batch, generator, device)
-    if math.isfinite(high):
-        z_high = torch.tensor((math.log(high) - P_mean) / P_std, dtype=torch.float64)
-        u = u * torch.special.ndtr(z_high).item()
-    u = u.clamp(1e-12, 1 - 1e-12)
-    return (P_mean + P_std * torch.special.ndtri(u)).exp().to(torch.float32)
+    if not 0 <= low < high:
+        raise EdifyError(f"the sigma range needs 0 <= low < high, got low={low}, high={high}")
+
+    def cdf(s: float) -> float:
+        if s <= 0:
+            return 0.0
+        if math.isinf(s):
+            return 1.0
+        return torch.special.ndtr(torch.tensor((math.log(s) - P_mean) / P_std, dtype=torch.float64)).item()
+
+    u_low, u_high = cdf(low), cdf(high)
+    if not u_high > u_low:
+        raise EdifyError(f"the log-normal(P_mean={P_mean}, P_std={P_std}) has no mass in [{low}, {high}]")
+    u = u_low + _uniform(batch, generator, device) * (u_high - u_low)
+    u = u.clamp(max(u_low, 1e-300), min(u_high, 1 - 1e-16))
+    sigma = (P_mean + P_std * torch.special.ndtri(u)).exp()
+    return sigma.clamp(low, high).to(torch.float32)
 
 
 def _uniform(batch: int, generator: Generators, device) -> Tensor:
@@ -75,9 +87,16 @@ class LaplacianEDMLoss:
             raise EdifyError(f"P_std and sigma_data must be positive, got {self.P_std}, {self.sigma_data}")
 
     def sample_sigma(self, batch: int, stage: int, generator: Generators = None, device=None) -> Tensor:
-        """Full-res training sigmas for stage `stage`: log-normal, restricted to its range."""
-        _, high = stage_sigma_ranges(self.process)[self._check_stage(stage)]
-        return sample_lognormal_sigma(batch, self.P_mean, self.P_std, high, generator, device)
+        """Full-res training sigmas for stage `stage`: the EDM log-normal of the PER-PIXEL sigma the
+        stage-j expert sees (sigma / 2^j), truncated to the stage's range (`stage_sigma_ranges`),
+        returned in full-res units. Each expert is thus an EDM denoiser in its own pixel units,
+        trained only where the sampler uses it."""
+        stage = self._check_stage(stage)
+        low, high = stage_sigma_ranges(self.process)[stage]
+        scale = 2**stage
+        sigma_px = sample_lognormal_sigma(batch, self.P_mean, self.P_std, high / scale, generator, device,
+                                          low=low / scale)
+        return sigma_px * scale
 
     def __call__(self, denoiser: Denoiser, x0: Tensor, cond: Cond | None, stage: int,
                  generator: Generators = None, weight: Tensor | None = None,

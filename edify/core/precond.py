@@ -7,9 +7,10 @@ The scalings assume the state is x0 + sigma n with Var[x0] = sigma_data^2 per pi
 state carries A(sigma) x0 instead of x0 (some bands attenuated), so this is a preconditioning
 choice, not an identity; the network absorbs the difference (section 2.2, Appendix B).
 
-Mixture of experts (section 2.2.2): the stage-j expert (resolution R / 2^j) is trained and used
-on full-res sigma <= s_{j+1}*; the coarsest stage on all sigma. `stage_sigma_ranges` gives these
-ranges and `StageDenoisers` routes each stage to its denoiser at sampling time.
+Mixture of experts (section 2.2.2): a sampler holds a stage-j state (resolution R / 2^j) only for
+full-res sigma in [s_j*, s_{j+1}*] (s_0* = 0, s_K* = inf), so the stage-j expert is trained and
+used on exactly that range. `stage_sigma_ranges` gives these ranges and `StageDenoisers` routes
+each stage to its denoiser at sampling time.
 """
 
 from __future__ import annotations
@@ -82,14 +83,15 @@ class EDMPrecond(nn.Module):
 
 
 def stage_sigma_ranges(process: LaplacianProcess) -> dict[int, tuple[float, float]]:
-    """Full-res sigma range (low, high] of each stage's expert (section 2.2.2).
+    """Full-res sigma range [low, high] of each stage's expert (section 2.2.2).
 
-    Stage j < K-1 serves sigma <= s_{j+1}* (the highest-resolution expert only below s_1*); the
-    coarsest stage K-1 serves all sigma (high = inf). Divide by 2^j for the per-pixel sigma.
+    Sampling switches from stage j to j - 1 at s_j*, so a stage-j state exists only for
+    s_j* <= sigma <= s_{j+1}* (both ends are evaluated: Heun's last step of a stage lands on
+    s_j*). The finest stage starts at 0, the coarsest ends at inf. Divide by 2^j for the
+    per-pixel sigma.
     """
-    ranges = {j: (0.0, process.switch_sigmas[j]) for j in range(process.levels - 1)}
-    ranges[process.levels - 1] = (0.0, math.inf)
-    return ranges
+    edges = (0.0, *process.switch_sigmas, math.inf)
+    return {j: (edges[j], edges[j + 1]) for j in range(process.levels)}
 
 
 class StageDenoisers(nn.Module):
