@@ -1,5 +1,6 @@
 """Tests of the Haar-domain U-Net (section 3.1): Haar transform, buckets, conditioning, config, errors."""
 
+import dataclasses
 import json
 
 import pytest
@@ -210,6 +211,36 @@ def test_controlnet_residuals(net):
         assert (net(x, c, residuals=bumped) - net(x, c)).abs().max() > 1e-4
         with pytest.raises(EdifyError, match=f"{len(skips) + 1} tensors.*got 2"):
             net(x, c, residuals=zeros[:2])
+
+
+def test_band_skip_is_a_per_subband_gain_on_the_input():
+    torch.manual_seed(0)
+    plain = build_network("tiny").eval()
+    torch.manual_seed(0)
+    skip = build_network(dataclasses.replace(PRESETS["tiny"], band_skip=True)).eval()
+    skip.load_state_dict(plain.state_dict(), strict=False)
+    x, c, stage = torch.randn(2, 3, 32, 32), torch.tensor([0.3, -1.0]), torch.tensor([0, 2])
+    torch.testing.assert_close(run(skip, x, None, stage, c), run(plain, x, None, stage, c))  # zero at init
+    # a gain g on every subband adds exactly IDWT(g * DWT(x)) = g * x (orthonormal transform)
+    with torch.no_grad():
+        skip.band_gain.bias.fill_(-0.5)
+    torch.testing.assert_close(run(skip, x, None, stage, c), run(plain, x, None, stage, c) - 0.5 * x)
+    # one subband only: the output moves by that subband of x and nothing else
+    with torch.no_grad():
+        skip.band_gain.bias.zero_()
+        skip.band_gain.bias[47] = 1.0
+    band = torch.zeros(1, 48, 1, 1)
+    band[0, 47] = 1.0
+    expect = HaarIDWT(3)(HaarDWT(3)(x) * band)
+    torch.testing.assert_close(run(skip, x, None, stage, c) - run(plain, x, None, stage, c), expect)
+    # and the gain depends on the noise level through the embedding, and it trains
+    skip.train()
+    loss = skip(x, c, None, stage).square().mean()
+    loss.backward()
+    assert skip.band_gain.weight.grad.abs().sum() > 0
+    with pytest.raises(EdifyError, match="band_skip needs in_channels == out_channels"):
+        UNetConfig(**{**PRESETS["tiny"].to_dict(), "widths": (16, 32), "out_channels": 6, "band_skip": True,
+                      "self_attention_levels": (1,), "cross_attention_levels": (1,)})
 
 
 # -- config and presets ----------------------------------------------------------------------------

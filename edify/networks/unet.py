@@ -52,6 +52,10 @@ class UNetConfig:
     norm_groups: int = 32
     dropout: float = 0.0
     checkpointing: bool = False
+    # A noise- and stage-dependent gain on each Haar subband of the input, added to the output
+    # (zero at init): per-subband shrinkage of the noise, the part of denoising that is linear,
+    # without routing every coefficient through the whole U-Net.
+    band_skip: bool = False
 
     def __post_init__(self):
         n = len(self.widths)
@@ -69,6 +73,9 @@ class UNetConfig:
                      "num_stages", "num_res_blocks", "fourier_dim", "emb_dim", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise EdifyError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.band_skip and self.in_channels != self.out_channels:
+            raise EdifyError(f"band_skip needs in_channels == out_channels, got {self.in_channels} "
+                             f"and {self.out_channels}")
         if self.reference_resolution % self.size_multiple:
             raise EdifyError(f"reference_resolution must be a multiple of {self.size_multiple}, "
                              f"got {self.reference_resolution}")
@@ -149,6 +156,11 @@ class UNet(nn.Module):
 
         self.head_norm = nn.GroupNorm(cfg.norm_groups, ch)
         self.head = nn.Conv2d(ch, 16 * cfg.out_channels, 3, padding=1)
+        self.band_gain = None
+        if cfg.band_skip:
+            self.band_gain = nn.Linear(cfg.emb_dim, 16 * cfg.out_channels)
+            nn.init.zeros_(self.band_gain.weight)
+            nn.init.zeros_(self.band_gain.bias)
 
     # -- checks on static shapes only: safe under torch.compile ------------------------------------
     def check_inputs(self, x: Tensor, c_noise: Tensor, stage: Tensor | None) -> None:
@@ -174,9 +186,10 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def encode(self, x: Tensor, emb: Tensor, ctx: Tensor, mask: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Haar DWT, stem and encoder: the bottom features and the skips (len(skip_channels) of them)."""
-        h = self.stem(self.dwt(x))
+    def encode(self, x: Tensor, emb: Tensor, ctx: Tensor, mask: Tensor,
+               coef: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Haar DWT (or its given `coef`), stem and encoder: the bottom features and the skips."""
+        h = self.stem(self.dwt(x) if coef is None else coef)
         h = h + self.pos(h.shape[2], h.shape[3]).to(h.dtype)
         skips = [h]
         for block in self.down:
@@ -199,7 +212,8 @@ class UNet(nn.Module):
         emb = self.embed(c_noise, stage)
         ctx, mask = self.cond_embed(cond, b, x.device)
 
-        h, skips = self.encode(x, emb, ctx, mask)
+        coef = self.dwt(x)
+        h, skips = self.encode(x, emb, ctx, mask, coef)
         h = self._run(self.mid_res1, h, emb)
         h = self._run(self.mid_attn, h, ctx, mask)
         h = self._run(self.mid_res2, h, emb)
@@ -215,4 +229,7 @@ class UNet(nn.Module):
                 h = block(h)
             else:
                 h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, ctx, mask)
-        return self.idwt(self.head(F.silu(self.head_norm(h))))
+        out = self.head(F.silu(self.head_norm(h)))
+        if self.band_gain is not None:
+            out = out + self.band_gain(F.silu(emb))[:, :, None, None].to(out.dtype) * coef
+        return self.idwt(out)
