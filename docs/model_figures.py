@@ -81,6 +81,9 @@ def curves(args) -> None:
     ax2.plot(images, [r.get("img_per_s", float("nan")) for r in rows], lw=0.8)
     ax2.set_xlabel("images seen")
     ax2.set_ylabel("training img/s (interval)")
+    thousands = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_formatter(thousands)
     fig.suptitle(args.title or str(args.run), fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)

@@ -116,6 +116,8 @@ def test_sampler_reproduces_covariance_by_sampling(gaussian, name, levels):
     exact = exact @ torch.linalg.cholesky(Sigma).T
     floor = rel_err(exact.T @ exact / N_SAMPLES, Sigma)
     err = rel_err(out.T @ out / N_SAMPLES, Sigma)
+    print(f"{name} levels={levels} steps/stage={SAMPLING_STEPS[name, levels]}: "
+          f"covariance error {err:.4f}, floor {floor:.4f}")  # shown with pytest -s
     assert err < 1.2 * floor, (err, floor)
 
 

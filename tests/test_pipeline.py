@@ -150,3 +150,32 @@ def test_generate_cli_writes_pngs_and_fails_cleanly(tmp_path, monkeypatch, capsy
     assert code == 2 and err.count("\n") == 1 and "unknown style 'nope'" in err
     code = cli_main(["generate", "apple", "--model", str(tmp_path / "missing")])
     assert code == 2 and "no model folder" in capsys.readouterr().err
+
+
+def test_package_exposes_the_pipeline(tmp_path):
+    import edify
+
+    assert edify.TextToImagePipeline is TextToImagePipeline
+    tiny_pipeline().save_pretrained(tmp_path / "m")
+    loaded = edify.TextToImagePipeline.from_pretrained(tmp_path / "m", text_encoder=HashEncoder()).to("cpu")
+    assert loaded("red apple", style="noto", seed=0, num_steps=3).images[0].size == (32, 32)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        edify.Nope
+
+
+def test_shipped_demo_model_draws_the_prompt_colours():
+    """The model the README's first command uses: it loads, and its images follow the prompt's colours."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "weights" / "emoji-64"
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    assert pipe.config.resolution == 64 and pipe.config.levels == 3
+    prompts = ["red heart"] * 4 + ["grinning face"] * 4
+    x = pipe(prompts, style="twemoji", seed=[0, 1, 2, 3] * 2, output_type="tensor").images
+    assert x.shape == (8, 3, 64, 64)
+    x = (x + 1) / 2
+    fg = (x.amin(1, keepdim=True) < 0.85).float()  # the drawing, not the white background
+    assert (fg.mean(dim=(1, 2, 3)) > 0.1).all()
+    r, g, b = ((x * fg).sum(dim=(2, 3)) / fg.sum(dim=(2, 3))).unbind(1)  # mean colour of each drawing
+    assert (r[:4] - g[:4]).mean() > 0.25  # red hearts: more red than green
+    assert (torch.minimum(r[4:], g[4:]) - b[4:]).mean() > 0.25  # yellow faces: red and green over blue
