@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -53,7 +55,11 @@ def tiny_pipeline(styles=("noto", "twemoji")) -> TextToImagePipeline:
 def test_save_pretrained_round_trip(tmp_path):
     pipe = tiny_pipeline()
     pipe.save_pretrained(tmp_path / "m", max_shard_bytes=20_000)  # forces several shards
-    assert len(list((tmp_path / "m").glob("model-*.safetensors"))) > 1
+    shards = list((tmp_path / "m").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask for p in shards)  # not owner-only
     loaded = TextToImagePipeline.from_pretrained(tmp_path / "m", text_encoder=HashEncoder())
     assert loaded.config == pipe.config
     for (k, a), (k2, b) in zip(pipe.network.state_dict().items(), loaded.network.state_dict().items()):

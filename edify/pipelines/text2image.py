@@ -274,14 +274,22 @@ def _save_weights(state: dict[str, torch.Tensor], path: Path, max_shard_bytes: i
     for old in list(path.glob("model*.safetensors")) + [path / INDEX_NAME]:
         old.unlink(missing_ok=True)
     if len(shards) == 1:
-        save_file(shards[0], str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+        _save_shard(shards[0], path / WEIGHTS_NAME)
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
+        _save_shard(shard, path / name)
         weight_map.update({k: name for k in shard})
     (path / INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}, indent=1) + "\n")
+
+
+def _save_shard(state: dict[str, torch.Tensor], file: Path) -> None:
+    save_file(state, str(file), metadata={"format": "pt"})
+    # safetensors creates its files owner-only (0600); give them the mode of any other new file
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
