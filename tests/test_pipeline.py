@@ -171,10 +171,9 @@ def test_package_exposes_the_pipeline(tmp_path):
 
 def test_shipped_demo_model_draws_the_prompt_colours():
     """The model the README's first command uses: it loads, and its images follow the prompt's colours."""
-    from pathlib import Path
+    from edify.pipelines.generate_cli import DEFAULT_MODEL
 
-    folder = Path(__file__).resolve().parents[1] / "weights" / "emoji-64"
-    pipe = TextToImagePipeline.from_pretrained(folder)
+    pipe = TextToImagePipeline.from_pretrained(DEFAULT_MODEL)
     assert pipe.config.resolution == 64 and pipe.config.levels == 3
     prompts = ["red heart"] * 4 + ["grinning face"] * 4
     x = pipe(prompts, style="twemoji", seed=[0, 1, 2, 3] * 2, output_type="tensor").images
