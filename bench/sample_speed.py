@@ -8,7 +8,7 @@ same sampler and the same number of sampler steps, hence the same NFE: the multi
 (levels=3, switch sigmas 1 and 5, section 2.2) spends its early steps at 1/4 and 1/2 resolution;
 the single-resolution run (levels=1: standard EDM in pixel space) spends every step at full
 resolution. Text encoding is left out (a constant stand-in encoder), so only sampling is timed.
-Target (DESIGN.md section 4): multi / single <= 0.45 at 256 px on the H100.
+Target (docs/benchmarks.md): multi / single <= 0.45 at 256 px on the H100.
 """
 
 from __future__ import annotations

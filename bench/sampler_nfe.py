@@ -9,7 +9,7 @@ compares them with the split's real images (Inception features cached as in `edi
 Euler and DPM-Solver++(2M) spend one network call per step; Heun two per step but one on the last,
 so its NFE is 2 * steps - 1 (the nearest to the target is used; the table shows the real NFE).
 Every sampler needs at least one step per Laplacian stage, so a cell below that is skipped.
-Target (DESIGN.md section 4): a 16-NFE sampler comes within 10% of the FID of a 64-NFE Heun run.
+Target (docs/benchmarks.md): a 16-NFE sampler comes within 10% of the FID of a 64-NFE Heun run.
 """
 
 from __future__ import annotations

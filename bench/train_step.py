@@ -1,6 +1,6 @@
 """Training-step throughput and MFU of the edify U-Net against the diffusers UNet2DConditionModel anchor.
 
-Both networks train on the same problem (DESIGN.md section 4): a 256 px image, i.e. the Haar
+Both networks train on the same problem (docs/benchmarks.md): a 256 px image, i.e. the Haar
 48 x 64 x 64 grid, with 77 text tokens for cross-attention, bf16 autocast and AdamW. Ours takes the
 3 x 256 x 256 pixels (its Haar transform is inside the network); the anchor takes the 48 x 64 x 64
 Haar coefficients directly, with the same widths. Each model runs eager and under torch.compile.

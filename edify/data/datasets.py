@@ -1,4 +1,4 @@
-"""Image-text loaders: webdataset tar shards and image folders with caption sidecars (DESIGN.md s3).
+"""Image-text loaders: webdataset tar shards and image folders with caption sidecars (docs/design.md section 4).
 
 Every loader yields the same sample record::
 

@@ -1,7 +1,7 @@
 """Named U-Net presets (one registry, the CLI's choices) and the network factory.
 
 - `tiny`: for tests; runs in milliseconds on a CPU.
-- `base-256`: the benchmark configuration of DESIGN.md section 4 (widths 128-256-512-512 on the Haar
+- `base-256`: the benchmark configuration of docs/benchmarks.md (widths 128-256-512-512 on the Haar
   48 x 64 x 64 input of a 256px image), comparable in size to the diffusers anchor (161M params).
 - `emoji-64`: the demo base model; one network serves the three Laplacian stages 16/32/64 px through
   its stage embedding; text tokens from the bundled 384-dim MiniLM encoder; with `band_skip`
