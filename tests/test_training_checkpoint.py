@@ -3,16 +3,19 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from edify.errors import EdifyError
+from edify.pipelines import model_io
 from edify.training import checkpoint as ckpt
 from edify.training.checkpoint import TrainState
 from edify.training.config import get_preset
 from edify.training.ema import EMA, power_gamma
+from test_model_files import edit_json, one_line_error, opened, replace_with  # noqa: F401 (opened: a fixture)
 
 CONFIG = get_preset("tiny-cpu").replace(keep_last=2)
 
@@ -192,3 +195,103 @@ def test_ema_power_function_profile():
         power_gamma(0.5)
     with pytest.raises(EdifyError, match="exactly one"):
         EMA(nn.Linear(2, 2), halflife_images=10.0, decay=0.9)
+
+
+# ---- hostile checkpoints: crafted from a good one, each must fail in one line -------------------
+
+def saved_checkpoint(out: Path) -> Path:
+    model, opt, ema = make()
+    train_steps(model, opt, ema, 1)
+    return save(out, model, opt, ema, 4)
+
+
+def rewrite(folder: Path, name: str, data: bytes) -> None:
+    """Replace a checkpoint file and record its new size and sha256: a consistent hostile checkpoint."""
+    (folder / name).write_bytes(data)
+    edit_json(folder / "state.json", lambda m: _record(m, folder, name))
+
+
+def _record(meta: dict, folder: Path, name: str) -> None:
+    meta["file_sizes"][name] = (folder / name).stat().st_size
+    meta["file_sha256"][name] = model_io.sha256_file(folder / name)
+
+
+def flip_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def drop_tensor_reference(c: Path) -> None:
+    text = (c / "optimizer.json").read_text().replace('"s/state/0.weight/exp_avg"', '"s/nope"', 1)
+    rewrite(c, "optimizer.json", text.encode())
+
+
+def outside(c: Path) -> Path:
+    """A file next to the run folder of checkpoint `c`: never to be read."""
+    file = c.parent.parent / "outside.txt"
+    file.write_text("ckpt-000000000004\n")
+    return file
+
+
+def list_outside_file(c: Path) -> None:
+    def change(m):
+        m["file_sizes"]["../../outside.txt"] = 18
+        m["file_sha256"]["../../outside.txt"] = model_io.sha256_file(outside(c))
+    edit_json(c / "state.json", change)
+
+
+CHECKPOINT_CASES = {
+    "flipped byte, same size": (lambda c: flip_byte(c / "model.safetensors"),
+                                "model.safetensors is corrupt: its sha256"),
+    "state.json without file_sizes": (lambda c: edit_json(c / "state.json", lambda m: m.pop("file_sizes")),
+                                      "lacks the required field 'file_sizes'"),
+    "state.json a list": (lambda c: (c / "state.json").write_text("[]"), "has format"),
+    "state.json nested 100k deep": (lambda c: (c / "state.json").write_text("[" * 100_000 + "]" * 100_000),
+                                    "too deeply"),
+    "state.json step a string": (lambda c: edit_json(c / "state.json", lambda m: m.update(step="1")),
+                                 "'step' must be an integer"),
+    "python_random of a wrong size": (lambda c: edit_json(c / "state.json", lambda m: m["python_random"][0][1].pop()),
+                                      "python_random. holds a bad state"),
+    "missing tensor reference": (drop_tensor_reference, "missing tensor 's/nope'"),
+    "optimizer.json nested 100k deep": (lambda c: rewrite(c, "optimizer.json", b"[" * 100_000 + b"]" * 100_000),
+                                        "too deeply"),
+    "optimizer.json nested 200 deep": (lambda c: rewrite(c, "optimizer.json", b"[" * 200 + b"]" * 200),
+                                        "nests deeper than"),
+    "file_sizes entry ../": (list_outside_file, "outside the folder"),
+    "checksum not hex": (lambda c: edit_json(c / "state.json", lambda m: m["file_sha256"].update(
+        {"config.json": "x" * 64})), "malformed digest"),
+    "latest symlinked out": (lambda c: replace_with(c.parent / "latest", lambda p: p.symlink_to(outside(c))),
+                             "leads outside the folder"),
+    "latest names ../": (lambda c: (c.parent / "latest").write_text("ckpt-1/../../x\n"), "names a missing checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+def test_hostile_checkpoints_fail_in_one_line(tmp_path, case, opened):
+    craft, match = CHECKPOINT_CASES[case]
+    folder = saved_checkpoint(tmp_path / "run")
+    craft(folder)
+    opened.clear()
+    message = one_line_error(lambda: ckpt.load_latest(tmp_path / "run", CONFIG, *make(seed=1)), match)
+    assert str(tmp_path / "run") in message
+    assert all(p.is_relative_to((tmp_path / "run").resolve()) for p in opened), opened
+
+
+def test_old_checkpoint_without_checksums_loads_with_a_warning(tmp_path):
+    folder = saved_checkpoint(tmp_path / "run")
+    edit_json(folder / "state.json", lambda m: m.pop("file_sha256"))
+    with pytest.warns(UserWarning, match="no checksums"):
+        state = ckpt.load_latest(tmp_path / "run", CONFIG, *make(seed=1))
+    assert state.images == 4
+
+
+def test_leftovers_of_a_killed_save_are_cleaned_up_on_the_next_run(tmp_path):
+    folder = saved_checkpoint(tmp_path / "run")
+    run = tmp_path / "run"
+    (run / ".tmp-ckpt-000000000008").mkdir()
+    (run / ".tmp-ckpt-000000000008" / "model.safetensors").write_bytes(b"partial")
+    (run / ".latest.tmp").write_text("ckpt-000000000008\n")
+    os.replace(folder, run / f".old-{folder.name}")  # killed between moving the old one aside and the new in
+    assert ckpt.load_latest(run, CONFIG, *make(seed=1)).images == 4
+    assert sorted(os.listdir(run)) == [folder.name, "latest"]

@@ -12,18 +12,25 @@ EDM preconditioning (c_in, c_skip, c_out, c_noise) wraps it from outside. Contro
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from edify.conditioning import Cond
+from edify.conditioning import DOF_NAMES, PITCH_NAMES, Cond
 from edify.errors import EdifyError
 from edify.networks.attention import TransformerBlock
 from edify.networks.embedders import ConditionEmbedder, NoiseStageEmbedding, PositionEncoding
 from edify.networks.layers import HAAR_FACTOR, Downsample, HaarDWT, HaarIDWT, ResBlock, Upsample
+from edify.pipelines.model_io import from_json
+
+# Bounds on a config, checked before anything is allocated: levels and blocks per level (which
+# also bound the time to count the weights), and the values in the state dict (16 GB in fp32).
+MAX_LEVELS = 16
+MAX_RES_BLOCKS = 64
+MAX_WEIGHTS = 4 * 10**9
 
 
 @dataclass(frozen=True)
@@ -58,27 +65,76 @@ class UNetConfig:
     band_skip: bool = False
 
     def __post_init__(self):
+        self._check_ranges()
+        self._check_structure()
+        weights = self.num_weights
+        if weights > MAX_WEIGHTS:
+            raise EdifyError(f"this network would hold {weights:,} weights, over the limit of {MAX_WEIGHTS:,}")
+
+    def _check_ranges(self) -> None:
         n = len(self.widths)
-        if n < 1:
-            raise EdifyError(f"widths must name at least one level, got {self.widths}")
+        if not 1 <= n <= MAX_LEVELS:
+            raise EdifyError(f"widths must name 1 to {MAX_LEVELS} levels, got {n}")
+        for name in ("in_channels", "out_channels", "text_dim", "context_dim", "num_media_types", "num_stages",
+                     "num_res_blocks", "fourier_dim", "emb_dim", "mlp_ratio", "head_dim", "norm_groups",
+                     "reference_resolution"):
+            if getattr(self, name) < 1:
+                raise EdifyError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.widths) < 1:
+            raise EdifyError(f"every width must be >= 1, got {min(self.widths)}")
+        if self.num_res_blocks > MAX_RES_BLOCKS:
+            raise EdifyError(f"num_res_blocks must be <= {MAX_RES_BLOCKS}, got {self.num_res_blocks}")
+        if not 0 <= self.dropout < 1:
+            raise EdifyError(f"dropout must lie in [0, 1), got {self.dropout}")
+
+    def _check_structure(self) -> None:
+        n = len(self.widths)
         for name in ("self_attention_levels", "cross_attention_levels"):
-            bad = [lv for lv in getattr(self, name) if not 0 <= lv < n]
+            levels = getattr(self, name)
+            bad = [lv for lv in levels if not 0 <= lv < n]
             if bad:
-                raise EdifyError(f"{name} must lie in [0, {n - 1}], got {bad}")
+                raise EdifyError(f"{name} must lie in [0, {n - 1}], got {bad[:8]}")
+            if len(set(levels)) != len(levels):
+                raise EdifyError(f"{name} must not repeat a level, got {list(levels[:8])}")
         for w in self.widths:
             if w % self.norm_groups or w % self.head_dim:
                 raise EdifyError(f"every width must be a multiple of norm_groups={self.norm_groups} and "
                                  f"head_dim={self.head_dim}, got {w}")
-        for name in ("in_channels", "out_channels", "text_dim", "context_dim", "num_media_types",
-                     "num_stages", "num_res_blocks", "fourier_dim", "emb_dim", "mlp_ratio"):
-            if getattr(self, name) < 1:
-                raise EdifyError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.band_skip and self.in_channels != self.out_channels:
             raise EdifyError(f"band_skip needs in_channels == out_channels, got {self.in_channels} "
                              f"and {self.out_channels}")
         if self.reference_resolution % self.size_multiple:
             raise EdifyError(f"reference_resolution must be a multiple of {self.size_multiple}, "
                              f"got {self.reference_resolution}")
+
+    @property
+    def num_weights(self) -> int:
+        """Values in the network's state dict, counted from the config alone (nothing allocated)."""
+        w, e, c = self.widths, self.emb_dim, self.context_dim
+        n = 2 * self.fourier_dim + _linear(self.fourier_dim, e) + _linear(e, e) + self.num_stages * e
+        tokens = len(PITCH_NAMES) + len(DOF_NAMES) + self.num_media_types + 3  # each table has a null row
+        n += _linear(self.text_dim, c) + tokens * c + 2 * c
+        n += _conv(16 * self.in_channels, w[0]) + w[0] * (self.reference_resolution // HAAR_FACTOR) ** 2
+        skips, ch = [w[0]], w[0]
+        for i, wi in enumerate(w):  # encoder
+            for _ in range(self.num_res_blocks):
+                n, ch = n + self._level(ch, wi, i), wi
+                skips.append(ch)
+            if i < len(w) - 1:
+                n += _conv(ch, ch)
+                skips.append(ch)
+        n += 2 * _res_block(ch, ch, e) + _transformer(ch, self, True, True)  # middle
+        for i in reversed(range(len(w))):  # decoder
+            for _ in range(self.num_res_blocks + 1):
+                n, ch = n + self._level(ch + skips.pop(), w[i], i), w[i]
+            n += _conv(ch, ch) if i > 0 else 0
+        n += 2 * ch + _conv(ch, 16 * self.out_channels)
+        return n + (_linear(e, 16 * self.out_channels) if self.band_skip else 0)
+
+    def _level(self, in_ch: int, out_ch: int, level: int) -> int:
+        self_attn, cross = level in self.self_attention_levels, level in self.cross_attention_levels
+        attn = _transformer(out_ch, self, self_attn, cross) if self_attn or cross else 0
+        return _res_block(in_ch, out_ch, self.emb_dim) + attn
 
     @property
     def size_multiple(self) -> int:
@@ -90,11 +146,33 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise EdifyError(f"unknown U-Net config keys {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        """A config from its JSON object: each field checked against its declared type (lists become
+        tuples), then by the checks above, which bound the network's size before it is built."""
+        return from_json(cls, d, "U-Net config")
+
+
+# Values in the state dicts of the layers, for UNetConfig.num_weights.
+def _conv(in_ch: int, out_ch: int, k: int = 3) -> int:
+    return in_ch * out_ch * k * k + out_ch
+
+
+def _linear(in_dim: int, out_dim: int, bias: bool = True) -> int:
+    return in_dim * out_dim + (out_dim if bias else 0)
+
+
+def _res_block(in_ch: int, out_ch: int, emb_dim: int) -> int:
+    skip = _conv(in_ch, out_ch, 1) if in_ch != out_ch else 0
+    return 2 * in_ch + _conv(in_ch, out_ch) + _linear(emb_dim, 2 * out_ch) + 2 * out_ch + _conv(out_ch, out_ch) + skip
+
+
+def _transformer(d: int, cfg: UNetConfig, self_attention: bool, cross: bool) -> int:
+    hidden = cfg.mlp_ratio * d
+    n = 2 * d + 2 * _linear(d, d) + 2 * d + _linear(d, hidden) + _linear(hidden, d)  # norms, projections, MLP
+    if self_attention:
+        n += _linear(d, 3 * d, bias=False) + _linear(d, d) + 2 * d
+    if cross:
+        n += _linear(d, d, bias=False) + _linear(cfg.context_dim, 2 * d, bias=False) + _linear(d, d) + 2 * d
+    return n
 
 
 class Level(nn.Module):

@@ -9,11 +9,17 @@ A checkpoint is a directory `ckpt-<images>` (images zero-padded to 12 digits so 
                          the optimizer state dict's tensors, and its structure with the tensors
                          replaced by {"__tensor__": key}
     rng.safetensors      torch CPU/CUDA generator states of every rank (uint8), numpy's MT state
-    state.json           step, images seen, data position, counters, python RNG, file sizes
+    state.json           step, images seen, data position, counters, python RNG, the size and
+                         sha256 of every other file
 
 It is written into a temporary directory, every file fsynced, then renamed into place; the
 `latest` pointer file is replaced atomically last. An interrupted save therefore leaves the
-previous checkpoint and pointer intact.
+previous checkpoint and pointer intact, and what it left behind is cleaned up by the next save
+or resume (`remove_leftovers`).
+
+Loading treats the files as untrusted: state.json is checked against its schema (`CheckpointMeta`),
+every file it names must lie inside the checkpoint, and each file is checked against its recorded
+size and sha256 before use (checkpoints written before checksums were recorded load with a warning).
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +39,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edify.errors import EdifyError
+from edify.pipelines.model_io import (brief, first_line, from_json, inside, naming, parse_json, read_bytes, read_json,
+                                      regular_file, sha256_file)
 from edify.training import config as config_lib
 from edify.training import distributed
 from edify.training.config import TrainConfig
@@ -39,6 +49,7 @@ from edify.training.ema import EMA
 FORMAT = 1
 PREFIX = "ckpt-"
 LATEST = "latest"
+MAX_DEPTH = 64  # nesting of the optimizer state structure (a real one nests about 8 deep)
 
 
 @dataclass
@@ -49,6 +60,39 @@ class TrainState:
     images: int = 0
     data: dict = field(default_factory=dict)
     nonfinite_total: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """The schema of state.json; `read_meta` checks a file against it field by field."""
+
+    format: int
+    step: int
+    images: int
+    data: dict
+    nonfinite_total: int
+    world_size: int
+    python_random: tuple[tuple[int, tuple[int, ...], float | None], ...]  # random.getstate() per rank
+    file_sizes: dict[str, int]
+    file_sha256: dict[str, str] | None = None  # absent in checkpoints of older versions
+
+    def __post_init__(self):
+        for name in ("step", "images", "nonfinite_total"):
+            if getattr(self, name) < 0:
+                raise EdifyError(f"field {name!r} must be >= 0, got {getattr(self, name)}")
+        if self.world_size < 1:
+            raise EdifyError(f"field 'world_size' must be >= 1, got {self.world_size}")
+        if len(self.python_random) != self.world_size:
+            raise EdifyError(f"field 'python_random' must hold one state per rank ({self.world_size}), "
+                             f"got {len(self.python_random)}")
+        if any(size < 0 for size in self.file_sizes.values()):
+            raise EdifyError("field 'file_sizes' holds a negative size")
+        if self.file_sha256 is not None:
+            if set(self.file_sha256) != set(self.file_sizes):
+                raise EdifyError("fields 'file_sha256' and 'file_sizes' must name the same files")
+            bad = [k for k, v in self.file_sha256.items() if not re.fullmatch(r"[0-9a-f]{64}", v)]
+            if bad:
+                raise EdifyError(f"field 'file_sha256' holds a malformed digest for {brief(bad[0])}")
 
 
 def checkpoint_name(images: int) -> str:
@@ -75,17 +119,31 @@ def flatten_state(obj, tensors: dict[str, torch.Tensor], key: str = "s"):
     raise EdifyError(f"cannot store {type(obj).__name__} at {key} in a checkpoint without pickle")
 
 
-def unflatten_state(obj, tensors: dict[str, torch.Tensor]):
-    """Inverse of `flatten_state`."""
+def unflatten_state(obj, tensors: dict[str, torch.Tensor], depth: int = 0):
+    """Inverse of `flatten_state`; a structure off its format raises a one-line EdifyError."""
+    if depth > MAX_DEPTH:
+        raise EdifyError(f"optimizer state nests deeper than {MAX_DEPTH} levels")
     if isinstance(obj, list):
-        return [unflatten_state(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__tuple__" in obj:
-            return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
-        return {k: unflatten_state(v, tensors) for k, v in obj["__dict__"]}
-    return obj
+        return [unflatten_state(v, tensors, depth + 1) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    kind, value = next(iter(obj.items())) if len(obj) == 1 else (None, None)
+    if kind == "__tensor__":
+        if not isinstance(value, str) or value not in tensors:
+            raise EdifyError(f"optimizer state refers to a missing tensor {brief(value)}")
+        return tensors[value]
+    if kind == "__tuple__" and isinstance(value, list):
+        return tuple(unflatten_state(v, tensors, depth + 1) for v in value)
+    if kind == "__dict__" and isinstance(value, list):
+        return dict(_dict_entry(item, tensors, depth + 1) for item in value)
+    raise EdifyError(f"optimizer state holds an object of unknown kind (keys {brief(sorted(obj))})")
+
+
+def _dict_entry(item, tensors: dict[str, torch.Tensor], depth: int) -> tuple:
+    if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], (int, str))
+            and not isinstance(item[0], bool)):
+        raise EdifyError(f"optimizer state holds a malformed dict entry {brief(item)}")
+    return item[0], unflatten_state(item[1], tensors, depth)
 
 
 # ---- RNG states -------------------------------------------------------------------------------
@@ -104,6 +162,16 @@ def capture_rng() -> dict[str, torch.Tensor]:
 
 
 def restore_rng(states: dict[str, torch.Tensor]) -> None:
+    """Inverse of `capture_rng`; states of the wrong kind or size raise a one-line EdifyError."""
+    try:
+        _restore_rng(states)
+    except EdifyError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+        raise EdifyError(f"bad RNG state: {first_line(err)}") from None
+
+
+def _restore_rng(states: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(states["torch_cpu"])
     cuda = [states[k] for k in sorted(k for k in states if k.startswith("cuda"))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -160,9 +228,8 @@ def save_checkpoint(out_dir: str | Path, config: TrainConfig, model: nn.Module,
     final = out_dir / name
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out_dir)
         tmp = out_dir / f".tmp-{name}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         tmp.mkdir()
         try:
             _write_text(tmp / "config.json", config.to_json())
@@ -175,10 +242,12 @@ def save_checkpoint(out_dir: str | Path, config: TrainConfig, model: nn.Module,
             _write_text(tmp / "optimizer.json", json.dumps(structure))
             _write_tensors(tmp / "rng.safetensors",
                            {f"rank{r}.{k}": v for r, states in enumerate(rngs) for k, v in states.items()})
-            sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            files = sorted(tmp.iterdir())
             meta = {"format": FORMAT, "step": state.step, "images": state.images, "data": state.data,
                     "nonfinite_total": state.nonfinite_total, "world_size": distributed.world_size(),
-                    "python_random": [[s[0], list(s[1]), s[2]] for s in py_rngs], "file_sizes": sizes}
+                    "python_random": [[s[0], list(s[1]), s[2]] for s in py_rngs],
+                    "file_sizes": {p.name: p.stat().st_size for p in files},
+                    "file_sha256": {p.name: sha256_file(p) for p in files}}
             _write_text(tmp / "state.json", json.dumps(meta))
             _fsync_path(tmp)
             if final.exists():  # the same images count saved again: swap the old one out first
@@ -209,65 +278,118 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 
 
 def prune(out_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names), and the
-    temporary folders a killed process left behind (rank 0 is the only writer, so none is live)."""
+    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names), and what
+    a killed save left behind."""
     latest = latest_checkpoint(out_dir)
     for path in list_checkpoints(out_dir)[:-keep_last]:
         if latest is None or path.resolve() != latest.resolve():
             shutil.rmtree(path, ignore_errors=True)
-    for path in out_dir.glob(f".tmp-{PREFIX}*"):
-        shutil.rmtree(path, ignore_errors=True)
+    remove_leftovers(out_dir)
+
+
+def remove_leftovers(out_dir: Path) -> None:
+    """Clean up after a save that was killed (rank 0 is the only writer, so none is live): a
+    checkpoint moved aside for its replacement is moved back if the replacement never landed;
+    temporary folders and the pointer's temporary file are deleted."""
+    for old in sorted(out_dir.glob(f".old-{PREFIX}*")):
+        final = out_dir / old.name.removeprefix(".old-")
+        if old.is_symlink():
+            old.unlink()
+        elif os.path.lexists(final):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+    for tmp in out_dir.glob(f".tmp-{PREFIX}*"):
+        if tmp.is_symlink():
+            tmp.unlink()
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    (out_dir / f".{LATEST}.tmp").unlink(missing_ok=True)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The checkpoint `latest` names, or None if the directory holds no pointer."""
-    pointer = Path(out_dir) / LATEST
+    out_dir = Path(out_dir)
+    pointer = out_dir / LATEST
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
-    path = Path(out_dir) / name
-    if not name.startswith(PREFIX) or not path.is_dir():
+    name = read_bytes(inside(out_dir, LATEST, f"run folder {out_dir}"), 4096).decode("utf-8", errors="replace").strip()
+    if not re.fullmatch(rf"{PREFIX}\d+", name):
+        raise EdifyError(f"{pointer} names a missing checkpoint {brief(name)}")
+    path = inside(out_dir, name, str(pointer))
+    if not path.is_dir():
         raise EdifyError(f"{pointer} names a missing checkpoint {name!r}")
     return path
 
 
 # ---- load ------------------------------------------------------------------------------------
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise EdifyError(f"checkpoint file missing: {path}")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for truncated headers/data
-        raise EdifyError(f"checkpoint file {path} is corrupt: {err}") from None
-
-
 def read_meta(path: str | Path) -> dict:
+    """state.json of a checkpoint, checked against `CheckpointMeta`; every file it lists must lie in
+    the checkpoint and have its recorded size (checksums are checked as each file is read)."""
     path = Path(path)
-    try:
-        meta = json.loads((path / "state.json").read_text())
-    except FileNotFoundError:
-        raise EdifyError(f"not a checkpoint (no state.json): {path}") from None
-    except json.JSONDecodeError as err:
-        raise EdifyError(f"checkpoint {path} has a corrupt state.json: {err}") from None
-    if meta.get("format") != FORMAT:
-        raise EdifyError(f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT}")
-    for fname, size in meta["file_sizes"].items():
-        f = path / fname
-        if not f.is_file():
+    file = inside(path, "state.json", f"checkpoint {path}")
+    if not os.path.lexists(file):
+        raise EdifyError(f"not a checkpoint (no state.json): {path}")
+    meta = read_json(file)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise EdifyError(f"checkpoint {path} has format {brief(got)}, expected {FORMAT}")
+    with naming(file):
+        from_json(CheckpointMeta, meta, "checkpoint state")
+    for name, size in meta["file_sizes"].items():
+        f = inside(path, name, str(file))
+        if not os.path.lexists(f):
             raise EdifyError(f"checkpoint file missing: {f}")
-        if f.stat().st_size != size:
-            raise EdifyError(f"checkpoint file {f} is corrupt: {f.stat().st_size} bytes, expected {size}")
+        actual = regular_file(f).st_size
+        if actual != size:
+            raise EdifyError(f"checkpoint file {f} is corrupt: {actual} bytes, expected {size}")
+    if meta.get("file_sha256") is None:
+        warnings.warn(f"checkpoint {path} records no checksums (written by an older version): only its file "
+                      f"sizes are checked", stacklevel=2)
     return meta
 
 
-def read_config(path: str | Path) -> TrainConfig:
+def _checked(path: Path, name: str, meta: dict) -> Path:
+    """Checkpoint file `name`, listed in state.json and matching its recorded sha256 (if any)."""
+    if name not in meta["file_sizes"]:
+        raise EdifyError(f"checkpoint file missing: {path / name} (state.json does not list it)")
+    file = inside(path, name, f"checkpoint {path}")
+    digest = (meta.get("file_sha256") or {}).get(name)
+    if digest is not None and sha256_file(file) != digest:
+        raise EdifyError(f"checkpoint file {file} is corrupt: its sha256 differs from the one state.json records")
+    return file
+
+
+def _read_tensors(path: Path, name: str, meta: dict) -> dict[str, torch.Tensor]:
+    file = _checked(path, name, meta)
     try:
-        return TrainConfig.from_json((Path(path) / "config.json").read_text())
-    except FileNotFoundError:
-        raise EdifyError(f"checkpoint file missing: {Path(path) / 'config.json'}") from None
-    except json.JSONDecodeError as err:
-        raise EdifyError(f"checkpoint {path} has a corrupt config.json: {err}") from None
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own error types for truncated headers/data
+        raise EdifyError(f"checkpoint file {file} is corrupt: {first_line(err)}") from None
+
+
+def _read_json(path: Path, name: str, meta: dict):
+    file = _checked(path, name, meta)
+    return parse_json(read_bytes(file), file)
+
+
+def read_config(path: str | Path, meta: dict | None = None) -> TrainConfig:
+    """The TrainConfig a checkpoint was written with (checked against `meta`'s records if given)."""
+    path = Path(path)
+    file = _checked(path, "config.json", meta) if meta is not None else inside(path, "config.json", str(path))
+    if not os.path.lexists(file):
+        raise EdifyError(f"checkpoint file missing: {file}")
+    data = read_json(file)
+    with naming(file):
+        if not isinstance(data, dict):
+            raise EdifyError(f"a training config must be a JSON object, got {brief(data)}")
+        try:
+            return TrainConfig.from_dict(data)
+        except EdifyError:
+            raise
+        except (TypeError, ValueError, ArithmeticError, AttributeError) as err:
+            raise EdifyError(f"bad training config: {first_line(err)}") from None
 
 
 def load_checkpoint(path: str | Path, config: TrainConfig, model: nn.Module,
@@ -276,45 +398,64 @@ def load_checkpoint(path: str | Path, config: TrainConfig, model: nn.Module,
     """Load weights, optimizer, EMA and RNG states into the given objects; return the counters.
 
     Raises EdifyError if the checkpoint was written with a config that differs in anything
-    but the fields listed in config.RESUMABLE_FIELDS, or if a file is missing or corrupt.
+    but the fields listed in config.RESUMABLE_FIELDS, or if a file is missing or corrupt; every
+    file is read and checked before any object is changed.
     Every rank calls it (each rank reads the files and keeps its own shard) and gets back its own
     global RNG states, when the world size is the one the checkpoint was written with.
     """
     path = Path(path)
     meta = read_meta(path)
-    saved = read_config(path)
-    changes = config_lib.diff(saved, config)
+    changes = config_lib.diff(read_config(path, meta), config)
     if changes:
         raise EdifyError(f"checkpoint {path.name} was written with another config ({'; '.join(changes)})")
-    msd = _read_tensors(path / "model.safetensors")
+    msd = _read_tensors(path, "model.safetensors", meta)
     osd = None
     if optimizer is not None:
-        try:
-            structure = json.loads((path / "optimizer.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError) as err:
-            raise EdifyError(f"checkpoint {path.name} has a missing or corrupt optimizer.json: {err}") from None
-        osd = unflatten_state(structure, _read_tensors(path / "optimizer.safetensors"))
-    try:
-        distributed.load_full_state_dicts(model, optimizer, msd, osd)
-    except (RuntimeError, KeyError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EdifyError(f"checkpoint {path.name} does not fit the model: {first}") from None
+        structure = _read_json(path, "optimizer.json", meta)
+        tensors = _read_tensors(path, "optimizer.safetensors", meta)
+        with naming(path / "optimizer.json"):
+            osd = unflatten_state(structure, tensors)
+            if not isinstance(osd, dict):
+                raise EdifyError(f"the optimizer state must be an object, got {brief(structure)}")
+    ema_sd = _read_tensors(path, "ema.safetensors", meta) if ema is not None else None
+    rank = distributed.rank()
+    restore = restore_rng_states and meta["world_size"] == distributed.world_size()
+    rng = _read_tensors(path, "rng.safetensors", meta) if restore else None
+
+    _load_into(path, model, optimizer, msd, osd)
     if ema is not None:
-        ema.load_state_dict(_read_tensors(path / "ema.safetensors"))
-    if restore_rng_states and meta["world_size"] == distributed.world_size():
-        rank = distributed.rank()
-        tensors = _read_tensors(path / "rng.safetensors")
+        ema.load_state_dict(ema_sd)
+    if restore:
         prefix = f"rank{rank}."
-        restore_rng({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        version, internal, gauss = meta["python_random"][rank]
-        random.setstate((version, tuple(internal), gauss))
+        with naming(path / "rng.safetensors"):
+            restore_rng({k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)})
+        _restore_python_random(path, meta["python_random"][rank])
     return TrainState(step=meta["step"], images=meta["images"], data=meta["data"],
                       nonfinite_total=meta["nonfinite_total"])
 
 
+def _load_into(path: Path, model: nn.Module, optimizer, msd: dict, osd: dict | None) -> None:
+    try:
+        distributed.load_full_state_dicts(model, optimizer, msd, osd)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+        raise EdifyError(f"checkpoint {path.name} does not fit the model: {first_line(err)}") from None
+
+
+def _restore_python_random(path: Path, state) -> None:
+    version, internal, gauss = state
+    try:
+        random.setstate((version, tuple(internal), gauss))
+    except (ValueError, TypeError, OverflowError) as err:
+        raise EdifyError(f"{path / 'state.json'}: field 'python_random' holds a bad state: {first_line(err)}") from None
+
+
 def load_latest(out_dir: str | Path, config: TrainConfig, model: nn.Module,
                 optimizer: torch.optim.Optimizer | None, ema: EMA | None) -> TrainState | None:
-    """Load the checkpoint `latest` points at; None if `out_dir` holds none yet."""
+    """Load the checkpoint `latest` points at, after cleaning up what a killed save left behind;
+    None if `out_dir` holds none yet."""
+    if distributed.is_main() and Path(out_dir).is_dir():
+        remove_leftovers(Path(out_dir))
+    distributed.barrier()
     path = latest_checkpoint(out_dir)
     return None if path is None else load_checkpoint(path, config, model, optimizer, ema)
 
@@ -324,7 +465,6 @@ def load_weights(path: str | Path, use_ema: bool = True) -> tuple[TrainConfig, d
     path = Path(path)
     if path.is_dir() and (path / LATEST).is_file():
         path = latest_checkpoint(path)
-    read_meta(path)
-    ema_file = path / "ema.safetensors"
-    weights = _read_tensors(ema_file if use_ema and ema_file.is_file() else path / "model.safetensors")
-    return read_config(path), weights
+    meta = read_meta(path)
+    name = "ema.safetensors" if use_ema and "ema.safetensors" in meta["file_sizes"] else "model.safetensors"
+    return read_config(path, meta), _read_tensors(path, name, meta)
