@@ -1,24 +1,48 @@
-"""The closed-form test of the Laplacian samplers (DESIGN.md section 1).
+"""The closed-form test of the Laplacian samplers (docs/design.md section 1).
 
 Gaussian data x0 ~ N(0, Sigma) with a power-law spectrum on 1x16x16 images. At every stage j the
-exact denoiser is linear: E[down^j x0 | y] = D_j Sigma M^T (M Sigma M^T + s_j^2 I)^-1 y with
-M = D_j A(s), s_j = s / 2^j. Running each sampler with these denoisers must reproduce Sigma:
-(1) by sampling, within 1.2x the error of as many exact draws; (2) exactly, by pushing unit
-basis vectors through the (then linear) sampler, with the error shrinking at the method's order.
+exact denoiser is linear (edify.core.gaussian). Its attenuations come from a transcription of the
+cosine ramp written here, not from the library, so a wrong ramp in the library cannot hide.
+Running each sampler with these denoisers must reproduce Sigma, judged band by band with whitened
+statistics (each direction of a band counts alike, so the small finest band is not drowned by the
+coarse one):
+
+(1) exactly: the output covariance of the (then linear) sampler, whose per-band whitened variance
+    tends to 1 at the method's order;
+(2) by sampling: 10k draws from pure noise, whose per-band whitened variance is as far from 1 as
+    (1) says plus sampling noise, and whose covariance error is within 1.2x that of exact draws.
+
+`test_mutant_is_caught` shows that plausible bugs (switch noise 5% low, a ramp still 0.05 at the
+switch, a late switch, an inverted 2M ratio, a fixed trapezoid weight) make these checks fail.
 """
+
+import math
 
 import pytest
 import torch
 
 import edify.core.laplacian as laplacian_module
+import edify.core.samplers as samplers_module
+from edify.core.gaussian import ExactDenoiser, band_basis, band_report, output_covariance, power_law_cov
 from edify.core.laplacian import LaplacianProcess
 from edify.core.samplers import SAMPLERS, initial_state
-from edify.core.schedules import laplacian_sigmas
+from edify.core.schedules import default_stage_weights, laplacian_sigmas, split_steps
 
 f64 = torch.float64
 N_SIDE = 16
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-PROCESSES = {3: LaplacianProcess(3, (0.8, 4.0), ramp="cosine", ramp_width=2.0), 1: LaplacianProcess(1, ())}
+SWITCH = (0.8, 4.0)
+PROCESSES = {3: LaplacianProcess(3, SWITCH, ramp="cosine", ramp_width=2.0), 1: LaplacianProcess(1, ())}
+
+
+def cosine_ramp(sigma: float, s_star: float, width: float = 2.0) -> float:
+    """a(sigma): 1 below s*/width, 0 from s* up, (1 + cos(pi t)) / 2 between, t linear in log sigma."""
+    t = min(max(1 + math.log(max(sigma, 1e-300) / s_star) / math.log(width), 0.0), 1.0)
+    return 0.5 * (1 + math.cos(math.pi * t))
+
+
+def reference_attenuation(levels: int):
+    return lambda sigma: [cosine_ramp(sigma, s) for s in SWITCH[:levels - 1]] + [1.0]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,143 +54,203 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def block_mean(n: int, k: int) -> torch.Tensor:
-    """down^k as an (n/2^k)^2 x n^2 matrix on row-major n x n images (built independently)."""
-    m = 2**k
-    d1 = torch.kron(torch.eye(n // m, dtype=f64), torch.ones(1, m, dtype=f64) / m)
-    return torch.kron(d1, d1)
-
-
-def power_law_cov(n: int) -> torch.Tensor:
-    """Stationary periodic field with spectrum 1 / (|f|^2 + 1), unit per-pixel variance."""
-    f = torch.fft.fftfreq(n, dtype=f64) * n
-    c = torch.fft.ifft2(1 / (f[:, None] ** 2 + f[None, :] ** 2 + 1)).real
-    c = c / c[0, 0]
-    i = torch.arange(n)
-    dy = (i[:, None, None, None] - i[None, None, :, None]) % n
-    dx = (i[None, :, None, None] - i[None, None, None, :]) % n
-    return c[dy, dx].reshape(n * n, n * n)
-
-
-class ExactDenoiser:
-    """E[down^j x0 | y] for Gaussian x0, per stage and per sigma (float64 matrices, cached).
-
-    With M = sum_i a_i D_j Pi_i, both M Sigma M^T and D_j Sigma M^T are combinations of per-stage
-    blocks D_j Pi_i Sigma Pi_k D_j^T computed once; each sigma then costs one solve.
-    """
-
-    def __init__(self, process: LaplacianProcess, Sigma: torch.Tensor, n: int):
-        self.process, K = process, process.levels
-        P = [block_mean(n, k).T @ block_mean(n, k) * 4**k for k in range(K)]  # up^k down^k
-        Pi = [P[i] - P[i + 1] for i in range(K - 1)] + [P[K - 1]]  # band projectors, sum = I
-        self.blocks = []
-        for j in range(K):
-            DPi = [block_mean(n, j) @ Pi_i for Pi_i in Pi]
-            SD = [Sigma @ DPi_k.T for DPi_k in DPi]
-            self.blocks.append(([[DPi[i] @ SD[k] for k in range(K)] for i in range(K)],
-                                [block_mean(n, j) @ SD[k] for k in range(K)]))
-        self.cache = {}
-
-    def matrix(self, sigma_px: float, stage: int) -> torch.Tensor:
-        """G^T with E[down^j x0 | y] = y G^T for row vectors y."""
-        key = (sigma_px, stage)
-        if key not in self.cache:
-            a = self.process.attenuation(sigma_px * 2**stage).tolist()
-            MSM, DSM = self.blocks[stage]
-            cov_y = sum(a[i] * a[k] * MSM[i][k] for i in range(len(a)) for k in range(len(a)))
-            cov_y = cov_y + sigma_px**2 * torch.eye(len(cov_y), dtype=f64)
-            cross = sum(a_k * DSM_k for a_k, DSM_k in zip(a, DSM))  # D_j Sigma M^T
-            self.cache[key] = torch.linalg.solve(cov_y, cross.T)
-        return self.cache[key]
-
-    def __call__(self, x, sigma, cond=None, stage=None):
-        G = self.matrix(float(sigma[0]), int(stage[0]))
-        B, C, h, w = x.shape
-        return (x.reshape(B, h * w) @ G.to(x.dtype)).reshape(B, C, h, w)
-
-
-def rel_err(C: torch.Tensor, Sigma: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(C - Sigma) / torch.linalg.matrix_norm(Sigma))
-
-
 @pytest.fixture(scope="module")
 def gaussian():
     Sigma = power_law_cov(N_SIDE)
-    return Sigma, {K: ExactDenoiser(p, Sigma, N_SIDE) for K, p in PROCESSES.items()}
+    return Sigma, {K: ExactDenoiser(p, Sigma, N_SIDE, attenuation=reference_attenuation(K))
+                   for K, p in PROCESSES.items()}
 
 
-# -- (1) by sampling ---------------------------------------------------------------------------
+def schedule(levels: int, total_steps: int) -> torch.Tensor:
+    """The pipeline's default schedule (split and ramp-aware placement) for `total_steps`."""
+    process = PROCESSES[levels]
+    steps = split_steps(total_steps, default_stage_weights(levels))
+    return laplacian_sigmas(process, steps, SIGMA_MIN, SIGMA_MAX, 7.0, 0.45)
+
+
+# total steps (n, 2n) of the exact test; tolerance on |whitened variance - 1| per band at 2n; the
+# smallest error ratio per doubling (first order ~2, second ~4, third ~8)
+EXACT = {"euler": (96, 0.035, 1.8), "heun": (48, 0.013, 3.0), "exp_trapezoid": (48, 0.004, 3.0),
+         "dpmpp_2m": (48, 0.005, 3.0), "dpmpp_3m": (48, 0.004, 3.0)}
+
+
+def exact_report(name: str, levels: int, total_steps: int, gaussian):
+    Sigma, denoisers = gaussian
+    C = output_covariance(SAMPLERS[name], PROCESSES[levels], schedule(levels, total_steps),
+                          denoisers[levels], Sigma, N_SIDE)
+    return band_report(C, Sigma, N_SIDE, levels)
+
+
+def exact_check(name: str, levels: int, gaussian) -> list[str]:
+    """What is wrong with the sampler's exact output covariance (empty: nothing)."""
+    n, tol, ratio = EXACT[name]
+    coarse, fine = (exact_report(name, levels, k, gaussian) for k in (n, 2 * n))
+    problems = [f"band {i + 1}: whitened variance {v:.4f} at {2 * n} steps (tolerance {tol})"
+                for i, v in enumerate(fine.whitened_variance) if abs(v - 1) > tol]
+    if coarse.relative_error / fine.relative_error < ratio:
+        problems.append(f"error ratio per doubling {coarse.relative_error / fine.relative_error:.2f} < {ratio}")
+    return problems
+
+
+@pytest.mark.parametrize("levels", [3, 1])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_sampler_covariance_converges_at_its_order(gaussian, name, levels):
+    assert exact_check(name, levels, gaussian) == []
+
+
+# -- by sampling --------------------------------------------------------------------------------
 
 N_SAMPLES = 10_000
-# steps per stage; with levels = 1 (plain EDM) the first-order method needs more of them
-SAMPLING_STEPS = {("euler", 3): 64, ("heun", 3): 16, ("dpmpp_2m", 3): 32,
-                  ("euler", 1): 128, ("heun", 1): 32, ("dpmpp_2m", 1): 48}
 
 
-@pytest.mark.parametrize("levels", [3, 1])
-@pytest.mark.parametrize("name", list(SAMPLERS))
+def sampling_check(name: str, levels: int, gaussian, seed: int = 1) -> list[str]:
+    """What is wrong with 10k samples from pure noise (empty: nothing)."""
+    Sigma, denoisers = gaussian
+    process = PROCESSES[levels]
+    total = 2 * EXACT[name][0]
+    g = torch.Generator().manual_seed(seed)
+    x = initial_state(process, SIGMA_MAX, (N_SAMPLES, 1, N_SIDE, N_SIDE), g, dtype=f64)
+    out = SAMPLERS[name](denoisers[levels], x, schedule(levels, total), process, generator=g)
+    out = out.reshape(N_SAMPLES, -1)
+    C = out.T @ out / N_SAMPLES
+    sampled = band_report(C, Sigma, N_SIDE, levels)
+    exact = exact_report(name, levels, total, gaussian)
+    problems = []
+    for i, (U, v_s, v_e) in enumerate(zip(band_basis(N_SIDE, levels), sampled.whitened_variance,
+                                          exact.whitened_variance)):
+        se = math.sqrt(2 / (N_SAMPLES * U.shape[1]))  # std of a whitened variance of N draws
+        if abs(v_s - 1) > abs(v_e - 1) + 5 * se + 0.003:
+            problems.append(f"band {i + 1}: sampled whitened variance {v_s:.4f}, exact {v_e:.4f}, se {se:.4f}")
+    draws = torch.randn(N_SAMPLES, N_SIDE**2, dtype=f64, generator=torch.Generator().manual_seed(2))
+    draws = draws @ torch.linalg.cholesky(Sigma).T
+    floor = band_report(draws.T @ draws / N_SAMPLES, Sigma, N_SIDE, levels).relative_error
+    if sampled.relative_error > 1.2 * floor:
+        problems.append(f"covariance error {sampled.relative_error:.4f} > 1.2 x floor {floor:.4f}")
+    print(f"{name} levels={levels} steps={total}: whitened variance per band "
+          f"{[round(v, 4) for v in sampled.whitened_variance]}, error {sampled.relative_error:.4f}, "
+          f"floor {floor:.4f}")  # shown with pytest -s
+    return problems
+
+
+@pytest.mark.parametrize("levels,name", [(3, n) for n in SAMPLERS] + [(1, "dpmpp_2m")])
 def test_sampler_reproduces_covariance_by_sampling(gaussian, name, levels):
-    Sigma, denoisers = gaussian
-    process = PROCESSES[levels]
-    g = torch.Generator().manual_seed(1)
-    x = initial_state(process, SIGMA_MAX, (N_SAMPLES, 1, N_SIDE, N_SIDE), g)
-    sigmas = laplacian_sigmas(process, SAMPLING_STEPS[name, levels], SIGMA_MIN, SIGMA_MAX)
-    out = SAMPLERS[name](denoisers[levels], x, sigmas, process, generator=g).reshape(N_SAMPLES, -1).double()
-    exact = torch.randn(N_SAMPLES, N_SIDE**2, dtype=f64, generator=torch.Generator().manual_seed(2))
-    exact = exact @ torch.linalg.cholesky(Sigma).T
-    floor = rel_err(exact.T @ exact / N_SAMPLES, Sigma)
-    err = rel_err(out.T @ out / N_SAMPLES, Sigma)
-    print(f"{name} levels={levels} steps/stage={SAMPLING_STEPS[name, levels]}: "
-          f"covariance error {err:.4f}, floor {floor:.4f}")  # shown with pytest -s
-    assert err < 1.2 * floor, (err, floor)
+    assert sampling_check(name, levels, gaussian) == []
 
 
-# -- (2) exactly: the covariance of the sampler's output distribution ---------------------------
+# -- exactness of the exponential trapezoid for a D linear in lambda ------------------------------
 
-def exact_output_covariance(name: str, levels: int, steps: int, denoiser: ExactDenoiser,
-                            Sigma: torch.Tensor, monkeypatch) -> torch.Tensor:
-    """Cov of the sampler's output: with linear denoisers it is linear in its Gaussian inputs.
+def trapezoid_check() -> list[str]:
+    """One exp_trapezoid step with D(sigma) = D0 + (lambda - lambda0) D1, lambda = -log sigma (one
+    level) against the exact solution x_next = (s1/s0) x + s1 * int_{u0}^{u1} D du, u = 1/sigma."""
+    from edify.core.samplers import _Step, exp_trapezoid_step
 
-    The inputs are the initial state (whose exact law N(0, D Sigma D^T + s^2 I) we use here, so
-    that only the integrator's error remains) and one white-noise draw per switch. Feeding unit
-    basis vectors as those inputs, one per batch row, gives the linear map L; Cov = L^T L.
-    """
-    process = PROCESSES[levels]
-    top = levels - 1
-    sizes = [(N_SIDE >> j) ** 2 for j in reversed(range(levels))]  # initial, then each switch
-    total = sum(sizes)
-    offsets = [sum(sizes[:k]) for k in range(levels)]
-    switch = iter(range(1, levels))
-
-    def basis_noise(shape, generator=None, device=None, dtype=None):
-        k = next(switch)
-        e = torch.zeros(total, sizes[k], dtype=dtype)
-        e[offsets[k]:offsets[k] + sizes[k]] = torch.eye(sizes[k], dtype=dtype)
-        return e.reshape(shape)
-
-    monkeypatch.setattr(laplacian_module, "randn", basis_noise)
-    D_top = block_mean(N_SIDE, top)
-    s_top = process.pixel_sigma(SIGMA_MAX, top)
-    cov_T = D_top @ Sigma @ D_top.T + s_top**2 * torch.eye(sizes[0], dtype=f64)  # law of x_T
-    x = torch.zeros(total, sizes[0], dtype=f64)
-    x[:sizes[0]] = torch.linalg.cholesky(cov_T).T
-    x = x.reshape(total, 1, N_SIDE >> top, N_SIDE >> top)
-    sigmas = laplacian_sigmas(process, steps, SIGMA_MIN, SIGMA_MAX)
-    L = SAMPLERS[name](denoiser, x, sigmas, process).reshape(total, -1)
-    monkeypatch.undo()
-    return L.T @ L
+    process = PROCESSES[1]
+    g = torch.Generator().manual_seed(3)
+    x, D0, D1 = (torch.randn(1, 1, 4, 4, dtype=f64, generator=g) for _ in range(3))
+    problems = []
+    for s0, s1 in [(2.0, 1.0), (1.0, 0.2), (0.5, 0.45)]:
+        lam0 = -math.log(s0)
+        D = lambda sigma: D0 + (-math.log(sigma) - lam0) * D1  # noqa: E731
+        u0, u1 = 1 / s0, 1 / s1
+        F = lambda u: D0 * u + D1 * (u * math.log(u) - u - lam0 * u)  # antiderivative in u  # noqa: E731
+        exact = s1 / s0 * x + s1 * (F(u1) - F(u0))
+        step = _Step(process, lambda x_, sigma: D(sigma), s0, s1, 0)
+        err = (exp_trapezoid_step(x, D(s0), step) - exact).abs().max().item()
+        if err > 1e-12:
+            problems.append(f"step {s0} -> {s1}: error {err:.2e}")
+    return problems
 
 
-# (steps, error bound at 2*steps, minimum error ratio per doubling of the steps)
-CONVERGENCE = {"euler": (32, 0.08, 1.7), "heun": (32, 0.005, 3.0), "dpmpp_2m": (32, 0.01, 3.0)}
+def dpmpp_2m_check() -> list[str]:
+    """One level: the 2M step equals DPM-Solver++(2M) as Lu et al. 2022 write it, r = h_prev / h."""
+    from edify.core.samplers import _Step, dpmpp_2m_step
+
+    g = torch.Generator().manual_seed(4)
+    x, D, D_prev = (torch.randn(1, 1, 4, 4, dtype=f64, generator=g) for _ in range(3))
+    problems = []
+    for s_prev, s, s_next in [(2.0, 1.0, 0.4), (1.0, 0.9, 0.3), (5.0, 1.0, 0.8)]:
+        h, h_prev = math.log(s / s_next), math.log(s_prev / s)
+        r = h_prev / h
+        expect = (s_next / s) * x - math.expm1(-h) * ((1 + 1 / (2 * r)) * D - 1 / (2 * r) * D_prev)
+        got = dpmpp_2m_step(x, D, _Step(PROCESSES[1], None, s, s_next, 0), (D_prev, s_prev))
+        err = (got - expect).abs().max().item()
+        if err > 1e-12:
+            problems.append(f"steps {s_prev} -> {s} -> {s_next}: error {err:.2e}")
+    return problems
 
 
-@pytest.mark.parametrize("levels", [3, 1])
-@pytest.mark.parametrize("name", list(SAMPLERS))
-def test_sampler_covariance_converges_at_its_order(gaussian, name, levels, monkeypatch):
-    Sigma, denoisers = gaussian
-    steps, bound, ratio = CONVERGENCE[name]
-    errs = [rel_err(exact_output_covariance(name, levels, n, denoisers[levels], Sigma, monkeypatch), Sigma)
-            for n in (steps, 2 * steps)]
-    assert errs[1] < bound, errs
-    assert errs[0] / errs[1] > ratio, errs
+def test_dpmpp_2m_is_the_textbook_step():
+    assert dpmpp_2m_check() == []
+
+
+def test_exp_trapezoid_is_exact_for_d_linear_in_lambda():
+    assert trapezoid_check() == []
+
+
+# -- mutants: each must make a check fail ---------------------------------------------------------
+
+def _switch_noise_low(monkeypatch):
+    original = laplacian_module.switch_up
+
+    def switch_up(y, sigma, generator=None):
+        x_up, s = original(y, sigma, generator)
+        return laplacian_module.up(y) + 0.95 * (x_up - laplacian_module.up(y)), s  # noise 5% low
+    monkeypatch.setattr(laplacian_module, "switch_up", switch_up)
+
+
+def _ramp_not_zero_at_switch(monkeypatch):
+    original = LaplacianProcess._ramp
+
+    def _ramp(self, sigma, s_star):
+        a = original(self, sigma, s_star)
+        return torch.where(sigma <= s_star, 0.05 + 0.95 * a, a)  # still 0.05 at s*
+    monkeypatch.setattr(LaplacianProcess, "_ramp", _ramp)
+
+
+def _late_switch(monkeypatch):
+    def stage(self, sigma):
+        return sum(1 for s_star in self.switch_sigmas if s_star <= 1.5 * float(sigma))  # at s*/1.5
+    monkeypatch.setattr(LaplacianProcess, "stage", stage)
+
+
+def _inverted_2m_ratio(monkeypatch):
+    original = samplers_module._band_weights
+
+    def _band_weights(c, a_next, l_next, lams, order):
+        if len(lams) == 2 and order == 2 and math.isfinite(l_next):
+            h = l_next - lams[0]
+            r = (lams[0] - lams[1]) / h
+            lams = [lams[0], lams[0] - h / r]  # r -> 1 / r
+        return original(c, a_next, l_next, lams, order)
+    monkeypatch.setattr(samplers_module, "_band_weights", _band_weights)
+
+
+def _trapezoid_weight_half(monkeypatch):
+    monkeypatch.setattr(samplers_module, "_endpoint_weight", lambda h: 0.5)
+
+
+MUTANTS = {
+    "switch noise x0.95": (_switch_noise_low, ["dpmpp_2m", "exp_trapezoid"]),
+    "ramp 0.05 at the switch": (_ramp_not_zero_at_switch, ["dpmpp_2m", "exp_trapezoid"]),
+    "switch at s*/1.5": (_late_switch, ["dpmpp_2m", "exp_trapezoid"]),
+    "inverted 2M ratio": (_inverted_2m_ratio, ["dpmpp_2m"]),
+    "trapezoid end-point weight 1/2": (_trapezoid_weight_half, ["exp_trapezoid"]),
+}
+UNIT_CHECKS = {"exp_trapezoid": trapezoid_check, "dpmpp_2m": dpmpp_2m_check}
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_mutant_is_caught(gaussian, mutant, monkeypatch):
+    apply, names = MUTANTS[mutant]
+    apply(monkeypatch)
+    caught = {}
+    for name in names:
+        if name in UNIT_CHECKS:
+            caught[name, "unit"] = UNIT_CHECKS[name]()
+        caught[name, "exact"] = exact_check(name, 3, gaussian)
+        if not caught[name, "exact"]:  # sampling is slow: only when the exact check missed it
+            caught[name, "sampling"] = sampling_check(name, 3, gaussian)
+    print(f"{mutant}: " + "; ".join(f"{k[0]} {k[1]}: {'FAILS' if v else 'passes'} {v[:1]}"
+                                   for k, v in caught.items()))  # shown with pytest -s
+    assert all(caught[name, "exact"] or caught.get((name, "sampling")) or caught.get((name, "unit"))
+               for name in names), caught

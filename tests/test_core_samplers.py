@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from edify.core.laplacian import LaplacianProcess, down, up
-from edify.core.samplers import (SAMPLERS, _Step, dpmpp_2m_step, first_order_step, heun_step,
-                                 initial_state)
+from edify.core.samplers import (SAMPLERS, _Step, dpmpp_2m_step, exp_trapezoid_step,
+                                 first_order_step, initial_state, multistep_step, ode_velocity,
+                                 sampler_nfe)
 from edify.core.schedules import karras_sigmas, laplacian_sigmas
 from edify.core.seeding import generators, randn
 from edify.errors import EdifyError
@@ -63,21 +64,10 @@ def test_higher_order_steps_exact_when_D_is_x0():
     x = PROC.apply_A(x0, s, 0) + s * eps
     step = _Step(PROC, lambda x_, sig: x0, s, s_next, 0)
     expect = PROC.apply_A(x0, s_next, 0) + s_next * eps
-    assert (heun_step(x, x0, step) - expect).abs().max() < 1e-13
+    assert (exp_trapezoid_step(x, x0, step) - expect).abs().max() < 1e-13
     assert (dpmpp_2m_step(x, x0, step, (x0, s_prev)) - expect).abs().max() < 1e-13
-
-
-def test_dpmpp_2m_matches_textbook_edm_form_for_one_level():
-    """levels=1: lambda = -log s; the 2M step reduces to DPM-Solver++(2M) of Lu et al. 2022."""
-    p = LaplacianProcess(1, ())
-    x, D, D_prev = (torch.randn(1, 1, 4, 4, dtype=f64) for _ in range(3))
-    s_prev, s, s_next = 2.0, 1.0, 0.4
-    h, h_prev = math.log(s / s_next), math.log(s_prev / s)
-    r = h_prev / h
-    D_eff = (1 + 1 / (2 * r)) * D - 1 / (2 * r) * D_prev
-    expect = (s_next / s) * x - math.expm1(-h) * D_eff
-    got = dpmpp_2m_step(x, D, _Step(p, None, s, s_next, 0), (D_prev, s_prev))
-    assert (got - expect).abs().max() < 1e-14
+    hist = [(x0, 1.4), (x0, s_prev)]
+    assert (multistep_step(x, x0, step, hist, order=3) - expect).abs().max() < 1e-13
 
 
 def test_heun_is_second_order_on_linear_ode():
@@ -87,15 +77,67 @@ def test_heun_is_second_order_on_linear_ode():
     D = lambda x, sig, cond=None, stage=None: v / (v + sig.reshape(-1, 1, 1, 1) ** 2) * x
     x_T = torch.ones(1, 1, 2, 2, dtype=f64)
     errs = {}
-    for name in ("heun", "euler"):
+    for name in ("heun", "exp_trapezoid", "euler"):
         errs[name] = []
         for n in (8, 16, 32):
             sig = karras_sigmas(n, 0.05, 10.0, append_zero=False)
             out = SAMPLERS[name](D, x_T.clone(), sig, p)
             exact = math.sqrt((v + 0.05**2) / (v + 10.0**2))
             errs[name].append(abs(out[0, 0, 0, 0].item() - exact))
-    assert errs["heun"][1] / errs["heun"][2] > 3.3 and errs["heun"][0] / errs["heun"][1] > 3.3
+    for name in ("heun", "exp_trapezoid"):
+        assert errs[name][1] / errs[name][2] > 3.3 and errs[name][0] / errs[name][1] > 3.3, (name, errs[name])
     assert 1.6 < errs["euler"][1] / errs["euler"][2] < 2.6
+
+
+def edm_algorithm_1(D, x, t):
+    """Karras et al. 2022, Algorithm 1 (deterministic, S_churn = 0), transcribed line by line."""
+    for i in range(len(t) - 1):
+        t_i, t_next = t[i], t[i + 1]
+        d_i = (x - D(x, t_i)) / t_i  # evaluate dx/dt at t_i
+        x_next = x + (t_next - t_i) * d_i  # Euler step from t_i to t_next
+        if t_next != 0:  # apply 2nd order correction
+            d_prime = (x_next - D(x_next, t_next)) / t_next
+            x_next = x + (t_next - t_i) * (0.5 * d_i + 0.5 * d_prime)
+        x = x_next
+    return x
+
+
+@pytest.mark.parametrize("steps", [8, 16, 32])
+def test_edm_heun_equals_algorithm_1_for_one_level(steps):
+    """With one level, sample_heun is EDM's Heun (and so k-diffusion's sample_heun, churn 0)."""
+    p = LaplacianProcess(1, ())
+    w = torch.randn(4, 4, dtype=f64, generator=torch.Generator().manual_seed(0)) / 4
+
+    def D(x, sigma, cond=None, stage=None):  # a nonlinear denoiser
+        s = torch.as_tensor(sigma, dtype=f64).reshape(-1, 1, 1, 1)
+        return torch.tanh(x @ w) / (1 + s**2) + x / (1 + s)
+
+    sig = karras_sigmas(steps, 0.002, 80.0)
+    x = torch.randn(2, 1, 4, 4, dtype=f64, generator=torch.Generator().manual_seed(1)) * 80
+    ours = SAMPLERS["heun"](D, x.clone(), sig, p)
+    ref = edm_algorithm_1(lambda x_, t: D(x_, torch.full((2,), t, dtype=f64)), x.clone(), sig.tolist())
+    diff = (ours - ref).abs().max().item()
+    print(f"EDM Heun vs Algorithm 1, {steps} steps: max abs difference {diff:.2e}")  # pytest -s
+    assert diff < 1e-10
+
+
+def test_ode_velocity_matches_the_exact_step():
+    """(x_next - x) / (s_next - s) of the exact fixed-D step tends to dx/dsigma."""
+    x, D = torch.randn(2, 1, 16, 16, dtype=f64), torch.randn(2, 1, 16, 16, dtype=f64)
+    for s, stage in [(0.7, 0), (0.5, 0), (3.0, 1), (0.1, 0)]:
+        h = 1e-6 * s
+        step = _Step(PROC, None, s, s - h, stage)
+        xs = down(x, stage)
+        fd = (first_order_step(xs, down(D, stage), step) - xs) / -h
+        v = ode_velocity(xs, down(D, stage), s, PROC, stage)
+        assert (fd - v).abs().max() < 1e-5 * (1 + v.abs().max()), s
+
+
+def test_sampler_nfe():
+    assert sampler_nfe("heun", 8) == 15 and sampler_nfe("exp_trapezoid", 8) == 15
+    assert sampler_nfe("dpmpp_3m", 8) == 8 and sampler_nfe("euler", 8) == 8
+    with pytest.raises(EdifyError, match="unknown sampler 'ddim'"):
+        sampler_nfe("ddim", 8)
 
 
 def test_samplers_switch_resolution_and_call_with_pixel_sigma():
@@ -153,6 +195,10 @@ def test_randn_per_sample():
     lambda: initial_state(PROC, 0.0, (1, 1, 8, 8)),
     lambda: SAMPLERS["euler"](None, torch.zeros(1, 1, 8, 8), torch.tensor([1.0, 2.0, 0.0]), PROC),
     lambda: SAMPLERS["euler"](None, torch.zeros(1, 1, 8, 8), torch.tensor([1.0, 0.0, 0.0]), PROC),
+    lambda: SAMPLERS["euler"](None, torch.zeros(1, 1, 8, 8), torch.tensor([1.0, 0.0]), PROC, final_stage=3),
+    lambda: laplacian_sigmas(PROC, (2, 0, 2), 0.01, 10.0),
+    lambda: laplacian_sigmas(PROC, 2, 0.01, 10.0, final_stage=3),
+    lambda: laplacian_sigmas(PROC, 2, 0.01, 10.0, ramp_weight=-1.0),
 ])
 def test_bad_schedule_input(bad):
     with pytest.raises(EdifyError):

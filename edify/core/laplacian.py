@@ -182,6 +182,20 @@ class LaplacianProcess:
             return 0.5 * (1 + torch.cos(math.pi * t))
         return 1 - t
 
+    def attenuation_slope(self, sigma) -> Tensor:
+        """d a_i / d sigma for i = 1..K as a tensor [..., K] (0 off the ramps; the ramp's one-sided
+        value at its ends, where the cosine ramp's slope is 0 anyway)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        slopes = []
+        for s_star in self.switch_sigmas:
+            t = 1 + (torch.log(sigma.clamp_min(1e-300)) - math.log(s_star)) / math.log(self.ramp_width)
+            on = (t > 0) & (t < 1)
+            dt = 1 / (sigma.clamp_min(1e-300) * math.log(self.ramp_width))  # dt / dsigma
+            da_dt = -0.5 * math.pi * torch.sin(math.pi * t) if self.ramp == "cosine" else -torch.ones_like(t)
+            slopes.append(torch.where(on, da_dt * dt, torch.zeros_like(t)))
+        slopes.append(torch.zeros_like(sigma))  # a_K = 1
+        return torch.stack(slopes, dim=-1)
+
     def stage(self, sigma) -> int:
         """The coarsest stage the state may live at: the number of switch sigmas <= sigma."""
         sigma = float(sigma)

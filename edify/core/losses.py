@@ -1,8 +1,9 @@
 """The EDM training loss on the Laplacian process (Edify Image, Eq. 1; Karras et al. 2022).
 
 For a stage-j expert (resolution R / 2^j) a training example is
-    sigma_j = sigma / 2^j ~ log-normal(P_mean, P_std), truncated to the stage's range, where the
-            sampler uses the expert: full-res sigma in [s_j*, s_{j+1}*] (sec. 2.2.2),
+    sigma_j = sigma / 2^j ~ log-normal(P_mean, P_std), truncated to the stage's range
+            (sec. 2.2.2, `stage_sigma_ranges`: the paper's nested [0, s_{j+1}*], or
+            [s_j*, s_{j+1}*] where a full-resolution sampler uses the expert),
     x     = down^j(A(sigma) x0 + sigma eps)        (per-pixel noise sigma_j = sigma / 2^j),
     loss  = lambda(sigma_j) * mean ||D(x, sigma_j) - down^j(x0)||^2,
     lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2   (Eq. 1, EDM weighting),
@@ -81,10 +82,12 @@ class LaplacianEDMLoss:
     P_mean: float = -1.2
     P_std: float = 1.2
     sigma_data: float = 0.5
+    expert_ranges: str = "truncated"  # or "nested" (the paper's): see stage_sigma_ranges
 
     def __post_init__(self):
         if not self.P_std > 0 or not self.sigma_data > 0:
             raise EdifyError(f"P_std and sigma_data must be positive, got {self.P_std}, {self.sigma_data}")
+        stage_sigma_ranges(self.process, self.expert_ranges)  # validates the mode
 
     def sample_sigma(self, batch: int, stage: int, generator: Generators = None, device=None) -> Tensor:
         """Full-res training sigmas for stage `stage`: the EDM log-normal of the PER-PIXEL sigma the

@@ -7,10 +7,17 @@ The scalings assume the state is x0 + sigma n with Var[x0] = sigma_data^2 per pi
 state carries A(sigma) x0 instead of x0 (some bands attenuated), so this is a preconditioning
 choice, not an identity; the network absorbs the difference (section 2.2, Appendix B).
 
-Mixture of experts (section 2.2.2): a sampler holds a stage-j state (resolution R / 2^j) only for
-full-res sigma in [s_j*, s_{j+1}*] (s_0* = 0, s_K* = inf), so the stage-j expert is trained and
-used on exactly that range. `stage_sigma_ranges` gives these ranges and `StageDenoisers` routes
-each stage to its denoiser at sampling time.
+Mixture of experts (section 2.2.2): `stage_sigma_ranges` gives the full-res sigma range each
+stage's expert is trained on, in one of two modes (`EXPERT_RANGES`):
+
+- "nested", the paper's: the stage-j expert sees every sigma below s_{j+1}* (the coarsest one
+  every sigma). A stage-j state below s_j* is a low-resolution image with less noise, so such a
+  model can also finish at resolution R / 2^j (section 2.2.3; `final_stage` of the samplers).
+- "truncated": stage j only on [s_j*, s_{j+1}*] (s_0* = 0, s_K* = inf), where a full-resolution
+  sampler uses it. All the training goes where the sampler needs it, but no stage but the
+  finest can finish an image. Model folders written before the option existed are this mode.
+
+`StageDenoisers` routes each stage to its denoiser at sampling time.
 """
 
 from __future__ import annotations
@@ -82,16 +89,29 @@ class EDMPrecond(nn.Module):
         return torch.autocast(device_type=device.type, dtype=self.dtype)
 
 
-def stage_sigma_ranges(process: LaplacianProcess) -> dict[int, tuple[float, float]]:
-    """Full-res sigma range [low, high] of each stage's expert (section 2.2.2).
+EXPERT_RANGES = ("nested", "truncated")
 
-    Sampling switches from stage j to j - 1 at s_j*, so a stage-j state exists only for
-    s_j* <= sigma <= s_{j+1}* (both ends are evaluated: Heun's last step of a stage lands on
-    s_j*). The finest stage starts at 0, the coarsest ends at inf. Divide by 2^j for the
-    per-pixel sigma.
+
+def stage_sigma_ranges(process: LaplacianProcess, mode: str = "truncated") -> dict[int, tuple[float, float]]:
+    """Full-res sigma range [low, high] each stage's expert is trained on (section 2.2.2).
+
+    "truncated": sampling switches from stage j to j - 1 at s_j*, so a full-resolution sampler
+    holds a stage-j state only for s_j* <= sigma <= s_{j+1}* (both ends are evaluated: a
+    2-evaluation step of a stage lands on s_j*). "nested": [0, s_{j+1}*], the paper's ranges.
+    The coarsest stage ends at inf. Divide by 2^j for the per-pixel sigma.
     """
+    if mode not in EXPERT_RANGES:
+        raise EdifyError(f"expert ranges must be one of {', '.join(EXPERT_RANGES)}, got {mode!r}")
     edges = (0.0, *process.switch_sigmas, math.inf)
-    return {j: (edges[j], edges[j + 1]) for j in range(process.levels)}
+    low = (lambda j: edges[j]) if mode == "truncated" else (lambda j: 0.0)
+    return {j: (low(j), edges[j + 1]) for j in range(process.levels)}
+
+
+def finishing_stages(process: LaplacianProcess, mode: str) -> tuple[int, ...]:
+    """Stages at which a sampler may stop with a finished image: every stage whose expert was
+    trained down to sigma 0 (section 2.2.3)."""
+    ranges = stage_sigma_ranges(process, mode)
+    return tuple(j for j, (low, _) in ranges.items() if low == 0)
 
 
 class StageDenoisers(nn.Module):

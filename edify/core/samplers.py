@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from edify.conditioning import Cond
-from edify.core.laplacian import LaplacianProcess, scale_bands
+from edify.core.laplacian import LaplacianProcess, scale_bands, up
 from edify.core.precond import Denoiser
 from edify.core.seeding import Generators, randn
 from edify.errors import EdifyError
@@ -82,11 +82,12 @@ def first_order_step(x: Tensor, D: Tensor, step: _Step) -> Tensor:
     return step.s_next / step.s * x + scale_bands(D, step.exact_coefs())
 
 
-def heun_step(x: Tensor, D: Tensor, step: _Step) -> Tensor:
-    """Second order, two evaluations: D linear in lambda_i between s and s_next (trapezoid).
+def exp_trapezoid_step(x: Tensor, D: Tensor, step: _Step) -> Tensor:
+    """Exponential trapezoidal rule: two evaluations, D linear in lambda_i between s and s_next.
 
-    With h_i = lambda_i(s_next) - lambda_i(s), the exact integral of a linear D weights the end
-    point by w_i = 1/(1 - e^-h_i) - 1/h_i (-> 1/2 as h_i -> 0, the plain average). The last step
+    A Heun-type predictor-corrector in the exponential-integrator variables (not EDM's Heun, which
+    is `edm_heun_step`). With h_i = lambda_i(s_next) - lambda_i(s), the exact integral of a linear
+    D weights the end point by w_i = 1/(1 - e^-h_i) - 1/h_i (-> 1/2 as h_i -> 0). The last step
     to sigma 0 stays first order.
     """
     x_pred = first_order_step(x, D, step)
@@ -111,39 +112,122 @@ def _endpoint_weight(h: float) -> float:
     return 1 / -math.expm1(-h) - 1 / h
 
 
+def ode_velocity(x: Tensor, D: Tensor, sigma: float, process: LaplacianProcess, stage: int) -> Tensor:
+    """dx/dsigma of the probability-flow ODE (Appendix B.2), all bands at once:
+
+        dx/dsigma = (x - A(sigma) D) / sigma + A'(sigma) D,
+
+    from d(x_i / sigma) = D_i d(a_i / sigma) per band. With one level (a = 1) it is EDM's
+    (x - D) / sigma (Karras et al. 2022, Eq. 3 with sigma(t) = t).
+    """
+    a = process.attenuation(sigma)[stage:].tolist()
+    da = process.attenuation_slope(sigma)[stage:].tolist()
+    return (x - scale_bands(D, a)) / sigma + scale_bands(D, da)
+
+
+def edm_heun_step(x: Tensor, D: Tensor, step: _Step) -> Tensor:
+    """EDM's deterministic Heun step (Karras et al. 2022, Algorithm 1, S_churn = 0), linear in sigma.
+
+    Euler predictor x' = x + (s_next - s) d(x, s); where s_next > 0 the trapezoidal corrector
+    x + (s_next - s) (d(x, s) + d(x', s_next)) / 2. The last step to sigma 0 is Euler.
+    """
+    d = ode_velocity(x, D, step.s, step.process, step.stage)
+    x_pred = x + (step.s_next - step.s) * d
+    if step.s_next == 0:
+        return x_pred
+    D_next = step.denoise(x_pred, step.s_next)
+    d_next = ode_velocity(x_pred, D_next, step.s_next, step.process, step.stage)
+    return x + (step.s_next - step.s) * 0.5 * (d + d_next)
+
+
 def dpmpp_2m_step(x: Tensor, D: Tensor, step: _Step, prev: tuple[Tensor, float] | None) -> Tensor:
     """DPM-Solver++(2M) per band (Lu et al. 2022, data prediction, lambda_i = log(a_i / s)).
 
     D_eff_i = (1 + 1/(2 r_i)) D_i - 1/(2 r_i) D_prev_i with r_i = h_prev_i / h_i. A band falls back
     to first order where a_i was 0 at the previous or current point (no usable slope), at the
-    first step after a switch (prev is None) and on the last step to sigma 0.
+    first step (prev is None) and on the last step to sigma 0.
     """
-    if prev is None or step.s_next == 0:
+    return multistep_step(x, D, step, [] if prev is None else [prev], order=2)
+
+
+def multistep_step(x: Tensor, D: Tensor, step: _Step, history: list[tuple[Tensor, float]],
+                   order: int) -> Tensor:
+    """One step of DPM-Solver++(2M) (order 2) or (3M) (order 3), band by band.
+
+    history: earlier (D, s) at this resolution, newest last. Per band i the order drops to what
+    its history supports: a point where a_i = 0 has lambda_i = -inf and gives no slope. The last
+    step to sigma 0 is first order. Order 2 is the form of Lu et al. 2022 (Algorithm 2);
+    order 3 follows their third-order multistep update (phi_2, phi_3 terms).
+    """
+    if step.s_next == 0 or not history or order == 1:
         return first_order_step(x, D, step)
-    D_prev, s_prev = prev
     c = step.exact_coefs()
-    l_prev, l_cur, l_next = step.lambdas(s_prev), step.lambdas(step.s), step.lambdas(step.s_next)
-    alpha, beta = [], []
+    a_next = step.a(step.s_next)
+    l_cur, l_next = step.lambdas(step.s), step.lambdas(step.s_next)
+    l_hist = [step.lambdas(s_h) for _, s_h in history[-(order - 1):]][::-1]  # newest first
+    coefs = [[0.0] * len(c) for _ in range(1 + len(l_hist))]  # weights of D, D_-1, D_-2
     for i, c_i in enumerate(c):
-        if math.isinf(l_prev[i]) or math.isinf(l_cur[i]):
-            alpha.append(c_i), beta.append(0.0)
-            continue
-        r = (l_cur[i] - l_prev[i]) / (l_next[i] - l_cur[i])
-        alpha.append(c_i * (1 + 1 / (2 * r))), beta.append(-c_i / (2 * r))
-    return step.s_next / step.s * x + scale_bands(D, alpha) + scale_bands(D_prev, beta)
+        lams = [l_cur[i]] + [lh[i] for lh in l_hist]
+        k = 1
+        while k < len(lams) and math.isfinite(lams[k]) and math.isfinite(lams[k - 1]):
+            k += 1  # usable points: current + consecutive finite history
+        k = min(k, order)
+        for j, w in enumerate(_band_weights(c_i, a_next[i], l_next[i], lams[:k], order)):
+            coefs[j][i] = w
+    out = step.s_next / step.s * x + scale_bands(D, coefs[0])
+    for (D_h, _), w in zip(reversed(history[-(order - 1):]), coefs[1:]):
+        if any(w):
+            out = out + scale_bands(D_h, w)
+    return out
+
+
+def _band_weights(c: float, a_next: float, l_next: float, lams: list[float], order: int) -> list[float]:
+    """Weights of D_0, D_-1, D_-2 in one band's multistep update (lams newest first)."""
+    if len(lams) == 1 or not math.isfinite(l_next):
+        return [c]
+    h = l_next - lams[0]
+    r0 = (lams[0] - lams[1]) / h
+    if len(lams) == 2 and order == 2:
+        # k-diffusion / Lu et al. form: D_eff = (1 + 1/(2 r)) D - 1/(2 r) D_-1, times c
+        return [c * (1 + 1 / (2 * r0)), -c / (2 * r0)]
+    phi1 = math.expm1(-h)
+    phi2 = phi1 / h + 1
+    c1 = a_next * phi2  # weight of the first divided difference D1
+    if len(lams) == 2:
+        return [c + c1 / r0, -c1 / r0]
+    r1 = (lams[1] - lams[2]) / h
+    phi3 = phi2 / h - 0.5
+    c2 = -a_next * phi3  # weight of the second divided difference D2
+    # D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1)/(r0+r1),
+    # D1_0 = (D0 - D_-1)/r0, D1_1 = (D_-1 - D_-2)/r1
+    A = c1 * (1 + r0 / (r0 + r1)) + c2 / (r0 + r1)  # weight of D1_0
+    B = -c1 * r0 / (r0 + r1) - c2 / (r0 + r1)  # weight of D1_1
+    return [c + A / r0, -A / r0 + B / r1, -B / r1]
 
 
 def _integrate(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: LaplacianProcess,
                cond: Cond | None, generator: Generators, callback: Callback | None,
-               order: str) -> Tensor:
-    """The shared loop: switch resolution where the schedule crosses s_j*, then take one step."""
+               method: str, final_stage: int = 0) -> Tensor:
+    """The shared loop: switch resolution where the schedule crosses s_j*, then take one step.
+
+    The state never goes finer than `final_stage`: with final_stage = j the result is the
+    finished image at resolution R / 2^j (section 2.2.3), valid for experts trained on sigma
+    below s_j* (nested ranges, `edify.core.precond.stage_sigma_ranges`).
+    """
     sig = _check_sigmas(sigmas)
-    stage = process.stage(sig[0])
-    prev = None  # (D, s) of the previous step at this resolution, for multistep methods
+    if not isinstance(final_stage, int) or not 0 <= final_stage < process.levels:
+        raise EdifyError(f"final stage must be in 0..{process.levels - 1}, got {final_stage!r}")
+    stage = max(process.stage(sig[0]), final_stage)
+    _check_state(x, process, stage)
+    history: list[tuple[Tensor, float]] = []  # (D, s) of earlier steps, for multistep methods
+    order = {"dpmpp_2m": 2, "dpmpp_3m": 3}.get(method, 1)
     for i, (s, s_next) in enumerate(zip(sig[:-1], sig[1:])):
-        while stage > process.stage(s_next):
+        while stage > max(process.stage(s_next), final_stage):
             x = process.up_stage(x, s, stage, generator)  # Eq. 6-10: one level at a time
-            stage, prev = stage - 1, None
+            stage -= 1
+            # the history is projected like the state: up(D) estimates x0 with the new band at 0,
+            # and that band's lambda is -inf at those points, so it gets no slope from them
+            history = [(up(D_h), s_h) for D_h, s_h in history]
 
         def denoise(x_, sigma, stage=stage):
             B = x_.shape[0]
@@ -153,44 +237,61 @@ def _integrate(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: Laplacian
 
         step = _Step(process, denoise, s, s_next, stage)
         D = denoise(x, s)
-        if order == "euler":
+        if method == "euler":
             x = first_order_step(x, D, step)
-        elif order == "heun":
-            x = heun_step(x, D, step)
+        elif method == "heun":
+            x = edm_heun_step(x, D, step)
+        elif method == "exp_trapezoid":
+            x = exp_trapezoid_step(x, D, step)
         else:
-            x = dpmpp_2m_step(x, D, step, prev)
-            prev = (D, s)
+            x = multistep_step(x, D, step, history, order)
+            history = (history + [(D, s)])[-(order - 1):]
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": D, "stage": stage})
     return x
 
 
-def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: LaplacianProcess,
-                 cond: Cond | None = None, generator: Generators = None,
-                 callback: Callback | None = None) -> Tensor:
-    """First-order exponential integrator (DDIM-like, exact for fixed D), one evaluation per step.
+def _check_state(x: Tensor, process: LaplacianProcess, stage: int) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise EdifyError(f"the initial state must be a [B, C, H, W] tensor, got {tuple(getattr(x, 'shape', ()))}")
+
+
+def _make_sampler(method: str, doc: str):
+    def sampler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: LaplacianProcess,
+                cond: Cond | None = None, generator: Generators = None,
+                callback: Callback | None = None, final_stage: int = 0) -> Tensor:
+        return _integrate(denoiser, x, sigmas, process, cond, generator, callback, method, final_stage)
+    sampler.__name__ = sampler.__qualname__ = f"sample_{method}"
+    sampler.__doc__ = doc + """
 
     x: the initial state at stage process.stage(sigmas[0]) (see `initial_state`); sigmas:
-    decreasing full-res noise levels ending with 0 (see `laplacian_sigmas`).
-    """
-    return _integrate(denoiser, x, sigmas, process, cond, generator, callback, "euler")
+    decreasing full-res noise levels ending with 0 (see `laplacian_sigmas`); final_stage: stop
+    at resolution R / 2^final_stage (see `_integrate`)."""
+    return sampler
 
 
-def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: LaplacianProcess,
-                cond: Cond | None = None, generator: Generators = None,
-                callback: Callback | None = None) -> Tensor:
-    """Heun-type second order (exponential trapezoid), two evaluations per step, last one."""
-    return _integrate(denoiser, x, sigmas, process, cond, generator, callback, "heun")
+sample_euler = _make_sampler(
+    "euler", "First-order exponential integrator (DDIM-like, exact for fixed D), one evaluation per step.")
+sample_heun = _make_sampler(
+    "heun", "EDM's Heun (Karras et al. 2022, Algorithm 1, deterministic): 2 evaluations per step, last one.")
+sample_exp_trapezoid = _make_sampler(
+    "exp_trapezoid", "Exponential trapezoidal rule per band: 2 evaluations per step, last one.")
+sample_dpmpp_2m = _make_sampler(
+    "dpmpp_2m", "DPM-Solver++(2M) per band, one evaluation per step; history projected through switches.")
+sample_dpmpp_3m = _make_sampler(
+    "dpmpp_3m", "DPM-Solver++(3M) per band, one evaluation per step; history projected through switches.")
+
+SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "exp_trapezoid": sample_exp_trapezoid,
+            "dpmpp_2m": sample_dpmpp_2m, "dpmpp_3m": sample_dpmpp_3m}
+TWO_EVALUATIONS = frozenset({"heun", "exp_trapezoid"})
 
 
-def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: LaplacianProcess,
-                    cond: Cond | None = None, generator: Generators = None,
-                    callback: Callback | None = None) -> Tensor:
-    """DPM-Solver++(2M), per band, one evaluation per step; history restarts at each switch."""
-    return _integrate(denoiser, x, sigmas, process, cond, generator, callback, "dpmpp_2m")
-
-
-SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m}
+def sampler_nfe(name: str, num_steps: int) -> int:
+    """Network evaluations per image for `num_steps` steps (the last step of a 2-evaluation
+    method is first order). Classifier-free guidance doubles the batch, not this count."""
+    if name not in SAMPLERS:
+        raise EdifyError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+    return 2 * num_steps - 1 if name in TWO_EVALUATIONS else num_steps
 
 
 def _check_sigmas(sigmas) -> list[float]:

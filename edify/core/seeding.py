@@ -9,6 +9,7 @@ sample depends only on its own seed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -18,10 +19,19 @@ from edify.errors import EdifyError
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
+class NoiseSource(Protocol):
+    """Anything else that supplies the noise: `randn(shape, device, dtype) -> Tensor`
+    (e.g. `edify.core.gaussian.BasisNoise`, which makes a linear sampler's map exact)."""
+
+    def randn(self, shape, device=None, dtype=None) -> Tensor: ...
+
+
 def randn(shape, generator: Generators = None, device=None, dtype=None) -> Tensor:
     """Standard normal noise of `shape`; with a list of generators, row b comes from generator b."""
     shape = tuple(shape)
     dtype = dtype or torch.get_default_dtype()
+    if hasattr(generator, "randn"):
+        return generator.randn(shape, device=device, dtype=dtype)
     if generator is None or isinstance(generator, torch.Generator):
         gen_device = generator.device if generator is not None else device
         return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)

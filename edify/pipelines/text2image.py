@@ -11,7 +11,6 @@ pieces of `edify.core`: a preconditioned network, classifier-free guidance, a sc
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -20,36 +19,38 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from edify.conditioning import Cond
 from edify.core.guidance import CFGDenoiser
 from edify.core.laplacian import LaplacianProcess
-from edify.core.precond import EDMPrecond
-from edify.core.samplers import SAMPLERS, initial_state
-from edify.core.schedules import laplacian_sigmas
+from edify.core.precond import EDMPrecond, finishing_stages
+from edify.core.samplers import SAMPLERS, initial_state, sampler_nfe
+from edify.core.schedules import SAMPLING, default_stage_weights, laplacian_sigmas, split_steps
 from edify.core.seeding import generators
 from edify.data.vocab import StyleVocab, make_cond
 from edify.errors import EdifyError
 from edify.networks.unet import UNet, UNetConfig
+from edify.pipelines.model_io import (CONFIG_NAME, SavedModel, from_json, inside, model_folder, naming, read_json,
+                                      save_model, scan_weights)
 
 FORMAT = "edify-text2image"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """What a call uses when it does not say: steps are sampler steps summed over all stages."""
+    """What a call uses when it does not say: steps are sampler steps summed over all stages,
+    split across the stages by `stage_weights` (finest first; empty = the measured default,
+    `edify.core.schedules.default_stage_weights`) and placed in each stage with `rho` and
+    `ramp_weight` (`edify.core.schedules.laplacian_sigmas`)."""
 
     num_steps: int = 24
     guidance_scale: float = 3.0
-    sampler: str = "dpmpp_2m"
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
+    sampler: str = SAMPLING.sampler
+    sigma_min: float = SAMPLING.sigma_min
+    sigma_max: float = SAMPLING.sigma_max
+    rho: float = SAMPLING.rho
+    ramp_weight: float = SAMPLING.ramp_weight
+    stage_weights: tuple[float, ...] = SAMPLING.stage_weights
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class PipelineConfig:
     text_max_length: int = 77
     styles: tuple[str, ...] = ()
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # the experts' noise ranges (edify.core.precond.stage_sigma_ranges); "nested" models can also
+    # finish at a coarse stage. Folders written before the field existed are "truncated".
+    expert_ranges: str = "truncated"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -75,16 +79,15 @@ class PipelineConfig:
 
     @staticmethod
     def from_dict(d: dict) -> PipelineConfig:
-        d = dict(d)
-        if d.pop("format", None) != FORMAT:
+        """The config of a `config.json` object: each field checked against its declared type (lists
+        become tuples), then the network config, the Laplacian process and the style list it holds."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise EdifyError(f"not an {FORMAT} config (missing or wrong 'format' field)")
-        try:
-            d["defaults"] = SamplingDefaults(**d.get("defaults", {}))
-            d["switch_sigmas"] = tuple(d.get("switch_sigmas", ()))
-            d["styles"] = tuple(d.get("styles", ()))
-            return PipelineConfig(**d)
-        except TypeError as err:
-            raise EdifyError(f"bad pipeline config: {err}") from None
+        config = from_json(PipelineConfig, {k: v for k, v in d.items() if k != "format"}, "pipeline config")
+        with naming("field 'network'"):
+            UNetConfig.from_dict(config.network)
+        _ = config.process, StyleVocab(config.styles)  # their own checks: a bad process or style list
+        return config
 
     @property
     def process(self) -> LaplacianProcess:
@@ -114,39 +117,35 @@ class TextToImagePipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, text_encoder=None) -> TextToImagePipeline:
-        path = Path(path)
-        if not path.is_dir():
-            raise EdifyError(f"no model folder at {str(path)!r}")
-        config_path = path / CONFIG_NAME
-        try:
-            config = PipelineConfig.from_dict(json.loads(config_path.read_text()))
-        except FileNotFoundError:
-            raise EdifyError(f"model folder {str(path)!r} has no {CONFIG_NAME}") from None
-        except json.JSONDecodeError as err:
-            raise EdifyError(f"corrupt {config_path}: {err}") from None
-        network = UNet(UNetConfig.from_dict(config.network))
-        state = _load_weights(path)
-        expected = network.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise EdifyError(f"weights in {str(path)!r} do not match its config: {len(missing)} missing "
-                             f"(e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})")
-        for k, v in state.items():
-            if v.shape != expected[k].shape:
-                raise EdifyError(f"weights in {str(path)!r} do not match its config: {k!r} has shape "
-                                 f"{tuple(v.shape)}, the config needs {tuple(expected[k].shape)}")
-        network.load_state_dict({k: v.float() for k, v in state.items()})
-        return cls(network, config, text_encoder)
+        """Load a model folder. Its files are untrusted input: sizes, types, paths and values are checked
+        before use (see edify.pipelines.model_io); every failure is a one-line EdifyError."""
+        folder = model_folder(path)
+        config_path = inside(folder, CONFIG_NAME, "model folder")
+        if not os.path.lexists(config_path):
+            raise EdifyError(f"model folder {str(folder)!r} has no {CONFIG_NAME}")
+        data = read_json(config_path)
+        with naming(config_path):
+            config = PipelineConfig.from_dict(data)
+        net_config = UNetConfig.from_dict(config.network)
+        weights = scan_weights(folder)
+        weights.check_count(net_config.num_weights)  # before the network is allocated
+        network = UNet(net_config)
+        pipe = cls(network, config, text_encoder)
+        pipe.weights_dtype = weights.load_into(network)  # what save_pretrained writes unless told
+        return pipe
 
-    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        max_shard_bytes: int = 16 * 2**20) -> None:
-        """Write config.json and the weights (in `dtype`, sharded above `max_shard_bytes`)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.network.state_dict().items()}
-        _save_weights(state, path, max_shard_bytes)
-        (path / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                        max_shard_bytes: int = 16 * 2**20) -> SavedModel:
+        """Write config.json and the weights (sharded above `max_shard_bytes`), each file atomically.
+
+        The weights are written in `dtype`: by default the dtype of the weights the model was loaded
+        from, else the network's own. The returned SavedModel (also logged) says what was written.
+        """
+        if dtype is None:
+            dtype = getattr(self, "weights_dtype", None) or next(self.network.parameters()).dtype
+        state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+                 for k, v in self.network.state_dict().items()}
+        return save_model(path, self.config.to_dict(), state, max_shard_bytes)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> TextToImagePipeline:
         """Move the network; `dtype` bfloat16/float16 runs it under autocast (math stays fp32)."""
@@ -175,7 +174,8 @@ class TextToImagePipeline:
         return UNetConfig.from_dict(self.config.network).size_multiple * 2 ** (self.process.levels - 1)
 
     def check_inputs(self, prompts: list[str], style, height: int, width: int, num_steps: int,
-                     guidance_scale: float, sampler: str) -> None:
+                     guidance_scale: float, sampler: str, final_stage: int = 0,
+                     steps_per_stage: tuple[int, ...] | None = None) -> None:
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
                 raise EdifyError("prompt must be a non-empty string, got an empty one")
@@ -186,12 +186,32 @@ class TextToImagePipeline:
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % m:
                 raise EdifyError(f"{name} must be a positive multiple of {m} for this model, got {v}")
-        if not isinstance(num_steps, int) or num_steps < self.process.levels:
-            raise EdifyError(f"num_steps must be an integer >= {self.process.levels} (one per stage), got {num_steps}")
+        self.check_final_stage(final_stage)
+        stages = self.process.levels - final_stage
+        if steps_per_stage is not None:
+            if len(steps_per_stage) != self.process.levels:
+                raise EdifyError(f"steps per stage needs {self.process.levels} values (finest first), "
+                                 f"got {len(steps_per_stage)}")
+            if any(not isinstance(n, int) or n < 1 for n in steps_per_stage[final_stage:]):
+                raise EdifyError(f"every stage needs at least one step, got steps per stage {tuple(steps_per_stage)}")
+        elif not isinstance(num_steps, int) or num_steps < stages:
+            raise EdifyError(f"num_steps must be an integer >= {stages} (one per stage), got {num_steps}")
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise EdifyError(f"guidance_scale must be finite and >= 0, got {guidance_scale}")
         if sampler not in SAMPLERS:
             raise EdifyError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+
+    def check_final_stage(self, final_stage) -> None:
+        """A model stops at stage j only if its stage-j expert was trained down to sigma 0."""
+        K = self.process.levels
+        if not isinstance(final_stage, int) or not 0 <= final_stage < K:
+            raise EdifyError(f"final stage must be an integer in 0..{K - 1} for this {K}-level model, "
+                             f"got {final_stage!r}")
+        if final_stage not in finishing_stages(self.process, self.config.expert_ranges):
+            raise EdifyError(f"this model cannot finish at stage {final_stage} "
+                             f"({self.config.resolution >> final_stage} px): its experts were trained with "
+                             f"{self.config.expert_ranges} noise ranges, which end at stage 0; a model "
+                             f"trained with expert_ranges=nested can")
 
     def encode(self, prompts: list[str], styles: list[str | None]) -> Cond:
         """Conditions for a batch; the network's null text is an all-False mask (see Cond)."""
@@ -206,7 +226,12 @@ class TextToImagePipeline:
                  guidance_scale: float | None = None, seed: int | list[int] | None = None,
                  height: int | None = None, width: int | None = None, sampler: str | None = None,
                  num_images_per_prompt: int = 1, output_type: str = "pil",
-                 callback=None) -> TextToImageOutput:
+                 callback=None, final_stage: int = 0,
+                 steps_per_stage: tuple[int, ...] | None = None) -> TextToImageOutput:
+        """Images for the prompts. num_steps: sampler steps over all stages, split by the model's
+        `defaults.stage_weights` (or give `steps_per_stage`, finest first). final_stage = j returns
+        the finished image at (height / 2^j, width / 2^j) for a model with nested expert ranges
+        (section 2.2.3): a preview at a fraction of the cost."""
         d = self.config.defaults
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -215,7 +240,8 @@ class TextToImagePipeline:
         sampler = d.sampler if sampler is None else sampler
         height = self.config.resolution if height is None else height
         width = self.config.resolution if width is None else width
-        self.check_inputs(prompts, style, height, width, num_steps, guidance_scale, sampler)
+        self.check_inputs(prompts, style, height, width, num_steps, guidance_scale, sampler, final_stage,
+                          steps_per_stage)
         styles = style if isinstance(style, list) else [style] * len(prompts)
         if len(styles) != len(prompts):
             raise EdifyError(f"style list must have one entry per image ({len(prompts)}), got {len(styles)}")
@@ -227,15 +253,26 @@ class TextToImagePipeline:
             negative = self.encode([negative_prompt], [None])
         denoiser = EDMPrecond(self.network, self.config.sigma_data, dtype=self.dtype)
         guided = CFGDenoiser(denoiser, guidance_scale, negative=negative)
-        sigmas = laplacian_sigmas(self.process, _split_steps(num_steps, self.process.levels),
-                                  d.sigma_min, d.sigma_max, d.rho)
+        sigmas = laplacian_sigmas(self.process, self.stage_steps(num_steps, final_stage, steps_per_stage),
+                                  d.sigma_min, d.sigma_max, d.rho, d.ramp_weight, final_stage)
         gens = generators(seeds, device="cpu")
         x = initial_state(self.process, d.sigma_max, (len(prompts), 3, height, width), gens).to(self.device)
-        x = SAMPLERS[sampler](guided, x, sigmas, self.process, cond, gens, callback)
-        nfe = (len(sigmas) - 1) * (2 if sampler == "heun" else 1) - (1 if sampler == "heun" else 0)
+        x = SAMPLERS[sampler](guided, x, sigmas, self.process, cond, gens, callback, final_stage=final_stage)
         x = x.clamp(-1, 1)
         images = x.cpu() if output_type == "tensor" else to_pil(x)
-        return TextToImageOutput(images=images, seeds=seeds, nfe=nfe)
+        return TextToImageOutput(images=images, seeds=seeds, nfe=sampler_nfe(sampler, len(sigmas) - 1))
+
+    def stage_steps(self, num_steps: int, final_stage: int = 0,
+                    steps_per_stage: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """Steps per stage (finest first): `steps_per_stage`, or num_steps split over the stages
+        from `final_stage` up by the model's `defaults.stage_weights`."""
+        if steps_per_stage is not None:
+            return tuple(steps_per_stage)
+        weights = self.config.defaults.stage_weights or default_stage_weights(self.process.levels)
+        if len(weights) != self.process.levels:
+            raise EdifyError(f"the model's stage_weights need {self.process.levels} values, got {len(weights)}")
+        used = split_steps(num_steps, weights[final_stage:])
+        return (1,) * final_stage + used  # stages below final_stage are never run
 
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
@@ -254,54 +291,3 @@ def _seeds(seed, n: int) -> list[int]:
     if len(seeds) != n:
         raise EdifyError(f"seed list must have one seed per image ({n}), got {len(seeds)}")
     return seeds
-
-
-def _split_steps(num_steps: int, levels: int) -> tuple[int, ...]:
-    """num_steps spread over the stages, the remainder to the coarse (cheap) stages first."""
-    base, extra = divmod(num_steps, levels)
-    return tuple(base + (1 if levels - 1 - j < extra else 0) for j in range(levels))
-
-
-def _save_weights(state: dict[str, torch.Tensor], path: Path, max_shard_bytes: int) -> None:
-    shards, current, size = [], {}, 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[k], size = v, size + nbytes
-    shards.append(current)
-    for old in list(path.glob("model*.safetensors")) + [path / INDEX_NAME]:
-        old.unlink(missing_ok=True)
-    if len(shards) == 1:
-        _save_shard(shards[0], path / WEIGHTS_NAME)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _save_shard(shard, path / name)
-        weight_map.update({k: name for k in shard})
-    (path / INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}, indent=1) + "\n")
-
-
-def _save_shard(state: dict[str, torch.Tensor], file: Path) -> None:
-    save_file(state, str(file), metadata={"format": "pt"})
-    # safetensors creates its files owner-only (0600); give them the mode of any other new file
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(file, 0o666 & ~umask)
-
-
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if (path / INDEX_NAME).exists():
-            weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
-            state = {}
-            for name in sorted(set(weight_map.values())):
-                state.update(load_file(str(path / name)))
-            return state
-        return load_file(str(path / WEIGHTS_NAME))
-    except FileNotFoundError as err:
-        raise EdifyError(f"model folder {str(path)!r} is missing weights: {Path(err.filename or '').name or err}") from None
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
-        raise EdifyError(f"corrupt weights in {str(path)!r}: {str(err).splitlines()[0]}") from None

@@ -33,6 +33,11 @@ class TrainConfig:
     stages: tuple[int, ...] = ()
     stage_sampling: str = "random"  # "random" (by stage_weights) | "round_robin"
     stage_weights: tuple[float, ...] = ()  # empty = equal
+    # Noise range of each expert (edify.core.precond.stage_sigma_ranges): "nested" (the paper's:
+    # stage j on every sigma below s_{j+1}*, so a model can also finish at a low resolution) or
+    # "truncated" (stage j only where a full-resolution sampler uses it). A saved config without
+    # this field is "truncated", the only mode before it existed.
+    expert_ranges: str = "nested"
     # EDM loss (Karras et al. 2022): log-normal sigma and data standard deviation.
     P_mean: float = -1.2
     P_std: float = 1.2
@@ -64,6 +69,10 @@ class TrainConfig:
     compile: bool = False
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 = do not report MFU
     max_minutes: float = 0.0  # wall-clock budget from the trainer's start; then checkpoint and stop (0 = none)
+    # CPU-time budget of the training loop (time.process_time: this process, all threads, from the
+    # start of Trainer.run); then checkpoint and stop (0 = none). Unlike max_minutes it does not
+    # shrink when other work shares the machine: fixed-budget comparisons (bench/recipe.py).
+    max_cpu_minutes: float = 0.0
     # Conditioning (section 3.1): per-field dropout probabilities for classifier-free guidance.
     cond_drop: dict = field(default_factory=lambda: {"text": 0.1, "media": 0.1})
     weight_key: str = "weight"  # per-sample loss weight key in the data ("" = unweighted)
@@ -101,6 +110,7 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise EdifyError(f"unknown training config key(s): {', '.join(unknown)}")
+        d = {"expert_ranges": "truncated", **d}  # saved before the option: the ranges it trained with
         return TrainConfig(**{k: _coerce(k, v) for k, v in d.items()})
 
     @staticmethod
@@ -115,7 +125,7 @@ class TrainConfig:
 RESUMABLE_FIELDS = frozenset({
     "name", "total_images", "checkpoint_images", "keep_last", "log_images", "sample_images",
     "compile", "peak_tflops", "max_nonfinite", "num_workers", "sample_prompts", "sample_steps",
-    "sample_guidance", "data", "text_cache", "dist", "max_minutes", "text_table",
+    "sample_guidance", "data", "text_cache", "dist", "max_minutes", "text_table", "max_cpu_minutes",
 })
 
 
@@ -166,6 +176,9 @@ def validate(c: TrainConfig) -> None:
     _check(c.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {c.precision!r}")
     _check(c.peak_tflops >= 0, f"peak_tflops must be >= 0, got {c.peak_tflops}")
     _check(c.max_minutes >= 0, f"max_minutes must be >= 0, got {c.max_minutes}")
+    _check(c.expert_ranges in ("nested", "truncated"),
+           f"expert_ranges must be 'nested' or 'truncated', got {c.expert_ranges!r}")
+    _check(c.max_cpu_minutes >= 0, f"max_cpu_minutes must be >= 0, got {c.max_cpu_minutes}")
     for key, p in c.cond_drop.items():
         _check(key in CONDITION_FIELDS, f"cond_drop field must be one of {', '.join(CONDITION_FIELDS)}, got {key!r}")
         _check(isinstance(p, (int, float)) and 0 <= p <= 1, f"cond_drop.{key} must be in [0, 1], got {p}")
@@ -186,7 +199,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # The demo base model: 64px emoji, 3 levels (16/32/64), MiniLM text tokens and a style token.
     # Data: `edify data emoji --permissive-only --out data/emoji` (its train/ split, 18,070 images,
-    # is loaded once onto the device). Sized for 15-20 minutes of one H100 (scripts/gpu_demo.sh):
+    # is loaded once onto the device). Sized for 15-20 minutes of one H100 (scripts/train_demo_gpu.sh):
     # - batch 512: the 21.9M-param U-Net costs only 0.4-4.2 GFLOP per image per step (16-64 px
     #   stages), so small batches leave the GPU waiting on launches; 512 still gives ~35 steps per
     #   epoch and tens of thousands of steps in the budget.
@@ -197,14 +210,14 @@ PRESETS: dict[str, TrainConfig] = {
     # - EMA: edm2's power-function profile, relative std 0.10 (gamma 6.94): the averaged weights'
     #   mean age is 1/(gamma+2) = 11% of the images seen, whatever the length, so a run cut short
     #   by max_minutes still ends with a sound average.
-    # - total_images 30M is a ceiling; on a lease, --max-minutes decides where the run stops.
+    # - total_images 30M is a ceiling; on a time budget, --max-minutes decides where the run stops.
     "emoji-64": TrainConfig(
         name="emoji-64", model="emoji-64", resolution=64, levels=3, switch_sigmas=(1.0, 5.0),
         batch_size=512, lr=5e-4, warmup_images=250_000, lr_decay_images=4_000_000,
         total_images=30_000_000, checkpoint_images=2_000_000, keep_last=2, log_images=102_400,
         sample_images=5_000_000, ema_std=0.10, precision="bf16", compile=True,
         text_encoder="minilm", data="data/emoji", data_in_memory=True, num_workers=8,
-        cond_drop={"text": 0.1, "media": 0.2},
+        cond_drop={"text": 0.1, "media": 0.2}, expert_ranges="truncated",
         styles=("emojione", "fluent-emoji", "fluent-emoji-flat", "fxemoji", "noto", "noto-v1", "twemoji"),
         sample_prompts=("grinning face", "red heart", "rocket", "flag: Malta"),
     ),

@@ -14,6 +14,7 @@ as "not recorded", never estimated.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import string
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from edify.errors import EdifyError
 from edify.networks.presets import build_network
 from edify.networks.unet import UNet, UNetConfig
+from edify.pipelines.model_io import CONFIG_NAME, INDEX_NAME
 from edify.pipelines.text2image import PipelineConfig, SamplingDefaults, TextToImagePipeline
 from edify.training import checkpoint
 from edify.training.config import TrainConfig
@@ -51,7 +53,7 @@ def pipeline_config(config: TrainConfig, net: UNet, text_max_length: int | None 
         network=net.config.to_dict(), levels=config.levels, switch_sigmas=tuple(config.switch_sigmas),
         ramp=process.ramp, ramp_width=process.ramp_width, sigma_data=config.sigma_data,
         resolution=config.resolution, text_encoder=config.text_encoder, text_max_length=text_max_length,
-        styles=tuple(config.styles),
+        styles=tuple(config.styles), expert_ranges=config.expert_ranges,
         defaults=SamplingDefaults(num_steps=config.sample_steps * config.levels,
                                   guidance_scale=config.sample_guidance))
 
@@ -59,12 +61,14 @@ def pipeline_config(config: TrainConfig, net: UNet, text_max_length: int | None 
 def export_pipeline(run_or_checkpoint: str | Path, out: str | Path, use_ema: bool = True,
                     dtype: torch.dtype = torch.float32, max_shard_bytes: int = 16 * 2**20,
                     card: bool = False, manifest: str | Path | None = None,
-                    template: str | Path | None = None) -> Path:
+                    template: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write the latest checkpoint of a run folder (or the given checkpoint) as a model folder.
 
     Weights are cast to `dtype` and sharded so that no weight file exceeds `max_shard_bytes` on
     disk (safetensors headers included). With `card`, README.md is filled from the run's own
-    logs (see `model_card`)."""
+    logs (see `model_card`). A folder that already holds a model is replaced only with `overwrite`."""
+    out = Path(out)
+    check_target(out, overwrite)
     config, weights = checkpoint.load_weights(run_or_checkpoint, use_ema=use_ema)
     net = build_net(config)
     missing, unexpected = net.load_state_dict(weights, strict=False)
@@ -78,7 +82,6 @@ def export_pipeline(run_or_checkpoint: str | Path, out: str | Path, use_ema: boo
     if largest + header > max_shard_bytes:
         raise EdifyError(f"max_shard_bytes must hold the largest tensor and a header ({largest + header} bytes), "
                          f"got {max_shard_bytes}")
-    out = Path(out)
     TextToImagePipeline(net, pipeline_config(config, net)).save_pretrained(
         out, dtype=dtype, max_shard_bytes=max_shard_bytes - header)
     too_big = [p.name for p in out.glob("model*.safetensors") if p.stat().st_size > max_shard_bytes]
@@ -91,6 +94,16 @@ def export_pipeline(run_or_checkpoint: str | Path, out: str | Path, use_ema: boo
         text = model_card(run, ckpt, out, config, manifest=manifest, template=template)
         (out / "README.md").write_text(text)
     return out
+
+
+def check_target(out: Path, overwrite: bool) -> None:
+    """Refuse an export into a folder that holds a model, unless `overwrite`, or onto a file."""
+    if out.exists() and not out.is_dir():
+        raise EdifyError(f"cannot export to {out}: it exists and is not a folder")
+    if overwrite or not out.is_dir():
+        return
+    if any(os.path.lexists(out / n) for n in (CONFIG_NAME, INDEX_NAME)) or any(out.glob("model*.safetensors")):
+        raise EdifyError(f"{out} already holds a model; pass overwrite=True (edify train --overwrite) to replace it")
 
 
 # ---- model card -------------------------------------------------------------------------------

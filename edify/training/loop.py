@@ -14,8 +14,10 @@ data stream reports its position, so a resumed run reproduces an uninterrupted o
 A non-finite loss or gradient norm skips the update; `max_nonfinite` in a row stop the run.
 With `max_minutes`, the run also stops (and checkpoints) once that much wall-clock time has passed
 since the trainer started, so a fixed-length job (e.g. one 10-minute accelerator call) always ends
-with a checkpoint; `--resume` continues it. Each `run` appends one line to `runs.jsonl` in the run
-folder (command, device, GPU name, images, wall and training seconds), which the model card reads.
+with a checkpoint; `--resume` continues it. `max_cpu_minutes` does the same on the CPU time of the
+process (all threads) since `run` began: a budget that other load on the machine does not shrink.
+Each `run` appends one line to `runs.jsonl` in the run folder (command, device, GPU name, images,
+wall, training and CPU seconds), which the model card reads.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ def wall_clock() -> float:
     return time.monotonic()
 
 
+def cpu_clock() -> float:
+    """CPU seconds of this process, all threads (the `max_cpu_minutes` budget; tests replace it)."""
+    return time.process_time()
+
+
 def device_name(device: torch.device) -> str:
     """The accelerator's name (torch.cuda.get_device_name), else the CPU's."""
     if device.type == "cuda":
@@ -89,7 +96,7 @@ class TrainResult:
     images: int = 0
     nonfinite_total: int = 0
     checkpoint: Path | None = None
-    stop: str = ""  # "total_images", "max_steps" or "max_minutes"
+    stop: str = ""  # "total_images", "max_steps", "max_minutes" or "max_cpu_minutes"
 
 
 class Trainer:
@@ -160,7 +167,7 @@ class Trainer:
         forward = torch.compile(self.model, dynamic=False) if c.compile else self.model
         self.denoiser = EDMPrecond(forward, c.sigma_data, dtype)
         self.network_dtype = dtype
-        self.loss_fn = LaplacianEDMLoss(self.process, c.P_mean, c.P_std, c.sigma_data)
+        self.loss_fn = LaplacianEDMLoss(self.process, c.P_mean, c.P_std, c.sigma_data, c.expert_ranges)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=tuple(c.betas),
                                            weight_decay=c.weight_decay)
         ema_on = c.ema_std == 0 and c.ema_decay == 0
@@ -311,6 +318,10 @@ class Trainer:
         c = self.config
         return c.max_minutes > 0 and wall_clock() - self.started >= 60 * c.max_minutes
 
+    def out_of_cpu(self) -> bool:
+        c = self.config
+        return c.max_cpu_minutes > 0 and cpu_clock() - self.cpu_started >= 60 * c.max_cpu_minutes
+
     def _record_run(self, result: TrainResult, images0: int, train_seconds: float, flops: float) -> None:
         """Append this run's facts to runs.jsonl (rank 0): what the model card is filled from."""
         if not distributed.is_main():
@@ -321,15 +332,18 @@ class Trainer:
                   "compiled": self.config.compile, "start_images": images0,
                   "images": self.state.images, "steps": self.state.step, "stop": result.stop,
                   "wall_seconds": round(wall_clock() - self.started, 3), "train_seconds": round(train_seconds, 3),
+                  "cpu_seconds": round(cpu_clock() - self.cpu_started, 3),
                   "train_flops": flops, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "runs.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def run(self, max_steps: int | None = None) -> TrainResult:
-        """Train until total_images, `max_steps` more steps or `max_minutes` since the trainer
-        started, whichever comes first; checkpoint at intervals and at the end."""
+        """Train until total_images, `max_steps` more steps, `max_minutes` since the trainer
+        started or `max_cpu_minutes` of CPU time in this call, whichever comes first; checkpoint at
+        intervals and at the end."""
         c = self.config
+        self.cpu_started = cpu_clock()
         writer = monitor.ScalarWriter(self.out_dir, enabled=distributed.is_main())
         bar = tqdm(total=c.total_images, initial=self.state.images, unit="img", unit_scale=True,
                    disable=not distributed.is_main(), dynamic_ncols=True)
@@ -349,6 +363,8 @@ class Trainer:
                     result.stop = "max_steps"
                 elif self.out_of_time():
                     result.stop = "max_minutes"
+                elif self.out_of_cpu():
+                    result.stop = "max_cpu_minutes"
                 if result.stop:
                     break
                 started = time.perf_counter()
@@ -364,7 +380,7 @@ class Trainer:
                 bar.update(c.batch_size)
                 bar.set_postfix(loss=f"{loss:.4f}", stage=self.last_stage)
                 if crossed(c.log_images) or self.state.images >= c.total_images or (
-                        log_losses and self.out_of_time()):
+                        log_losses and (self.out_of_time() or self.out_of_cpu())):
                     writer.write(self.state.images, self.state.step,
                                  self._scalars(log_losses, self.state.images - images0, busy, flops))
                     busy, images0, flops, log_losses = 0.0, self.state.images, 0.0, []
@@ -379,6 +395,9 @@ class Trainer:
             writer.close()
         if result.stop == "max_minutes":
             distributed.print0(f"max_minutes={c.max_minutes:g} reached at {self.state.images} images: "
+                               f"checkpoint {result.checkpoint}")
+        if result.stop == "max_cpu_minutes":
+            distributed.print0(f"max_cpu_minutes={c.max_cpu_minutes:g} reached at {self.state.images} images: "
                                f"checkpoint {result.checkpoint}")
         self._record_run(result, first_images, total_busy, total_flops)
         result.step, result.images = self.state.step, self.state.images
