@@ -13,10 +13,9 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from edify.condition_fields import CONDITION_FIELDS
 from edify.errors import EdifyError
 
-# Field names a guidance wrapper or a training dropout may switch off.
-CONDITION_FIELDS = ("text", "media", "pitch", "dof")
 
 PITCH_NAMES = ("ascending", "eye level", "descending")
 DOF_NAMES = ("shallow", "deep")

@@ -33,23 +33,32 @@ ICONS = {
 }
 
 
-def write_package(folder: Path, name: str, icons: dict, chars: dict, version: str = "9.9.9") -> Path:
-    """A minimal iconify JSON npm tarball: package/{icons,info,chars,package}.json."""
-    files = {
+def package_files(name: str, icons: dict, chars: dict, version: str = "9.9.9") -> dict:
+    """The JSON files of a minimal iconify package: package/{icons,info,chars,package}.json."""
+    return {
         "icons.json": {"prefix": name, "icons": icons, "width": 16, "height": 16},
         "info.json": {"name": f"Test {name}", "author": {"name": "Test Author", "url": "https://example.org"},
                       "license": {"title": "CC BY 4.0", "spdx": "CC-BY-4.0", "url": "https://example.org/l"}},
         "chars.json": chars,
         "package.json": {"name": f"@iconify-json/{name}", "version": version},
     }
+
+
+def write_tarball(folder: Path, name: str, files: dict, version: str = "9.9.9") -> Path:
+    """An npm-style `iconify-json-NAME-VERSION.tgz`; values are JSON-encoded unless already bytes."""
     path = folder / f"iconify-json-{name}-{version}.tgz"
     with tarfile.open(path, "w:gz") as tar:
         for member, payload in files.items():
-            data = json.dumps(payload).encode()
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             info = tarfile.TarInfo(f"package/{member}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def write_package(folder: Path, name: str, icons: dict, chars: dict, version: str = "9.9.9") -> Path:
+    """A minimal iconify JSON npm tarball: package/{icons,info,chars,package}.json."""
+    return write_tarball(folder, name, package_files(name, icons, chars, version), version)
 
 
 @pytest.fixture()
@@ -158,24 +167,30 @@ def test_rerun_skips_finished_shards_and_resumes_after_error(tarballs: Path, tmp
     monkeypatch.setattr(emoji_data, "SHARD_SIZE", 1)  # one icon per shard
     out = tmp_path / "out"
     calls = {"n": 0}
+    real_record = emoji_data.sample_record
 
-    def failing_render(task):
+    def failing_record(*args):  # fails in the parent, while the third written shard is open
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("disk on fire")
-        return render_sample(task)
+        return real_record(*args)
 
-    monkeypatch.setattr(emoji_data, "render_sample", failing_render)
+    monkeypatch.setattr(emoji_data, "sample_record", failing_record)
     with pytest.raises(RuntimeError):
         build(tarballs, out)
     built = sorted(p.name for p in out.rglob("*.tar"))
-    assert len(built) == 2 and not list(out.rglob(".*tmp*"))  # finished shards kept, no temp files
+    assert len(built) == 4 and not list(out.rglob(".*tmp*"))  # finished shards kept, no temp files
     manifest = build(tarballs, out)
-    assert manifest["icons_rendered"] == 4 and manifest["counts"]["written"] == 4
-    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
+    assert manifest["icons_rendered"] == 6 - len(built) and manifest["counts"]["written"] == 4
+    # a rerun renders nothing and rewrites nothing: same shards, same sidecars, same totals
+    # (asserted on content and mtimes, not on timing, which may round to 0.0 on a fast machine)
+    shards_before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.rglob("*.tar")}
+    sidecars_before = {p: p.read_bytes() for p in out.rglob("*.tar.json")}
     rerun = build(tarballs, out)
-    assert rerun["icons_rendered"] == 0 and rerun["build_seconds"] == manifest["build_seconds"] > 0
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")} == mtimes
+    assert rerun["icons_rendered"] == 0 and rerun["counts"] == manifest["counts"]
+    assert rerun["build_seconds"] == manifest["build_seconds"]
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.rglob("*.tar")} == shards_before
+    assert {p: p.read_bytes() for p in out.rglob("*.tar.json")} == sidecars_before
     # other sizes change the fingerprint: everything is rebuilt
     assert build(tarballs, out, sizes=(16,))["icons_rendered"] == 6
 

@@ -12,7 +12,10 @@ import hashlib
 import io
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 import tarfile
 import warnings
 
@@ -357,3 +360,124 @@ def test_eval_cli_on_a_tiny_model_and_shard(tmp_path, monkeypatch, capsys):
                      "--num-samples", "2"]) == 2
     _, err = capsys.readouterr()
     assert "has no split 'test'" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# A reference set that lost images is refused, never silently evaluated on the rest
+
+
+def _truncate(shard, keep: float = 0.3) -> None:
+    data = shard.read_bytes()
+    shard.write_bytes(data[: int(len(data) * keep)])
+
+
+def _with_sidecar(data, count: int):
+    (data / "val" / "shard-0000.tar.json").write_text(json.dumps({"count": count}))
+
+
+def test_a_truncated_shard_is_refused_with_the_number_of_lost_images(tmp_path):
+    data = _make_data(tmp_path, n=12)
+    _with_sidecar(data, 12)
+    _truncate(data / "val" / "shard-0000.tar")
+    with pytest.raises(EdifyError, match=r"lost (\d+) of 12 images .*broken_shard: 1.*--allow-missing") as info:
+        load_split(data, "val", 32)
+    lost = int(info.value.args[0].split(" lost ")[1].split()[0])
+    assert 0 < lost < 12 and "\n" not in str(info.value)
+    with pytest.raises(EdifyError, match=f"lost {lost} of 12"):
+        load_split(data, "val", 32, allow_missing=lost - 1)
+    with pytest.warns(UserWarning, match=f"evaluating without {lost} unreadable"):
+        real = load_split(data, "val", 32, allow_missing=lost)
+    assert len(real.captions) == 12 - lost and real.lost == lost
+    assert len(load_split(data, "val", 32, max_images=2).captions) == 2  # the first two survived: no loss
+
+
+def test_a_truncated_shard_without_a_count_is_refused_as_an_unknown_loss(tmp_path):
+    data = _make_data(tmp_path, n=12)
+    _truncate(data / "val" / "shard-0000.tar")
+    with pytest.raises(EdifyError, match="how many images were lost is unknown"):
+        load_split(data, "val", 32, allow_missing=100)
+
+
+def test_corrupt_images_count_as_lost_in_shards_and_folders(tmp_path):
+    data = _make_data(tmp_path, n=6)
+    shard = data / "val" / "shard-0000.tar"
+    with tarfile.open(shard, "a") as tf:  # one more sample whose PNG is garbage
+        for name, payload in (("0099.32.png", b"not a png"), ("0099.json", json.dumps({"caption": "x"}).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    with pytest.raises(EdifyError, match=r"lost 1 of 7 images .*bad_image: 1"):
+        load_split(data, "val", 32)
+    folder = tmp_path / "folder" / "val"
+    folder.mkdir(parents=True)
+    for i, x in enumerate(shapes(3, 32, seed=2)):
+        Image.fromarray(((x + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"shape {i}")
+    (folder / "1.png").write_bytes((folder / "1.png").read_bytes()[:60])  # header intact, data cut
+    with pytest.raises(EdifyError, match=r"lost 1 of 3 images .*bad_image: 1"):
+        load_split(tmp_path / "folder", "val", 32)
+    with pytest.warns(UserWarning, match="evaluating without 1 unreadable"):
+        assert load_split(tmp_path / "folder", "val", 32, allow_missing=1).lost == 1
+
+
+def _edify(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDIFY_")}
+    return subprocess.run([sys.executable, "-m", "edify.cli", *args], capture_output=True, text=True,
+                          env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert all(f in result.stderr for f in fragments), result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from edify.networks.presets import build_network
+    from edify.pipelines.text2image import PipelineConfig, SamplingDefaults, TextToImagePipeline
+
+    torch.manual_seed(0)
+    net = build_network("tiny")
+    config = PipelineConfig(network=net.config.to_dict(), resolution=32, styles=("noto", "twemoji"),
+                            defaults=SamplingDefaults(num_steps=3, guidance_scale=2.0))
+    folder = tmp_path_factory.mktemp("eval-model") / "model"
+    TextToImagePipeline(net, config).save_pretrained(folder)
+    return folder
+
+
+def test_eval_cli_refuses_a_damaged_split_and_a_cache_that_is_a_file(tmp_path, tiny_model):
+    data = _make_data(tmp_path, n=12)
+    _with_sidecar(data, 12)
+    _truncate(data / "val" / "shard-0000.tar")
+    base = ["eval", "--model", str(tiny_model), "--data", str(data), "--num-samples", "2", "--batch", "2",
+            "--steps", "3", "--metrics", "swd", "--no-cache"]
+    _one_line_error(_edify(*base), "of 12 images", "--allow-missing")
+    (tmp_path / "cache").write_text("a file")
+    _one_line_error(_edify(*base[:-3], "--metrics", "fid", "--cache", str(tmp_path / "cache")),
+                    "--cache must be a folder")
+    with pytest.warns(UserWarning):
+        lost = 12 - len(load_split(data, "val", 32, allow_missing=12).captions)
+    result = _edify(*base, "--allow-missing", str(lost))
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.splitlines()[-1])
+    assert record["real_missing"] == lost and record["num_real"] == 12 - lost
+    assert f"evaluating without {lost} unreadable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_progress_and_a_broken_model(tmp_path, tiny_model, monkeypatch):
+    """evaluate_pipeline reports each generated batch and stops on a non-finite sampler state."""
+    from edify.eval.evaluate import evaluate_pipeline
+    from edify.pipelines.text2image import TextToImagePipeline
+
+    monkeypatch.setattr(TextToImagePipeline, "text_encoder", property(lambda self: _HashText()))
+    pipe = TextToImagePipeline.from_pretrained(tiny_model)
+    real = load_split(_make_data(tmp_path), "val", 32)
+    done, steps = [], []
+    result = evaluate_pipeline(pipe, real, 3, sampler="euler", steps=3, guidance=2.0, metrics="swd", batch_size=2,
+                               progress=done.append, callback=lambda info: steps.append(info["i"]))
+    assert done == [2, 1] and steps == [0, 1, 2] * 2 and result["num_fake"] == 3
+    with torch.no_grad():
+        pipe.network.head.bias.fill_(3e38)
+    with pytest.raises(EdifyError, match="non-finite values"):
+        evaluate_pipeline(pipe, real, 2, sampler="euler", steps=3, guidance=2.0, metrics="swd", batch_size=2)

@@ -15,19 +15,32 @@ Each sample holds `SIZE.png` (RGB on white), `maskSIZE.png` (8-bit alpha) for ev
 The validation split holds out about 5% of the *named emoji*: a hash of the codepoint sequence
 decides, so one emoji is held out in every style at once and the split never depends on
 random state or on which sets were built.
+
+Packages are input from elsewhere and treated as hostile. Their JSON is schema-checked
+(edify.data.schema: a broken file is one `EdifyError` line, a broken icon is skipped), every SVG is
+checked before resvg sees it (edify.data.render.svg_problem: no files outside the icon, bounded
+size, depth and `<use>` expansion), and rendering runs in worker processes with a time and memory
+limit per icon (edify.data.sandbox), also with one worker. A skipped icon is counted in the
+manifest as `dropped_REASON`:
+    not_svg, empty, vanishes                          not an image worth training on
+    bad_name, bad_icon, bad_geometry, too_large       its icons.json entry fails the schema
+    malformed, too_deep, too_complex, external_ref,   its SVG fails the pre-check
+    bad_image
+    timeout, crashed, out_of_memory, panic, error     its render failed in the worker
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
-import tarfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -37,8 +50,10 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from edify.data.emoji_names import Caption, EmojiNamer
-from edify.data.render import IconGeometry, RenderResult, render_sample
-from edify.data.shards import AtomicShardWriter, finished_shard, sidecar, write_json_atomic
+from edify.data.render import RenderResult, render_sample
+from edify.data.sandbox import Failed, IsolatedPool
+from edify.data.schema import IconSet, load_icon_set
+from edify.data.shards import AtomicShardWriter, finished_shard, remove_stale_temps, sidecar, write_json_atomic
 from edify.errors import EdifyError
 
 # set name -> SPDX license of the published package; share-alike sets are kept out by
@@ -61,33 +76,16 @@ VAL_PER_MILLE = 50  # 5% of named emoji held out
 SHARD_SIZE = 1000  # icons per shard
 FORMAT_VERSION = 1
 MIN_SIZE, MAX_SIZE = 8, 4096
+# Wall time to render one icon at every size: ICON_SECONDS plus ICON_SECONDS_PER_4K for each
+# 4096x4096 px rendered. The heaviest published icons (fluent-emoji) take up to 20 s at 4096 px on
+# a busy 2-core machine and well under 1 s at 64 px.
+ICON_SECONDS, ICON_SECONDS_PER_4K = 30.0, 120.0
+ICON_MEMORY_MB = 2048  # memory a worker may add while rendering; a 4096 px icon needs about 600 MB
+MAX_FAILURES_LISTED = 100  # per shard sidecar: which icons failed and why
 
 
 def is_share_alike(spdx: str) -> bool:
     return "-SA-" in spdx or spdx.endswith("-SA")
-
-
-@dataclass(frozen=True)
-class IconSet:
-    """One iconify JSON package: its icons (name -> icon dict), chars.json and attribution."""
-
-    name: str
-    version: str
-    title: str
-    license: str
-    license_url: str
-    author: str
-    author_url: str
-    icons: dict[str, dict[str, Any]]
-    chars: dict[str, str]
-    default_geometry: IconGeometry
-
-    def geometry(self, icon: dict[str, Any]) -> IconGeometry:
-        d = self.default_geometry
-        return IconGeometry(
-            float(icon.get("left", d.left)), float(icon.get("top", d.top)),
-            float(icon.get("width", d.width)), float(icon.get("height", d.height)),
-        )
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,7 @@ def parse_sizes(sizes: str | int | tuple[int, ...] | list[int]) -> tuple[int, ..
 
 def find_tarball(folder: Path, name: str) -> Path | None:
     """The newest `iconify-json-NAME-VERSION.tgz` in folder (versions start with a digit)."""
-    pattern = re.compile(rf"^iconify-json-{re.escape(name)}-(\d[\w.+-]*)\.tgz$")
+    pattern = re.compile(rf"^iconify-json-{re.escape(name)}-(\d[\w.+-]*)\.tgz$", re.ASCII)
     found = [(m.group(1), p) for p in folder.iterdir() if (m := pattern.match(p.name))]
     if not found:
         return None
@@ -159,38 +157,8 @@ def fetch_tarballs(names: list[str], cache: Path) -> Path:
 
 
 def read_icon_set(path: Path, name: str) -> IconSet:
-    """Read icons.json, info.json and (if present) chars.json from an iconify npm tarball."""
-    files: dict[str, Any] = {}
-    try:
-        with tarfile.open(path, "r:gz") as tar:
-            for member in ("icons.json", "info.json", "chars.json", "package.json"):
-                try:
-                    handle = tar.extractfile(f"package/{member}")
-                except KeyError:
-                    continue
-                if handle is not None:
-                    files[member] = json.load(handle)
-    except (tarfile.TarError, OSError, json.JSONDecodeError) as err:
-        raise EdifyError(f"cannot read iconify package {path}: {err}") from None
-    if "icons.json" not in files:
-        raise EdifyError(f"iconify package {path} has no package/icons.json")
-    icons, info = files["icons.json"], files.get("info.json", {})
-    license_, author = info.get("license", {}), info.get("author", {})
-    return IconSet(
-        name=name,
-        version=str(files.get("package.json", {}).get("version", "unknown")),
-        title=str(info.get("name", name)),
-        license=str(license_.get("spdx", KNOWN_SETS.get(name, "unknown"))),
-        license_url=str(license_.get("url", "")),
-        author=str(author.get("name", "")),
-        author_url=str(author.get("url", "")),
-        icons=dict(icons.get("icons", {})),
-        chars=dict(files.get("chars.json", {})),
-        default_geometry=IconGeometry(
-            float(icons.get("left", 0)), float(icons.get("top", 0)),
-            float(icons.get("width", 16)), float(icons.get("height", 16)),
-        ),
-    )
+    """Read and schema-check icons.json, info.json and (if present) chars.json of a tarball."""
+    return load_icon_set(Path(path), name, KNOWN_SETS.get(name, "unknown"))
 
 
 def split_of(caption: Caption, icon: str) -> str:
@@ -201,10 +169,19 @@ def split_of(caption: Caption, icon: str) -> str:
 
 
 def plan_samples(icon_set: IconSet, namer: EmojiNamer) -> list[Sample]:
-    """Every non-hidden icon of a set (aliases are duplicates and are skipped), sorted by name."""
+    """Every non-hidden icon of a set (aliases are duplicates and are skipped), sorted by name.
+
+    An icon whose name failed the schema is planned under a digest key and never captioned: its
+    name may be anything, and it is only counted.
+    """
     samples = []
     for icon in sorted(icon_set.icons):
-        if icon_set.icons[icon].get("hidden"):
+        if icon_set.icons[icon].hidden:
+            continue
+        if icon_set.icons[icon].problem == "bad_name":
+            digest = hashlib.sha1(icon.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            caption = Caption("", None, "icon-name")
+            samples.append(Sample(f"{icon_set.name}__bad-name-{digest}", icon_set.name, icon, caption, "train"))
             continue
         caption = namer.caption(icon_set.name, icon)
         key = f"{icon_set.name}__{icon}".replace(".", "_")
@@ -253,12 +230,57 @@ def sample_record(sample: Sample, icon_set: IconSet, result: RenderResult) -> di
     return record
 
 
-def _results(tasks: Iterator[tuple], workers: int) -> Iterator[RenderResult]:
-    if workers <= 1:
-        yield from map(render_sample, tasks)
+def _as_result(outcome: RenderResult | Failed) -> RenderResult:
+    if isinstance(outcome, Failed):
+        return RenderResult(outcome.reason, error=outcome.detail)
+    return outcome
+
+
+def _results(pending: list[Shard], sizes: tuple[int, ...], pool: IsolatedPool) -> Iterator[RenderResult]:
+    """One result per planned sample, in order; icons the schema refused never reach a worker."""
+    icons = [sh.icon_set.icons[s.icon] for sh in pending for s in sh.samples]
+    rendered = pool.imap((icon.body, icon.geometry, sizes) for icon in icons if not icon.problem)
+    for icon in icons:
+        yield RenderResult(icon.problem, error="refused by the schema") if icon.problem else _as_result(next(rendered))
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds the build like Ctrl-C, so workers stop and the shard being written is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(render_sample, tasks, chunksize=8)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _write_shard(shard: Shard, sizes: tuple[int, ...], results: Iterator[RenderResult], bar: tqdm) -> None:
+    """Write one shard atomically; its sidecar counts every status and names the failed icons."""
+    with AtomicShardWriter(shard.path, shard.fingerprint(sizes)) as writer:
+        statuses, named, failed, shard_started = Counter(), 0, {}, time.perf_counter()
+        for sample in shard.samples:
+            result = next(results)
+            statuses[result.status] += 1
+            if result.status == "ok":
+                writer.write(sample_record(sample, shard.icon_set, result))
+                named += sample.caption.named
+            elif result.error and len(failed) < MAX_FAILURES_LISTED:
+                failed[sample.key] = f"{result.status}: {result.error}"[:300]
+            bar.update()
+        writer.stats = {"icons": len(shard.samples), "named": named, "statuses": dict(statuses),
+                        "failed": failed, "seconds": round(time.perf_counter() - shard_started, 3)}
+
+
+def icon_time_limit(sizes: tuple[int, ...]) -> float:
+    """The default per-icon time limit: grows with the pixels rendered, so large sizes do not time out."""
+    return ICON_SECONDS + ICON_SECONDS_PER_4K * sum(s * s for s in sizes) / MAX_SIZE**2
 
 
 def build_emoji_dataset(
@@ -269,13 +291,24 @@ def build_emoji_dataset(
     permissive_only: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    icon_seconds: float | None = None,
+    icon_memory_mb: int = ICON_MEMORY_MB,
 ) -> dict[str, Any]:
-    """Build (or resume) the emoji webdataset under `out`; returns the manifest it writes."""
+    """Build (or resume) the emoji webdataset under `out`; returns the manifest it writes.
+
+    Every icon is rendered in a worker process (also with `workers=1`) with at most
+    `icon_seconds` of wall time (default: `icon_time_limit(sizes)`) and `icon_memory_mb` of extra
+    memory (0: no memory cap); an icon over either is skipped and counted.
+    """
     started = time.perf_counter()
     names, sizes = parse_sets(sets, permissive_only), parse_sizes(sizes)
+    icon_seconds = icon_time_limit(sizes) if icon_seconds is None else float(icon_seconds)
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
     if workers < 1:
         raise EdifyError(f"workers must be at least 1, got {workers}")
+    if not 0 < icon_seconds <= 86_400 or icon_memory_mb < 0:
+        raise EdifyError(f"per-icon limits must be positive (time at most a day), got {icon_seconds} s "
+                         f"and {icon_memory_mb} MB")
     if tarballs is None:
         folder = fetch_tarballs(names + [n for n in NAMING_SETS if n not in names], default_cache())
     else:
@@ -300,28 +333,16 @@ def build_emoji_dataset(
             chars[name] = read_icon_set(other, name).chars
     namer = EmojiNamer(chars)
     out = Path(out)
+    remove_stale_temps(out, out / "train", out / "val")  # left by a build that was killed
     shards = plan_shards(out, icon_sets, namer)
     pending = [sh for sh in shards if finished_shard(sh.path, sh.fingerprint(sizes)) is None]
     total = sum(len(sh.samples) for sh in pending)
-    tasks = ((sh.icon_set.icons[s.icon].get("body"), sh.icon_set.geometry(sh.icon_set.icons[s.icon]), sizes)
-             for sh in pending for s in sh.samples)
-    results = _results(tasks, min(workers, max(total, 1)))
-    with tqdm(total=total, disable=not progress, unit="icon", desc="emoji") as bar:
-        try:
-            for shard in pending:
-                with AtomicShardWriter(shard.path, shard.fingerprint(sizes)) as writer:
-                    statuses, named, shard_started = Counter(), 0, time.perf_counter()
-                    for sample in shard.samples:
-                        result = next(results)
-                        statuses[result.status] += 1
-                        if result.status == "ok":
-                            writer.write(sample_record(sample, shard.icon_set, result))
-                            named += sample.caption.named
-                        bar.update()
-                    writer.stats = {"icons": len(shard.samples), "named": named, "statuses": dict(statuses),
-                                    "seconds": round(time.perf_counter() - shard_started, 3)}
-        finally:
-            results.close()  # stops the worker pool on error or interrupt
+    with (_terminate_as_interrupt(),
+          IsolatedPool(render_sample, workers, seconds=icon_seconds, megabytes=icon_memory_mb) as pool,
+          tqdm(total=total, disable=not progress, unit="icon", desc="emoji") as bar):
+        results = _results(pending, sizes, pool)
+        for shard in pending:
+            _write_shard(shard, sizes, results, bar)
     manifest = summarize(out, shards, icon_sets, sizes, total, time.perf_counter() - started)
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
@@ -369,6 +390,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="64", help="comma-separated square sizes in px (default 64)")
     parser.add_argument("--permissive-only", action="store_true", help="skip share-alike sets (CC-BY-SA)")
     parser.add_argument("--workers", type=int, default=None, help="render processes (default: CPU count)")
+    parser.add_argument("--icon-timeout", type=float, default=None,
+                        help=f"seconds to render one icon before it is skipped (default {ICON_SECONDS:g}, "
+                             f"plus {ICON_SECONDS_PER_4K:g} per 4096x4096 px rendered)")
+    parser.add_argument("--icon-memory", type=int, default=ICON_MEMORY_MB,
+                        help=f"MB a worker may add while rendering one icon, 0 for no cap (default {ICON_MEMORY_MB})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--out", type=Path, required=True, help="output folder for shards and manifest")
 
@@ -376,7 +402,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     manifest = build_emoji_dataset(args.tarballs, args.out, sets=args.sets, sizes=args.sizes,
                                    permissive_only=args.permissive_only, workers=args.workers,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, icon_seconds=args.icon_timeout,
+                                   icon_memory_mb=args.icon_memory)
     counts = manifest["counts"]
     print(f"wrote {counts.get('train', 0)} train + {counts.get('val', 0)} val samples "
           f"({len(manifest['sets'])} sets, sizes {manifest['sizes']}) to {args.out} "

@@ -7,6 +7,10 @@ Captions and styles are drawn deterministically (by --seed) from the split, one 
 per drawn caption (image i with seed --seed + i), and the metrics compare the generated images to
 all real images of the split. The real images' Inception features are cached under --cache, keyed
 by data, split, resolution and feature extractor. Prints one JSON line.
+
+The reference set must be the whole split: when images of it cannot be read (a truncated shard, a
+corrupt image), the command stops and says how many were lost, unless --allow-missing N accepts
+up to N lost images (default 0); the JSON line then reports them as "real_missing".
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ def default_cache() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="model folder (default: the shipped model)")
+    from edify.runtime import add_runtime_arguments
+
+    parser.add_argument("--model", default=None,
+                        help="model folder (default: $EDIFY_MODEL, else the shipped demo model)")
     parser.add_argument("--data", required=True, help="dataset folder holding split subfolders (e.g. data/emoji)")
     parser.add_argument("--split", default="val", help="split subfolder: webdataset .tar shards or an image folder")
     parser.add_argument("--num-samples", type=int, default=1000, help="images to generate")
@@ -42,24 +49,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="recompute the real features, write nothing")
     parser.add_argument("--max-real", type=int, default=None,
                         help="use only the first N real images of the split (quick checks; default: all)")
+    parser.add_argument("--allow-missing", type=int, default=0, metavar="N",
+                        help="evaluate even if up to N real images of the split cannot be read (corrupt "
+                             "images, truncated shards); default 0: any loss is an error")
     parser.add_argument("--batch", type=int, default=32, help="generation and feature batch size")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    add_runtime_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    from edify.eval.evaluate import FEATURE_METRICS, evaluate_pipeline, load_split, parse_metrics, real_reference
-    from edify.eval.features import InceptionFeatures
-    from edify.pipelines.generate_cli import default_model
-    from edify.pipelines.text2image import TextToImagePipeline
+def cache_folder(args: argparse.Namespace) -> Path | None:
+    """The feature cache folder, created now so that a bad path fails before any work."""
+    if args.no_cache:
+        return None
+    path = Path(args.cache) if args.cache else default_cache()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise EdifyError(f"--cache must be a folder, but {str(path)!r} (or a folder above it) is a file") from None
+    return path
 
-    start = time.perf_counter()
+
+def check_args(args: argparse.Namespace) -> None:
     if args.num_samples < 1:
         raise EdifyError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.batch < 1:
         raise EdifyError(f"--batch must be >= 1, got {args.batch}")
+    if args.allow_missing < 0:
+        raise EdifyError(f"--allow-missing must be >= 0, got {args.allow_missing}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edify import runtime
+
+    start = time.perf_counter()
+    check_args(args)
+    device = runtime.resolve_device(args.device)
+    with runtime.threads(args.threads), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = evaluate_command(args, device, runtime.progress_enabled(args.quiet))
+    for w in caught:
+        print(f"edify eval: warning: {w.message}", file=sys.stderr)
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    print(json.dumps(record))
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace, device, show_progress: bool) -> dict:
+    """The JSON record of `edify eval` (without "seconds")."""
+    from edify.eval.evaluate import FEATURE_METRICS, evaluate_pipeline, load_split, parse_metrics, real_reference
+    from edify.eval.features import InceptionFeatures
+    from edify.pipelines.generate_cli import load_pipeline, resolve_model
+    from edify.runtime import Progress
+
     metrics = parse_metrics(args.metrics)
-    model = Path(args.model) if args.model else default_model()
-    pipe = TextToImagePipeline.from_pretrained(model).to(args.device)
+    cache = cache_folder(args) if FEATURE_METRICS & set(metrics) else None
+    model = resolve_model(args.model)
+    pipe = load_pipeline(model, device)
     d = pipe.config.defaults
     steps = d.num_steps if args.steps is None else args.steps
     guidance = d.guidance_scale if args.guidance is None else args.guidance
@@ -67,25 +111,26 @@ def run(args: argparse.Namespace) -> int:
     resolution = pipe.config.resolution
     pipe.check_inputs(["x"], None, resolution, resolution, steps, guidance, sampler)  # fail before any work
 
-    real = load_split(args.data, args.split, resolution, max_images=args.max_real)
+    real = load_split(args.data, args.split, resolution, max_images=args.max_real, allow_missing=args.allow_missing)
     extractor, real_stats = None, None
     if FEATURE_METRICS & set(metrics):
-        extractor = InceptionFeatures(args.device, batch_size=args.batch)
-        cache = None if args.no_cache else Path(args.cache) if args.cache else default_cache()
-        real_stats = real_reference(real, args.data, args.split, resolution, extractor, cache)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        extractor = InceptionFeatures(device, batch_size=args.batch)
+        bar = Progress(len(real.captions), "real features", show_progress)
+        try:
+            real_stats = real_reference(real, args.data, args.split, resolution, extractor, cache, progress=bar.update)
+        finally:
+            bar.close()
+    bar = Progress(args.num_samples, "generating", show_progress)
+    try:
         result = evaluate_pipeline(pipe, real, args.num_samples, sampler=sampler, steps=steps, guidance=guidance,
                                    seed=args.seed, metrics=metrics, batch_size=args.batch, extractor=extractor,
-                                   real_stats=real_stats)
-    for w in caught:
-        print(f"edify eval: warning: {w.message}", file=sys.stderr)
-    record = {
-        **result, "num_samples": result["num_fake"], "sampler": sampler, "steps": steps,
+                                   real_stats=real_stats, progress=bar.update,
+                                   callback=lambda info: bar.note(f"step {info['i'] + 1}/{steps}"))
+    finally:
+        bar.close()
+    return {
+        **result, "num_samples": result["num_fake"], "real_missing": real.lost, "sampler": sampler, "steps": steps,
         "guidance": guidance, "seed": args.seed, "model": str(model), "data": str(args.data),
         "split": args.split, "resolution": resolution, "metrics": list(metrics),
-        "feature_extractor": extractor.id if extractor else None, "device": str(args.device),
-        "seconds": round(time.perf_counter() - start, 3),
+        "feature_extractor": extractor.id if extractor else None, "device": str(device),
     }
-    print(json.dumps(record))
-    return 0

@@ -12,9 +12,11 @@ deterministic caption list a run generates from.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import warnings
-from collections.abc import Hashable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +141,7 @@ class RealSplit:
     styles: list[str | None]
     path: Path
     fingerprint: str  # names, sizes and mtimes of the files read: part of the feature cache key
+    lost: int = 0  # images of the split that could not be read, accepted by `allow_missing`
 
     @property
     def labels(self) -> list[tuple[str, str | None]]:
@@ -179,33 +182,123 @@ def _tar_image_key(shards: list[Path], resolution: int) -> str | None:
     return None
 
 
-def load_split(data: str | Path, split: str, resolution: int, max_images: int | None = None) -> RealSplit:
+def load_split(data: str | Path, split: str, resolution: int, max_images: int | None = None,
+               allow_missing: int = 0) -> RealSplit:
     """The real images of a split (webdataset shards or an image folder) at `resolution` px, in file
-    order; all of them, or the first `max_images`."""
-    from edify.data.datasets import DataConfig, ImageFolderDataset, WebImageDataset, to_float_image
+    order; all of them, or the first `max_images`.
+
+    A reference set must be the split, not what survived of it: images that could not be read
+    (a truncated or unreadable shard, an undecodable image, a sample without caption or image)
+    are counted, and more than `allow_missing` of them raise EdifyError saying how many were lost
+    (default 0: any loss). Shards count their images in the `NAME.tar.json` sidecar `edify data`
+    writes; a shard that breaks without one has lost an unknown number, which is always refused.
+    Accepted losses are kept in `RealSplit.lost` and reported as a warning.
+    """
+    from edify.data.datasets import DataConfig
 
     if max_images is not None and max_images < 2:
         raise EdifyError(f"max_images must be >= 2 (or None for all), got {max_images}")
+    if allow_missing < 0:
+        raise EdifyError(f"allow_missing must be >= 0, got {allow_missing}")
     folder = split_folder(data, split)
     shards = sorted(folder.glob("*.tar"))
     multiple = 16 if resolution % 16 == 0 else 4 if resolution % 4 == 0 else 1
-    if shards:
-        key = _tar_image_key(shards, resolution)
-        cfg = DataConfig(resolution=resolution, multiple=multiple, square=True, image_key=key)
-        stream = WebImageDataset([str(s) for s in shards], cfg, shuffle=False, rank=0, world_size=1, raw=True)
-        records = list(itertools.islice(stream, max_images))
-        files = shards
-    else:
-        cfg = DataConfig(resolution=resolution, multiple=multiple, square=True)
-        dataset = ImageFolderDataset(folder, cfg, raw=True)
-        records = [r for r in (dataset[i] for i in range(len(dataset))) if "skip" not in r][:max_images]
-        files = [p for p, _, _ in dataset.items]
-        _check_native_side(files[0], resolution)
-    if not records:
-        raise EdifyError(f"no readable images in split {split!r} of {str(data)!r}")
-    images = to_float_image(torch.stack([torch.from_numpy(r["image"].copy()) for r in records]).numpy())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if shards:
+            key = _tar_image_key(shards, resolution)
+            cfg = DataConfig(resolution=resolution, multiple=multiple, square=True, image_key=key)
+            records, lost, reasons = _read_shards(shards, cfg, max_images)
+            files = shards
+        else:
+            cfg = DataConfig(resolution=resolution, multiple=multiple, square=True)
+            records, lost, reasons, files = _read_folder(folder, cfg, max_images)
+    detail = "; ".join(dict.fromkeys(_one_line(w.message) for w in caught))
+    where = f"split {split!r} of {str(data)!r}"
+    _check_lost(where, len(records), lost, reasons, detail, allow_missing)
+    if lost:
+        warnings.warn(f"{where}: evaluating without {lost} unreadable image(s) "
+                      f"({_reasons(reasons)}; allowed: {allow_missing})", stacklevel=2)
+    images = to_float_image_batch(records)
     fingerprint = _fingerprint(files) + (f";first {max_images}" if max_images is not None else "")
-    return RealSplit(images, [r["caption"] for r in records], [r["style"] for r in records], folder, fingerprint)
+    return RealSplit(images, [r["caption"] for r in records], [r["style"] for r in records], folder, fingerprint,
+                     lost or 0)
+
+
+def to_float_image_batch(records: list[dict]) -> Tensor:
+    from edify.data.datasets import to_float_image
+
+    return to_float_image(torch.stack([torch.from_numpy(r["image"].copy()) for r in records]).numpy())
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+def _reasons(reasons: Counter) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "no reason recorded"
+
+
+def _sidecar_count(shards: list[Path]) -> int | None:
+    """The samples the shards hold by their sidecars (NAME.tar.json "count"), None if any lacks one."""
+    total = 0
+    for shard in shards:
+        try:
+            total += int(json.loads(shard.with_name(shard.name + ".json").read_text())["count"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return total
+
+
+def _read_shards(shards: list[Path], cfg, max_images: int | None) -> tuple[list[dict], int | None, Counter]:
+    """(records, images lost or None when unknown, skip reasons) of webdataset shards in file order."""
+    from edify.data.datasets import WebImageDataset
+
+    stream = WebImageDataset([str(s) for s in shards], cfg, shuffle=False, rank=0, world_size=1, raw=True)
+    records = list(itertools.islice(stream, max_images))
+    reasons = Counter(stream.stats.skipped)
+    expected = _sidecar_count(shards)
+    if expected is not None:
+        wanted = expected if max_images is None else min(expected, max_images)
+        return records, max(0, wanted - len(records)), reasons
+    if reasons["broken_shard"] or reasons["unreadable_shard"]:
+        return records, None, reasons
+    return records, sum(reasons.values()), reasons
+
+
+def _read_folder(folder: Path, cfg, max_images: int | None) -> tuple[list[dict], int, Counter, list[Path]]:
+    """(records, images lost, skip reasons, files) of an image folder, in file order."""
+    from edify.data.datasets import ImageFolderDataset
+
+    dataset = ImageFolderDataset(folder, cfg, raw=True)
+    reasons = Counter(dataset.index_stats.skipped)
+    records = []
+    for i in range(len(dataset)):
+        if max_images is not None and len(records) >= max_images:
+            break
+        record = dataset[i]
+        if "skip" in record:
+            reasons[record["skip"]] += 1
+        else:
+            records.append(record)
+    files = [p for p, _, _ in dataset.items]
+    _check_native_side(files[0], cfg.resolution)
+    return records, sum(reasons.values()), reasons, files
+
+
+def _check_lost(where: str, read: int, lost: int | None, reasons: Counter, detail: str, allow_missing: int) -> None:
+    """EdifyError unless the images lost number at most `allow_missing` (see `load_split`)."""
+    detail = f"; {detail}" if detail else ""
+    if lost is None:
+        raise EdifyError(f"{where}: a shard is truncated or unreadable and has no .tar.json sidecar giving its "
+                         f"image count, so how many images were lost is unknown ({_reasons(reasons)}{detail}); "
+                         f"rebuild the split or move the shard out of it")
+    if read == 0:
+        raise EdifyError(f"no readable images in {where} ({_reasons(reasons)}{detail})")
+    if lost > allow_missing:
+        raise EdifyError(f"{where} lost {lost} of {read + lost} images to unreadable data ({_reasons(reasons)}"
+                         f"{detail}); metrics on the other {read} would not describe the split: rebuild it, or "
+                         f"accept the loss with --allow-missing {lost}")
 
 
 def _check_native_side(source, resolution: int) -> None:
@@ -242,27 +335,43 @@ def draw_prompts(real: RealSplit, num_samples: int, seed: int) -> list[int]:
 
 
 def real_reference(real: RealSplit, data: str | Path, split: str, resolution: int,
-                   extractor: InceptionFeatures, cache_dir: str | Path | None) -> FeatureStats:
-    """Inception statistics of a split's real images, cached per data + split + resolution + extractor."""
+                   extractor: InceptionFeatures, cache_dir: str | Path | None,
+                   progress: Callable[[int], None] | None = None) -> FeatureStats:
+    """Inception statistics of a split's real images, cached per data + split + resolution + extractor.
+    `progress(n)` is called as each batch of n real images has been read on a cache miss."""
     from edify.eval.fid import cache_key, reference_stats
 
     key = cache_key(str(Path(data).resolve()), split, resolution, extractor.id, real.fingerprint)
     meta = {"data": str(data), "split": split, "resolution": resolution, "extractor": extractor.id,
             "count": len(real.captions)}
-    stats, _ = reference_stats(key, cache_dir, lambda: (extractor(real.images), meta))
+    batches = _counted(as_batches(real.images, extractor.batch_size), progress)
+    stats, _ = reference_stats(key, cache_dir, lambda: (extractor(batches), meta))
     if stats.count != len(real.captions):
         raise EdifyError(f"cached features hold {stats.count} images, the split has {len(real.captions)}")
     return stats
 
 
+def _counted(batches: Iterable[Tensor], progress: Callable[[int], None] | None) -> Iterable[Tensor]:
+    """The batches, calling `progress(len(batch))` after each one has been consumed."""
+    for batch in batches:
+        yield batch
+        if progress is not None:
+            progress(batch.shape[0])
+
+
 def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, steps: int, guidance: float,
                       seed: int = 0, metrics: str | Sequence[str] = METRICS, batch_size: int = 32,
                       extractor: InceptionFeatures | None = None, real_stats: FeatureStats | None = None,
-                      warn: bool = True) -> dict:
+                      warn: bool = True, progress: Callable[[int], None] | None = None,
+                      callback: Callable[[dict], None] | None = None) -> dict:
     """Generate `num_samples` images for captions/styles drawn from `real` (`draw_prompts`; image i
     uses seed + i) and evaluate them against all of `real`. Adds "nfe" to `evaluate`'s result.
     Styles the model does not know are replaced by no style. Retrieval counts a hit when any real
-    image of the same caption (in any style) ranks within the top k."""
+    image of the same caption (in any style) ranks within the top k.
+
+    `callback(info)` sees every sampler step (the pipeline's callback), `progress(n)` every batch
+    of n images generated and measured. A sampler step that produces NaN or infinity raises
+    EdifyError: metrics of a broken model are not numbers to report."""
     if batch_size < 1:
         raise EdifyError(f"batch size must be >= 1, got {batch_size}")
     metrics = parse_metrics(metrics)
@@ -273,15 +382,29 @@ def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, 
     def generated():
         for i in range(0, len(indices), batch_size):
             chunk = indices[i:i + batch_size]
+            seeds = [seed + i + k for k in range(len(chunk))]
             out = pipe([real.captions[j] for j in chunk],
                        style=[real.styles[j] if real.styles[j] in known else None for j in chunk],
-                       num_steps=steps, guidance_scale=guidance, sampler=sampler,
-                       seed=[seed + i + k for k in range(len(chunk))], output_type="tensor")
+                       num_steps=steps, guidance_scale=guidance, sampler=sampler, seed=seeds,
+                       output_type="tensor", callback=_finite_steps(seeds, callback))
             nfe[0] = out.nfe
             yield out.images
 
     # retrieval targets: every real image with the generated image's caption, whatever its style
-    result = evaluate(generated(), real.images, metrics, extractor=extractor, real_stats=real_stats,
-                      fake_labels=[real.captions[j] for j in indices], real_labels=real.captions,
-                      batch_size=batch_size, seed=seed, warn=warn)
+    result = evaluate(_counted(generated(), progress), real.images, metrics, extractor=extractor,
+                      real_stats=real_stats, fake_labels=[real.captions[j] for j in indices],
+                      real_labels=real.captions, batch_size=batch_size, seed=seed, warn=warn)
     return {**result, "nfe": nfe[0]}
+
+
+def _finite_steps(seeds: list[int], callback: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """A sampler callback that calls `callback` and stops on a state holding NaN or infinity."""
+    from edify.runtime import all_finite
+
+    def on_step(info: dict) -> None:
+        if callback is not None:
+            callback(info)
+        if not all_finite(info["x"]):
+            raise EdifyError(f"sampling produced non-finite values (NaN or infinity) at step {info['i'] + 1} for "
+                             f"seeds {seeds[0]}..{seeds[-1]}: the model's weights are corrupt or unusable")
+    return on_step

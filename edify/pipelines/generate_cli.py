@@ -1,37 +1,112 @@
-"""`edify generate PROMPT`: text to image with a model folder (the shipped demo model by default)."""
+"""`edify generate PROMPT`: text to image with a model folder (the shipped demo model by default).
+
+Images are generated in batches of --batch-size and each batch's PNGs are written as soon as it
+finishes, so a run of any length starts writing at once, holds one batch in memory and, when
+interrupted (Ctrl-C), keeps every image already written (exit status 130). Values are checked
+at every sampler step: a model that produces NaN or infinity stops the run with an error
+instead of writing black images.
+
+Reproducibility (what is bit-identical): image i of a run uses seed --seed + i, whatever batch it
+lands in. Its pixels are bit-identical whenever it is computed with the same prompt, model and
+options in a batch of the same size, on the same device with the same --threads and torch build;
+its position in the batch does not matter. Batches hold --batch-size images and the last one the
+remainder, so rerunning a command reproduces every file byte for byte, and `--seed S --num N`
+reproduces the images of a longer run from seed S when its batches have the same sizes. Computed
+in a batch of another size, the same seed gives the same picture up to floating-point rounding
+(about 1e-6), which can move a pixel value by 1/255. (Tested on the CPU; on GPUs torch does not
+promise bit-identical kernels.)
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
 
 from edify.errors import EdifyError
 
-# The demo model ships in the repository's weights/ folder; EDIFY_MODEL overrides it.
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "weights" / "emoji-64"
+MODEL_ENV = "EDIFY_MODEL"
+
+EPILOG = """\
+reproducibility:
+  Image i uses seed --seed + i, whatever batch it lands in. It is bit-identical
+  whenever it is computed with the same prompt, model and options in a batch of
+  the same size, on the same device with the same --threads and torch build;
+  its position in the batch does not matter. Batches hold --batch-size images
+  and the last one the remainder, so rerunning a command reproduces every file
+  byte for byte. In a batch of another size the same seed gives the same
+  picture up to floating-point rounding, which can move a pixel value by 1/255.
+  (Tested on the CPU; on GPUs torch does not promise bit-identical kernels.)"""
+
+
+def resolve_model(model: str | None) -> Path:
+    """The model folder: --model, else $EDIFY_MODEL (which must exist), else the shipped demo model."""
+    if model:
+        return Path(model)
+    env = os.environ.get(MODEL_ENV, "").strip()
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            what = "is not a folder" if path.exists() else "does not exist"
+            raise EdifyError(f"{MODEL_ENV}={env} {what}: point it at a model folder, or unset it to use "
+                             f"the shipped demo model")
+        return path
+    from edify.assets import demo_model_path
+
+    return demo_model_path()
 
 
 def default_model() -> Path:
-    return Path(os.environ.get("EDIFY_MODEL", DEFAULT_MODEL))
+    """The model used without --model: $EDIFY_MODEL, else the shipped demo model."""
+    return resolve_model(None)
+
+
+def __getattr__(name: str):
+    if name == "DEFAULT_MODEL":  # the shipped demo model's folder, found on first use
+        from edify.assets import demo_model_path
+
+        return demo_model_path()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def model_styles(folder: Path) -> list[str]:
+    """The style labels a model folder's config.json declares (plain JSON: no torch)."""
+    return [str(s) for s in json.loads((Path(folder) / "config.json").read_text()).get("styles", [])]
+
+
+def _style_help() -> str:
+    try:
+        folder = default_model()
+        styles = model_styles(folder)
+    except (EdifyError, OSError, ValueError, AttributeError):
+        return "media type / style label; the model folder's config.json lists its styles"
+    known = ", ".join(styles) if styles else "none (the model takes no style)"
+    return f"media type / style label; the default model ({folder}) knows: {known}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from edify.runtime import add_runtime_arguments
+
     parser.add_argument("prompt", help="what to draw, e.g. 'red apple'")
     parser.add_argument("-o", "--output", default="out.png",
                         help="output PNG; with --num N > 1, files NAME-0.png ... NAME-(N-1).png")
-    parser.add_argument("--model", default=None, help=f"model folder (default: {DEFAULT_MODEL})")
-    parser.add_argument("--style", default=None, help="media type / style label, e.g. twemoji")
+    parser.add_argument("--model", default=None,
+                        help=f"model folder (default: ${MODEL_ENV}, else the shipped demo model)")
+    parser.add_argument("--style", default=None, help=_style_help())
     parser.add_argument("--negative", default=None, help="negative prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps over all stages")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--sampler", default=None, help="euler, heun or dpmpp_2m")
     parser.add_argument("--num", type=int, default=1, help="number of images")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="B",
+                        help="images generated together; each batch is written as it finishes "
+                             "(default: 16 on a CPU, 64 on a GPU)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    add_runtime_arguments(parser)
 
 
 def output_paths(output: str, n: int) -> list[Path]:
@@ -43,26 +118,95 @@ def output_paths(output: str, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
 
 
-def run(args: argparse.Namespace) -> int:
+def load_pipeline(model: Path, device):
+    """The pipeline of a model folder, on `device`."""
     from edify.pipelines.text2image import TextToImagePipeline
 
+    return TextToImagePipeline.from_pretrained(model).to(device)
+
+
+def finite_guard(seeds: list[int], progress=None, steps: int | None = None):
+    """A sampler callback: shows the step (of `steps`) on `progress` and stops on NaN or infinity."""
+    from edify.runtime import all_finite
+
+    def on_step(info: dict) -> None:
+        if progress is not None:
+            progress.note(f"step {info['i'] + 1}" + (f"/{steps}" if steps else ""))
+        if not all_finite(info["x"]):
+            raise EdifyError(f"sampling produced non-finite values (NaN or infinity) at step {info['i'] + 1} "
+                             f"for seeds {seeds[0]}..{seeds[-1]}: the model's weights are corrupt or unusable; "
+                             f"no image of this batch was written")
+    return on_step
+
+
+def generate_batch(pipe, args: argparse.Namespace, seeds: list[int], progress=None):
+    """(PIL images, network evaluations per image) for one batch of seeds; EdifyError instead of
+    images when any value is NaN or infinite (they would be written as black pixels)."""
+    from edify.pipelines.text2image import to_pil
+    from edify.runtime import all_finite
+
+    guard = finite_guard(seeds, progress, args.steps or pipe.config.defaults.num_steps)
+    out = pipe(args.prompt, negative_prompt=args.negative, style=args.style, num_steps=args.steps,
+               guidance_scale=args.guidance, seed=seeds, height=args.height, width=args.width,
+               sampler=args.sampler, num_images_per_prompt=len(seeds), output_type="tensor", callback=guard)
+    if not all_finite(out.images):
+        raise EdifyError(f"the images of seeds {seeds[0]}..{seeds[-1]} hold non-finite values (NaN or infinity): "
+                         f"the model is unusable; no image of this batch was written")
+    return to_pil(out.images), out.nfe
+
+
+def save_png(image, path: Path) -> None:
+    """Write a PNG under a temporary name and rename it: a file at `path` is always complete."""
+    part = path.with_name(f".{path.name}.part")
+    try:
+        image.save(part, format="PNG")
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def check_args(args: argparse.Namespace) -> None:
     if args.num < 1:
         raise EdifyError(f"--num must be >= 1, got {args.num}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise EdifyError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edify import runtime
+
+    check_args(args)
     paths = output_paths(args.output, args.num)
     if not paths[0].parent.exists():
         raise EdifyError(f"output folder {str(paths[0].parent)!r} does not exist")
-    model = Path(args.model) if args.model else default_model()
-    if not args.model and not model.is_dir():
-        raise EdifyError(f"no model folder at {str(model)!r}: the demo model is not in this checkout; "
-                         f"pass --model PATH or set EDIFY_MODEL (train one with `edify train --export`)")
-    pipe = TextToImagePipeline.from_pretrained(model).to(args.device)
-    start = time.perf_counter()
-    result = pipe(args.prompt, negative_prompt=args.negative, style=args.style, num_steps=args.steps,
-                  guidance_scale=args.guidance, seed=args.seed, height=args.height, width=args.width,
-                  sampler=args.sampler, num_images_per_prompt=args.num)
-    seconds = time.perf_counter() - start
-    for image, path, seed in zip(result.images, paths, result.seeds):
-        image.save(path)
-        print(f"{path}  (seed {seed})")
-    print(f"{len(paths)} image(s), {result.nfe} network evaluations each, {seconds:.1f} s")
+    model = resolve_model(args.model)
+    device = runtime.resolve_device(args.device)
+    with runtime.threads(args.threads):
+        pipe = load_pipeline(model, device)
+        batch_size = args.batch_size or runtime.default_batch_size(device)
+        progress = runtime.Progress(len(paths), "generating", runtime.progress_enabled(args.quiet))
+        try:
+            generate_all(pipe, args, paths, batch_size, progress)
+        finally:
+            progress.close()
     return 0
+
+
+def generate_all(pipe, args: argparse.Namespace, paths: list[Path], batch_size: int, progress) -> None:
+    """Every image, batch by batch, each written as its batch finishes; Ctrl-C keeps those written."""
+    start, written, nfe = time.perf_counter(), 0, 0
+    try:
+        for first in range(0, len(paths), batch_size):
+            batch = paths[first:first + batch_size]
+            seeds = [args.seed + first + k for k in range(len(batch))]
+            images, nfe = generate_batch(pipe, args, seeds, progress)
+            for image, path, seed in zip(images, batch, seeds):
+                save_png(image, path)
+                written += 1
+                progress.write(f"{path}  (seed {seed})")
+            progress.update(len(batch))
+    except KeyboardInterrupt:
+        progress.close()
+        raise KeyboardInterrupt(f"{written} of {len(paths)} images written") from None
+    progress.close()
+    print(f"{len(paths)} image(s), {nfe} network evaluations each, {time.perf_counter() - start:.1f} s")

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from edify.conditioning import Cond
 from edify.errors import EdifyError
+from edify.runtime import single_thread_worker
 
 
 @dataclass
@@ -126,11 +127,12 @@ class LoaderStream:
         if self.shards is not None:  # one endless stream; shards reshuffled per epoch with the seed
             dataset = datasets.WebImageDataset(self.shards, self.data_config, seed=self.seed, epochs=None,
                                                rank=self.rank, world_size=self.world_size)
-            self.loader = sampler.stream_loader(dataset, self.micro_batch, num_workers=self.num_workers)
+            self.loader = sampler.stream_loader(dataset, self.micro_batch, num_workers=self.num_workers,
+                                               worker_init_fn=single_thread_worker)
         else:
             dataset = datasets.ImageFolderDataset(self.spec, self.data_config)
             self.loader = sampler.folder_loader(dataset, self.micro_batch, num_workers=self.num_workers,
-                                                seed=self.seed, drop_last=True, rank=self.rank,
+                                                worker_init_fn=single_thread_worker, seed=self.seed, drop_last=True, rank=self.rank,
                                                 world_size=self.world_size)
         self.loader.set_epoch(self.epoch)
         it = iter(self.loader)

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from edify.conditioning import CONDITION_FIELDS
+from edify.condition_fields import CONDITION_FIELDS
 from edify.errors import EdifyError
 
 

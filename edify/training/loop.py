@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,7 +347,7 @@ class Trainer:
         self.cpu_started = cpu_clock()
         writer = monitor.ScalarWriter(self.out_dir, enabled=distributed.is_main())
         bar = tqdm(total=c.total_images, initial=self.state.images, unit="img", unit_scale=True,
-                   disable=not distributed.is_main(), dynamic_ncols=True)
+                   disable=not distributed.is_main() or not sys.stderr.isatty(), dynamic_ncols=True)
         result = TrainResult()
         saved_at = None
         busy, images0, flops, log_losses = 0.0, self.state.images, 0.0, []
