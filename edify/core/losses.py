@@ -93,9 +93,9 @@ class LaplacianEDMLoss:
         """Full-res training sigmas for stage `stage`: the EDM log-normal of the PER-PIXEL sigma the
         stage-j expert sees (sigma / 2^j), truncated to the stage's range (`stage_sigma_ranges`),
         returned in full-res units. Each expert is thus an EDM denoiser in its own pixel units,
-        trained only where the sampler uses it."""
+        trained on the range its mode gives it."""
         stage = self._check_stage(stage)
-        low, high = stage_sigma_ranges(self.process)[stage]
+        low, high = stage_sigma_ranges(self.process, self.expert_ranges)[stage]
         scale = 2**stage
         sigma_px = sample_lognormal_sigma(batch, self.P_mean, self.P_std, high / scale, generator, device,
                                           low=low / scale)

@@ -99,7 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps over all stages")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    parser.add_argument("--sampler", default=None, help="euler, heun or dpmpp_2m")
+    parser.add_argument("--sampler", default=None,
+                        help="dpmpp_2m (default), dpmpp_3m, euler, heun (EDM's) or exp_trapezoid")
+    parser.add_argument("--steps-per-stage", default=None, metavar="N0,N1,...",
+                        help="sampler steps per stage, finest first (instead of --steps and the model's split)")
+    parser.add_argument("--final-stage", type=int, default=0, metavar="J",
+                        help="stop at stage J: a finished image at 1/2^J of the size, in a fraction of the "
+                             "time (models trained with nested expert ranges; default 0, full size)")
     parser.add_argument("--num", type=int, default=1, help="number of images")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
                         help="images generated together; each batch is written as it finishes "
@@ -148,7 +154,8 @@ def generate_batch(pipe, args: argparse.Namespace, seeds: list[int], progress=No
     guard = finite_guard(seeds, progress, args.steps or pipe.config.defaults.num_steps)
     out = pipe(args.prompt, negative_prompt=args.negative, style=args.style, num_steps=args.steps,
                guidance_scale=args.guidance, seed=seeds, height=args.height, width=args.width,
-               sampler=args.sampler, num_images_per_prompt=len(seeds), output_type="tensor", callback=guard)
+               sampler=args.sampler, num_images_per_prompt=len(seeds), output_type="tensor", callback=guard,
+               final_stage=args.final_stage, steps_per_stage=parse_stage_steps(args.steps_per_stage))
     if not all_finite(out.images):
         raise EdifyError(f"the images of seeds {seeds[0]}..{seeds[-1]} hold non-finite values (NaN or infinity): "
                          f"the model is unusable; no image of this batch was written")
@@ -165,7 +172,18 @@ def save_png(image, path: Path) -> None:
         part.unlink(missing_ok=True)
 
 
+def parse_stage_steps(text: str | None) -> tuple[int, ...] | None:
+    """'14,6,4' -> (14, 6, 4); None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise EdifyError(f"--steps-per-stage must be integers separated by commas, e.g. 14,6,4; got {text!r}") from None
+
+
 def check_args(args: argparse.Namespace) -> None:
+    parse_stage_steps(args.steps_per_stage)
     if args.num < 1:
         raise EdifyError(f"--num must be >= 1, got {args.num}")
     if args.batch_size is not None and args.batch_size < 1:
