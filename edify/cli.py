@@ -24,6 +24,7 @@ from edify.errors import EdifyError
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("generate",): ("edify.pipelines.generate_cli", "generate images from a prompt"),
     ("train",): ("edify.training.cli", "train a model from a named preset"),
+    ("train-controlnet",): ("edify.training.controlnet", "train a ControlNet (edges, depth, inpaint) on a base"),
     ("data", "emoji"): ("edify.data.emoji", "build the emoji demo dataset as webdataset shards"),
     ("eval",): ("edify.eval.cli", "FID, KID, sliced Wasserstein and prompt retrieval of a model"),
 }

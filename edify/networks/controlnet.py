@@ -1,0 +1,274 @@
+"""ControlNet for the Haar U-Net (Edify Image section 5; Zhang et al. 2023).
+
+A ControlNet is a trainable copy of the encoder half of a frozen base U-Net: its noise/stage and
+condition embedders, stem, position encoding, encoder levels and middle block, initialised from the
+base's weights. A control image enters through a small hint encoder in the Haar domain:
+
+    c_hint = Z_h(convs(Haar(control)))       control [B, Cc, H, W] at the state's resolution
+    h_0    = stem(Haar(x_in)) + c_hint + pos  (the copy's stem output plus the hint)
+
+and every encoder output h_k (one per skip of the base, then the middle block's output) leaves
+through its own 1x1 projection Z_k:
+
+    r_k = Z_k(h_k),   the residual the base adds to skip k (the last one to the middle)
+
+Z_h and every Z_k start at zero, so a new ControlNet adds nothing: the controlled model starts
+exactly as the base and training moves it from there. `forward` returns the list the U-Net's
+`residuals` argument takes.
+
+`ControlNetConfig` records the base network's config and its fingerprint; a ControlNet is refused
+(one-line EdifyError) beside a base of another config. Weights are saved as safetensors beside a
+JSON config (`save_pretrained` / `from_pretrained`), never pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from edify.conditioning import Cond
+from edify.errors import EdifyError
+from edify.networks.attention import TransformerBlock
+from edify.networks.embedders import ConditionEmbedder, NoiseStageEmbedding, PositionEncoding
+from edify.networks.layers import HAAR_FACTOR, Downsample, HaarDWT, ResBlock
+from edify.networks.unet import Level, UNet, UNetConfig
+from edify.pipelines.model_io import (CONFIG_NAME, SavedModel, from_json, inside, model_folder, naming, read_json,
+                                      save_model, scan_weights)
+
+FORMAT = "edify-controlnet"
+# Base-config fields that change neither the weights nor the function: a base may differ in them.
+RUNTIME_FIELDS = ("checkpointing", "dropout")
+# The copied modules, named as in the U-Net so that the base's state dict loads into them.
+COPIED = ("embed", "cond_embed", "stem", "pos", "down", "mid_res1", "mid_attn", "mid_res2")
+MAX_CONTROL_CHANNELS = 64
+MAX_HINT_LAYERS = 8
+MAX_HINT_WIDTH = 4096
+
+
+def base_fingerprint(config: UNetConfig) -> str:
+    """16 hex digits identifying a base network's architecture (its config minus RUNTIME_FIELDS)."""
+    d = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """A ControlNet's hyper-parameters; JSON-able through `to_dict` / `from_dict`.
+
+    network:          the base U-Net's config (`UNetConfig.to_dict()`), which the copy mirrors.
+    control_channels: channels Cc of the control image (e.g. 1 for edges or depth).
+    hint_widths:      widths of the hint encoder's convolutions on the Haar grid (16 Cc channels in).
+    kind:             what the control is ("canny", "depth", "inpaint", ...): a label for pipelines.
+    base_fingerprint: `base_fingerprint(network)`; filled in when empty, checked when given.
+    """
+
+    network: dict
+    control_channels: int = 3
+    hint_widths: tuple[int, ...] = (64, 64)
+    kind: str = "custom"
+    base_fingerprint: str = field(default="")
+
+    def __post_init__(self):
+        with naming("field 'network'"):
+            base = UNetConfig.from_dict(self.network)
+        if not 1 <= self.control_channels <= MAX_CONTROL_CHANNELS:
+            raise EdifyError(f"control_channels must be in [1, {MAX_CONTROL_CHANNELS}], got {self.control_channels}")
+        if not 1 <= len(self.hint_widths) <= MAX_HINT_LAYERS:
+            raise EdifyError(f"hint_widths must name 1 to {MAX_HINT_LAYERS} widths, got {len(self.hint_widths)}")
+        if not all(1 <= w <= MAX_HINT_WIDTH for w in self.hint_widths):
+            raise EdifyError(f"every hint width must be in [1, {MAX_HINT_WIDTH}], got {list(self.hint_widths)}")
+        actual = base_fingerprint(base)
+        if self.base_fingerprint and self.base_fingerprint != actual:
+            raise EdifyError(f"base_fingerprint {self.base_fingerprint!r} does not match its network config "
+                             f"({actual!r}): the config was edited")
+        object.__setattr__(self, "base_fingerprint", actual)
+
+    @classmethod
+    def for_base(cls, base: UNetConfig, control_channels: int = 3, hint_widths: tuple[int, ...] = (64, 64),
+                 kind: str = "custom") -> ControlNetConfig:
+        return cls(base.to_dict(), control_channels, tuple(hint_widths), kind)
+
+    @property
+    def base(self) -> UNetConfig:
+        return UNetConfig.from_dict(self.network)
+
+    def check_base(self, base: UNetConfig) -> None:
+        """Refuse a base network of another architecture than the one this ControlNet copies."""
+        got = base_fingerprint(base)
+        if got != self.base_fingerprint:
+            raise EdifyError(f"this {self.kind} ControlNet was made for another base network (fingerprint "
+                             f"{self.base_fingerprint}, the base's is {got}); train one for this base")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hint_widths"] = list(self.hint_widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ControlNetConfig:
+        return from_json(cls, d, "ControlNet config")
+
+
+class HintEncoder(nn.Module):
+    """Control image -> stem-sized features: Haar DWT, 3x3 convs with SiLU, a zero-initialised last conv."""
+
+    def __init__(self, control_channels: int, widths: tuple[int, ...], out_channels: int):
+        super().__init__()
+        self.dwt = HaarDWT(control_channels)  # the same 2-level Haar transform as the U-Net's input
+        layers, ch = [], HAAR_FACTOR**2 * control_channels
+        for w in widths:
+            layers += [nn.Conv2d(ch, w, 3, padding=1), nn.SiLU()]
+            ch = w
+        self.convs = nn.Sequential(*layers)
+        self.out = zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
+
+    def forward(self, control: Tensor) -> Tensor:
+        return self.out(self.convs(self.dwt(control)))
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ControlNet(nn.Module):
+    """Trainable encoder copy of a base U-Net plus a hint encoder; outputs the base's residuals."""
+
+    def __init__(self, config: ControlNetConfig):
+        super().__init__()
+        self.config = config
+        self.base_config = cfg = config.base
+        self._check = SimpleNamespace(config=cfg)  # for UNet.check_inputs, which reads only `config`
+        w = cfg.widths
+        self.dwt = HaarDWT(cfg.in_channels)
+        self.embed = NoiseStageEmbedding(cfg.fourier_dim, cfg.emb_dim, cfg.num_stages)
+        self.cond_embed = ConditionEmbedder(cfg.text_dim, cfg.context_dim, cfg.num_media_types)
+        self.stem = nn.Conv2d(16 * cfg.in_channels, w[0], 3, padding=1)
+        self.pos = PositionEncoding(w[0], cfg.reference_resolution // HAAR_FACTOR)
+        self.hint = HintEncoder(config.control_channels, config.hint_widths, w[0])
+
+        # The encoder exactly as the U-Net builds it (same module names, so the base's weights load).
+        self.down = nn.ModuleList()
+        skip_ch, ch = [w[0]], w[0]
+        for i, wi in enumerate(w):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(Level(ch, wi, cfg, i))
+                ch = wi
+                skip_ch.append(ch)
+            if i < len(w) - 1:
+                self.down.append(Downsample(ch))
+                skip_ch.append(ch)
+        self.skip_channels = tuple(skip_ch)
+        self.mid_res1 = ResBlock(ch, ch, cfg.emb_dim, cfg.norm_groups, cfg.dropout)
+        self.mid_attn = TransformerBlock(ch, cfg.head_dim, cfg.context_dim, True, cfg.mlp_ratio, cfg.norm_groups)
+        self.mid_res2 = ResBlock(ch, ch, cfg.emb_dim, cfg.norm_groups, cfg.dropout)
+
+        # Z_k: zero-initialised 1x1 projections onto every skip, then the middle (section 5).
+        self.zero_convs = nn.ModuleList(zero_module(nn.Conv2d(c, c, 1)) for c in skip_ch)
+        self.zero_mid = zero_module(nn.Conv2d(ch, ch, 1))
+
+    @classmethod
+    def from_base(cls, base: UNet, config: ControlNetConfig | None = None, **kwargs) -> ControlNet:
+        """A new ControlNet whose copy starts from `base`'s weights (kwargs: those of `for_base`)."""
+        config = config or ControlNetConfig.for_base(base.config, **kwargs)
+        config.check_base(base.config)
+        net = cls(config).to(next(base.parameters()).device)
+        state = {k: v for k, v in base.state_dict().items() if k.split(".", 1)[0] in COPIED}
+        missing, unexpected = net.load_state_dict(state, strict=False)  # copies the values
+        not_copied = [k for k in missing if k.split(".", 1)[0] in COPIED]
+        if not_copied or unexpected:  # pragma: no cover - the encoder is built exactly as the U-Net's
+            raise EdifyError(f"the base's encoder does not fit its copy: {len(not_copied)} missing, "
+                             f"{len(unexpected)} unexpected")
+        return net
+
+    def _run(self, block: nn.Module, *args) -> Tensor:
+        if self.base_config.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, stage: Tensor | None = None,
+                control: Tensor | None = None) -> list[Tensor]:
+        """x [B, C, H, W] (the base's preconditioned input), c_noise [B], stage [B] and control
+        [B, Cc, H, W] at the state's resolution -> residuals: one per skip of the base, then the middle."""
+        UNet.check_inputs(self._check, x, c_noise, stage)
+        cc = self.config.control_channels
+        if control is None or control.dim() != 4 or tuple(control.shape) != (x.shape[0], cc, *x.shape[2:]):
+            got = None if control is None else list(control.shape)
+            raise EdifyError(f"the control image must be [{x.shape[0]}, {cc}, {x.shape[2]}, {x.shape[3]}] "
+                             f"(the state's batch and size), got {got}")
+        b = x.shape[0]
+        if stage is None:
+            stage = torch.zeros(b, dtype=torch.long, device=x.device)
+        emb = self.embed(c_noise, stage)
+        ctx, mask = self.cond_embed(cond, b, x.device)
+
+        h = self.stem(self.dwt(x)) + self.hint(control.to(x.dtype))  # h_0 = stem + Z_h(hint)
+        h = h + self.pos(h.shape[2], h.shape[3]).to(h.dtype)
+        out = [self.zero_convs[0](h)]
+        for block, zero in zip(self.down, self.zero_convs[1:]):
+            h = block(h) if isinstance(block, Downsample) else self._run(block, h, emb, ctx, mask)
+            out.append(zero(h))  # r_k = Z_k(h_k)
+        h = self._run(self.mid_res1, h, emb)
+        h = self._run(self.mid_attn, h, ctx, mask)
+        h = self._run(self.mid_res2, h, emb)
+        out.append(self.zero_mid(h))
+        return out
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        max_shard_bytes: int = 16 * 2**20) -> SavedModel:
+        """config.json ({"format": "edify-controlnet", ...config}) and safetensors weights, atomically."""
+        state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+                 for k, v in self.state_dict().items()}
+        return save_model(path, {"format": FORMAT, **self.config.to_dict()}, state, max_shard_bytes)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, base: UNetConfig | None = None) -> ControlNet:
+        """Load a ControlNet folder (untrusted input: every file checked, one-line errors); with
+        `base`, refuse it unless it was made for that base network config."""
+        folder = model_folder(path)
+        config = load_controlnet_config(folder)
+        if base is not None:
+            config.check_base(base)
+        weights = scan_weights(folder)
+        with torch.device("meta"):  # count the weights before anything is allocated
+            needed = sum(t.numel() for t in cls(config).state_dict().values())
+        weights.check_count(needed)
+        net = cls(config)
+        weights.load_into(net)
+        return net
+
+
+def residual_shapes(net: ControlNet, height: int, width: int) -> list[tuple[int, int, int]]:
+    """(channels, h, w) of each residual for an input of height x width (skips, then the middle)."""
+    cfg, h, w = net.base_config, height // HAAR_FACTOR, width // HAAR_FACTOR
+    shapes = [(net.skip_channels[0], h, w)]
+    for block, ch in zip(net.down, net.skip_channels[1:]):
+        if isinstance(block, Downsample):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        shapes.append((ch, h, w))
+    return shapes + [(cfg.widths[-1], h, w)]
+
+
+def load_controlnet_config(path: str | Path) -> ControlNetConfig:
+    """The config of a ControlNet folder, checked, without its weights."""
+    folder = model_folder(path)
+    file = inside(folder, CONFIG_NAME, "ControlNet folder")
+    if not os.path.lexists(file):
+        raise EdifyError(f"ControlNet folder {str(folder)!r} has no {CONFIG_NAME}")
+    data = read_json(file)
+    with naming(file):
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise EdifyError(f"not an {FORMAT} config (missing or wrong 'format' field)")
+        return ControlNetConfig.from_dict({k: v for k, v in data.items() if k != "format"})
+

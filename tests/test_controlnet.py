@@ -1,0 +1,287 @@
+"""ControlNets (section 5): the network, the controlled denoiser, files, guidance and training.
+
+Tiny networks and 32 px images (three stages: 32, 16, 8 px); the training test uses a stand-in for
+`edify.data.controls.make_control` (a blurred grey image as the control)."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _training_helpers import WordHashEncoder, tiny_config
+from edify.cli import main as edify_main
+from edify.conditioning import Cond
+from edify.core.control import Control, ControlledDenoiser
+from edify.core.guidance import CFGDenoiser
+from edify.core.laplacian import down
+from edify.core.precond import EDMPrecond
+from edify.errors import EdifyError
+from edify.networks.controlnet import ControlNet, load_controlnet_config, residual_shapes
+from edify.networks.presets import build_network, get_config
+from edify.networks.unet import UNet
+from edify.pipelines.text2image import PipelineConfig, TextToImagePipeline
+from edify.training.controlnet import export_controlnet, make_trainer, read_run_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def base_net(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return build_network("tiny").eval()
+
+
+def trained_like(net: ControlNet, seed: int) -> ControlNet:
+    """A ControlNet whose zero-initialised layers hold random weights, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in [*net.zero_convs, net.zero_mid, net.hint.out]:
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return net.eval()
+
+
+def inputs(batch: int = 2, side: int = 32, stage: int = 0, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, side >> stage, side >> stage, generator=g)
+    control = torch.rand(batch, 1, side, side, generator=g)
+    cond = Cond(text=torch.randn(batch, 5, 384, generator=g), text_mask=torch.ones(batch, 5, dtype=torch.bool),
+                media=torch.tensor([0, 1] * (batch // 2) + [0] * (batch % 2)))
+    return x, control, cond
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+# ---- the network ---------------------------------------------------------------------------------
+
+def test_zero_initialised_controlnet_leaves_the_base_unchanged():
+    base = base_net()
+    net = ControlNet.from_base(base, control_channels=1, hint_widths=(8,))
+    x, control, cond = inputs()
+    precond = EDMPrecond(base)
+    for stage in (0, 1, 2):
+        x_s = down(x, stage)
+        sigma = torch.full((2,), 0.7)
+        controlled = ControlledDenoiser(precond, [Control(net, control)])(x_s, sigma, cond, stage)
+        assert torch.equal(controlled, precond(x_s, sigma, cond, stage))
+    # the copy starts as the base's encoder
+    base_state = base.state_dict()
+    for k, v in net.state_dict().items():
+        if k.split(".", 1)[0] not in ("hint", "zero_convs", "zero_mid"):
+            assert torch.equal(v, base_state[k]), k
+
+
+def test_residual_shapes_fit_every_stage_and_are_the_unets_skips():
+    base = base_net()
+    net = trained_like(ControlNet.from_base(base, control_channels=1, hint_widths=(8, 8)), 3)
+    for stage, side in ((0, 32), (1, 16), (2, 8)):
+        x, _, cond = inputs(side=side)
+        control = torch.rand(2, 1, side, side)
+        stage_t = torch.full((2,), stage)
+        r = net(x, torch.zeros(2), cond, stage_t, control=control)
+        _, skips = base.encode(x, base.embed(torch.zeros(2), stage_t), *base.cond_embed(cond, 2, x.device))
+        assert [tuple(t.shape[1:]) for t in r[:-1]] == [tuple(s.shape[1:]) for s in skips]
+        assert [tuple(t.shape[1:]) for t in r] == residual_shapes(net, side, side)
+        out = base(x, torch.zeros(2), cond, stage_t, residuals=r)  # the U-Net takes them as they are
+        assert out.shape == x.shape and torch.isfinite(out).all()
+    with pytest.raises(EdifyError) as err:
+        net(x, torch.zeros(2), cond, stage_t, control=torch.rand(2, 1, 16, 16))
+    assert "the control image must be [2, 1, 8, 8]" in one_line(err)
+
+
+def test_a_controlnet_for_another_base_config_is_refused():
+    net = ControlNet.from_base(base_net(), control_channels=1, hint_widths=(8,))
+    other = UNet(dataclasses.replace(get_config("tiny"), widths=(16, 48)))
+    with pytest.raises(EdifyError) as err:
+        ControlledDenoiser(EDMPrecond(other), [Control(net, torch.zeros(1, 1, 32, 32))])
+    assert "made for another base network" in one_line(err)
+    with pytest.raises(EdifyError):
+        ControlNet.from_base(other, net.config)
+    # a base of the same config with other weights (finetuned) is accepted
+    ControlledDenoiser(EDMPrecond(base_net(seed=5)), [Control(net, torch.zeros(1, 1, 32, 32))])
+
+
+# ---- the controlled denoiser ---------------------------------------------------------------------
+
+def controls_and_base():
+    base = base_net()
+    nets = [trained_like(ControlNet.from_base(base, control_channels=1, hint_widths=(8,)), s) for s in (3, 4)]
+    return EDMPrecond(base), nets
+
+
+def test_several_controlnets_sum_their_weighted_residuals_at_every_stage():
+    precond, (a, b) = controls_and_base()
+    x, control, cond = inputs(seed=2)
+    control_b = torch.rand(1, 1, 32, 32)  # batch 1 broadcasts
+    for stage in (0, 1, 2):
+        x_s, sigma = down(x, stage), torch.full((2,), 0.3)
+        got = ControlledDenoiser(precond, [Control(a, control, 0.7), Control(b, control_b, -0.4)])(
+            x_s, sigma, cond, stage)
+        stage_t = torch.full((2,), stage)
+        c_in = 1 / (sigma**2 + 0.25).sqrt()
+        c_noise = sigma.log() / 4
+        x_in = c_in[:, None, None, None] * x_s
+        ra = a(x_in, c_noise, cond, stage_t, control=down(control, stage))
+        rb = b(x_in, c_noise, cond, stage_t, control=down(control_b, stage).expand(2, -1, -1, -1))
+        F_x = precond.net(x_in, c_noise, cond, stage_t, residuals=[0.7 * u - 0.4 * v for u, v in zip(ra, rb)])
+        c_skip, c_out = 0.25 / (sigma**2 + 0.25), sigma * 0.5 / (sigma**2 + 0.25).sqrt()
+        expect = c_skip[:, None, None, None] * x_s + c_out[:, None, None, None] * F_x
+        assert torch.allclose(got, expect, atol=1e-5)
+        assert not torch.allclose(got, precond(x_s, sigma, cond, stage), atol=1e-4)
+
+
+def test_weight_zero_or_inactive_range_is_the_base_bit_for_bit():
+    precond, (a, b) = controls_and_base()
+    x, control, cond = inputs(seed=3)
+    stage = 1
+    x_s = down(x, stage)
+    sigma_px = torch.full((2,), 1.5)  # full-res sigma 3.0
+    base = precond(x_s, sigma_px, cond, stage)
+    for controls in ([Control(a, control, 0.0)], [Control(a, control, 1.0, sigma_max=2.9)],
+                     [Control(a, control, 1.0, sigma_min=3.1), Control(b, control, 0.0)]):
+        assert torch.equal(ControlledDenoiser(precond, controls)(x_s, sigma_px, cond, stage), base)
+    inside = ControlledDenoiser(precond, [Control(a, control, 1.0, sigma_min=3.0, sigma_max=3.0)])
+    assert not torch.allclose(inside(x_s, sigma_px, cond, stage), base, atol=1e-4)
+    # per sample: the row outside the range is the base's bit for bit, the other is controlled
+    mixed = torch.tensor([1.5, 0.5])
+    out = ControlledDenoiser(precond, [Control(a, control, 1.0, sigma_min=2.0)])(x_s, mixed, cond, stage)
+    ref = precond(x_s, mixed, cond, stage)
+    assert torch.equal(out[1], ref[1]) and not torch.allclose(out[0], ref[0], atol=1e-4)
+
+
+def test_classifier_free_guidance_doubles_the_control_for_both_branches():
+    precond, (a, _) = controls_and_base()
+    x, control, cond = inputs(seed=4)
+    controlled = ControlledDenoiser(precond, [Control(a, control, 1.0)])
+    sigma = torch.full((2,), 0.8)
+    guided = CFGDenoiser(controlled, 2.5, drop=("text", "media"))(x, sigma, cond, 0)
+    D_c = controlled(x, sigma, cond, 0)
+    D_u = controlled(x, sigma, cond.drop(("text", "media")), 0)  # the unconditional branch keeps the control
+    assert torch.allclose(guided, D_u + 2.5 * (D_c - D_u), atol=1e-5)
+    with pytest.raises(EdifyError) as err:
+        ControlledDenoiser(precond, [Control(a, torch.rand(3, 1, 32, 32))])(x, sigma, cond, 0)
+    assert "control image batch must be 1 or divide the batch 2" in one_line(err)
+    with pytest.raises(EdifyError) as err:
+        controlled(x[:, :, :16, :16], sigma, cond, 0)
+    assert "the control image is 32x32" in one_line(err)
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+def test_save_and_load_round_trip(tmp_path):
+    base = base_net()
+    net = trained_like(ControlNet.from_base(base, control_channels=1, hint_widths=(8,), kind="depth"), 6)
+    net.save_pretrained(tmp_path / "cn")
+    config = json.loads((tmp_path / "cn" / "config.json").read_text())
+    assert config["format"] == "edify-controlnet" and config["kind"] == "depth"
+    assert sorted(p.name for p in (tmp_path / "cn").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = ControlNet.from_pretrained(tmp_path / "cn", base=base.config).eval()
+    x, control, cond = inputs(seed=5)
+    args = (x, torch.zeros(2), cond, torch.zeros(2, dtype=torch.long))
+    for u, v in zip(net(*args, control=control), loaded(*args, control=control)):
+        assert torch.equal(u, v)
+    assert load_controlnet_config(tmp_path / "cn") == net.config
+    with pytest.raises(EdifyError) as err:  # another base
+        ControlNet.from_pretrained(tmp_path / "cn", base=get_config("emoji-64"))
+    assert "made for another base network" in one_line(err)
+    config["network"]["emb_dim"] = 64  # an edited base config no longer matches its fingerprint
+    (tmp_path / "cn" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EdifyError) as err:
+        ControlNet.from_pretrained(tmp_path / "cn")
+    assert "the config was edited" in one_line(err)
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+def blurred_grey(kind, images, masks, generator):
+    """Stand-in for edify.data.controls.make_control: a blurred grey image, the images as targets."""
+    grey = images.mean(1, keepdim=True)
+    noise = torch.randn(grey.shape, generator=generator) * 0.01
+    return F.avg_pool2d(grey, 3, stride=1, padding=1) + noise, images
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    net = build_network("tiny")
+    config = PipelineConfig(network=net.config.to_dict(), levels=2, switch_sigmas=(2.0,), resolution=16,
+                            styles=("flat", "glossy"))
+    folder = tmp_path_factory.mktemp("base") / "tiny"
+    TextToImagePipeline(net, config).save_pretrained(folder)
+    return folder
+
+
+def trainer(base_folder, out, **changes):
+    return make_trainer(tiny_config(**changes), base_folder, out, "canny", resume=True, make_control=blurred_grey,
+                        hint_widths=(8,), text_encoder=WordHashEncoder())
+
+
+def test_training_resumes_exactly_and_keeps_the_base_frozen(base_folder, tmp_path):
+    straight = trainer(base_folder, tmp_path / "a")
+    assert not any(p.requires_grad for p in straight.base.parameters())
+    base_before = {k: v.clone() for k, v in straight.base.state_dict().items()}
+    losses = straight.run(max_steps=4).losses
+    assert len(losses) == 4 and all(0 < x < 10 for x in losses)
+    assert all(torch.equal(v, straight.base.state_dict()[k]) for k, v in base_before.items())
+    assert any(p.abs().sum() > 0 for p in straight.net.zero_convs.parameters())  # the ControlNet trained
+    first = trainer(base_folder, tmp_path / "b").run(max_steps=2)
+    resumed_trainer = trainer(base_folder, tmp_path / "b")
+    assert resumed_trainer.stream.state_dict()["control_batches"] == 2
+    resumed = resumed_trainer.run(max_steps=2)
+    assert first.losses + resumed.losses == losses  # bit-identical
+    for u, v in zip(straight.model.state_dict().values(), resumed_trainer.model.state_dict().values()):
+        assert torch.equal(u, v)
+    assert read_run_file(tmp_path / "b")["kind"] == "canny"
+    out = export_controlnet(tmp_path / "b", tmp_path / "exported")
+    loaded = ControlNet.from_pretrained(out, base=straight.base.config)
+    ema = resumed_trainer.ema.state_dict(resumed_trainer.model)
+    assert all(torch.equal(v, ema[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(EdifyError) as err:  # another ControlNet in the same run folder
+        make_trainer(tiny_config(), base_folder, tmp_path / "b", "canny", resume=True, make_control=blurred_grey,
+                     hint_widths=(16,), text_encoder=WordHashEncoder())
+    assert "trains another ControlNet" in one_line(err)
+
+
+def test_training_with_the_real_inpainting_controls(base_folder, tmp_path):
+    pytest.importorskip("edify.data.controls")
+    t = make_trainer(tiny_config(), base_folder, tmp_path / "inpaint", "inpaint", hint_widths=(8,),
+                     text_encoder=WordHashEncoder())
+    from edify.data.controls import control_channels
+
+    assert t.net.config.control_channels == control_channels("inpaint") and t.net.config.kind == "inpaint"
+    losses = t.run(max_steps=2).losses
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+
+
+def test_the_command_gives_one_line_errors(tmp_path, capsys):
+    code = edify_main(["train-controlnet", "--base", str(tmp_path / "none"), "--control", "canny",
+                       "--out", str(tmp_path / "run"), "--data", "synthetic:8"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "no model folder" in err
+    code = edify_main(["train-controlnet", "--base", "x", "--control", "sketch", "--out", "y"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "invalid choice: 'sketch'" in err
+
+
+def test_help_does_not_import_torch():
+    script = ("import sys\nfrom edify.cli import main\ncode = main(['train-controlnet', '--help'])\n"
+              "assert code == 0 and 'torch' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "--control {canny,softedge,depth,inpaint}" in " ".join(result.stdout.split())
