@@ -37,7 +37,8 @@ class SamplingPlan:
 def split_steps(num_steps: int, stage_weights) -> tuple[int, ...]:
     """num_steps over the stages in proportion to stage_weights (finest first), at least one each.
 
-    Largest remainders first; ties go to the coarser (cheaper) stage.
+    Stage j gets the integer part of num_steps * w_j (at least 1), then the steps left go by
+    largest remainder, ties to the coarser (cheaper) stage.
     """
     weights = [float(w) for w in stage_weights]
     K = len(weights)
@@ -45,10 +46,12 @@ def split_steps(num_steps: int, stage_weights) -> tuple[int, ...]:
         raise EdifyError(f"stage weights must be positive and finite, got {tuple(stage_weights)}")
     if not isinstance(num_steps, int) or num_steps < K:
         raise EdifyError(f"need at least one step per stage: {K} stages, got {num_steps!r} steps")
-    extra = num_steps - K  # one step per stage first, the rest by weight
-    share = [extra * w / sum(weights) for w in weights]
-    steps = [1 + int(v) for v in share]
-    order = sorted(range(K), key=lambda j: (-(share[j] - int(share[j])), -j))
+    share = [num_steps * w / sum(weights) for w in weights]
+    steps = [max(1, int(v)) for v in share]
+    while sum(steps) > num_steps:  # the floor of 1 overdrew: take from the most over-served stage
+        j = max((j for j in range(K) if steps[j] > 1), key=lambda j: steps[j] - share[j])
+        steps[j] -= 1
+    order = sorted(range(K), key=lambda j: (-(share[j] - steps[j]), -j))
     for j in order[:num_steps - sum(steps)]:
         steps[j] += 1
     return tuple(steps)
@@ -171,4 +174,4 @@ LEGACY_SAMPLING = SamplingPlan("dpmpp_2m", stage_weights=(1.0, 1.0, 1.0), rho=7.
 def default_stage_weights(levels: int) -> tuple[float, ...]:
     """The measured split for 3 levels (finest first): most steps at the finest stage, where two
     bands are born and the denoiser changes fastest; equal shares for other level counts."""
-    return (0.6, 0.25, 0.15) if levels == 3 else (1.0,) * levels
+    return (0.55, 0.25, 0.2) if levels == 3 else (1.0,) * levels
