@@ -21,7 +21,7 @@ from edify.core.guidance import CFGDenoiser
 from edify.core.laplacian import down
 from edify.core.precond import EDMPrecond
 from edify.errors import EdifyError
-from edify.networks.controlnet import ControlNet, load_controlnet_config, residual_shapes
+from edify.networks.controlnet import ControlNet, load_controlnet_config, residual_shapes, stage_control
 from edify.networks.presets import build_network, get_config
 from edify.networks.unet import UNet
 from edify.pipelines.text2image import PipelineConfig, TextToImagePipeline
@@ -90,9 +90,9 @@ def test_zero_initialised_controlnet_leaves_the_base_unchanged():
 def test_residual_shapes_fit_every_stage_and_are_the_unets_skips():
     base = base_net()
     net = trained_like(ControlNet.from_base(base, control_channels=1, hint_widths=(8, 8)), 3)
+    control = torch.rand(2, 1, 32, 32)  # full resolution at every stage
     for stage, side in ((0, 32), (1, 16), (2, 8)):
         x, _, cond = inputs(side=side)
-        control = torch.rand(2, 1, side, side)
         stage_t = torch.full((2,), stage)
         r = net(x, torch.zeros(2), cond, stage_t, control=control)
         _, skips = base.encode(x, base.embed(torch.zeros(2), stage_t), *base.cond_embed(cond, 2, x.device))
@@ -101,8 +101,34 @@ def test_residual_shapes_fit_every_stage_and_are_the_unets_skips():
         out = base(x, torch.zeros(2), cond, stage_t, residuals=r)  # the U-Net takes them as they are
         assert out.shape == x.shape and torch.isfinite(out).all()
     with pytest.raises(EdifyError) as err:
+        net(x, torch.zeros(2), cond, stage_t, control=torch.rand(2, 1, 12, 12))
+    assert "the control image must be [2, 1, 8 2^j, 8 2^j]" in one_line(err)
+    with pytest.raises(EdifyError) as err:  # a 16x16 control on an 8x8 state is stage 1, not 2
         net(x, torch.zeros(2), cond, stage_t, control=torch.rand(2, 1, 16, 16))
-    assert "the control image must be [2, 1, 8, 8]" in one_line(err)
+    assert "is at stage 1, but stage is [2]" in one_line(err)
+
+
+def test_every_stage_sees_every_control_pixel():
+    """S_j is a permutation (space-to-depth), each stage has its own input conv, and a change of the
+    control that leaves its stage-j pooling down^j unchanged still changes the stage-j residuals."""
+    control = torch.rand(2, 7, 32, 32)
+    for j in (0, 1, 2):
+        z = stage_control(control, j)
+        assert z.shape == (2, 7 * 4**j, 32 >> j, 32 >> j)
+        assert torch.equal(torch.sort(z.flatten()).values, torch.sort(control.flatten()).values)
+        assert torch.equal(F.pixel_shuffle(z, 2**j), control)
+    base = base_net()
+    net = trained_like(ControlNet.from_base(base, control_channels=1, hint_widths=(8,)), 3)
+    assert net.hint.inputs.channels == (16, 64, 256)  # 16 Haar bands x 4^j Cc
+    x, _, cond = inputs(side=8)
+    control = torch.rand(2, 1, 32, 32)
+    wiggle = torch.zeros_like(control)
+    wiggle[:, :, 0, 0], wiggle[:, :, 0, 1] = 0.5, -0.5  # inside one 4x4 block: its mean stays
+    assert torch.equal(down(control + wiggle, 2), down(control, 2))
+    stage_t = torch.full((2,), 2)
+    r = net(x, torch.zeros(2), cond, stage_t, control=control)
+    r_w = net(x, torch.zeros(2), cond, stage_t, control=control + wiggle)
+    assert not torch.allclose(r[0], r_w[0], atol=1e-4)
 
 
 def test_a_controlnet_for_another_base_config_is_refused():
@@ -137,8 +163,8 @@ def test_several_controlnets_sum_their_weighted_residuals_at_every_stage():
         c_in = 1 / (sigma**2 + 0.25).sqrt()
         c_noise = sigma.log() / 4
         x_in = c_in[:, None, None, None] * x_s
-        ra = a(x_in, c_noise, cond, stage_t, control=down(control, stage))
-        rb = b(x_in, c_noise, cond, stage_t, control=down(control_b, stage).expand(2, -1, -1, -1))
+        ra = a(x_in, c_noise, cond, stage_t, control=control)  # full resolution at every stage
+        rb = b(x_in, c_noise, cond, stage_t, control=control_b.expand(2, -1, -1, -1))
         F_x = precond.net(x_in, c_noise, cond, stage_t, residuals=[0.7 * u - 0.4 * v for u, v in zip(ra, rb)])
         c_skip, c_out = 0.25 / (sigma**2 + 0.25), sigma * 0.5 / (sigma**2 + 0.25).sqrt()
         expect = c_skip[:, None, None, None] * x_s + c_out[:, None, None, None] * F_x
@@ -189,7 +215,7 @@ def test_save_and_load_round_trip(tmp_path):
     net = trained_like(ControlNet.from_base(base, control_channels=1, hint_widths=(8,), kind="depth"), 6)
     net.save_pretrained(tmp_path / "cn")
     config = json.loads((tmp_path / "cn" / "config.json").read_text())
-    assert config["format"] == "edify-controlnet" and config["kind"] == "depth"
+    assert config["format"] == "edify-controlnet" and config["version"] == 2 and config["kind"] == "depth"
     assert sorted(p.name for p in (tmp_path / "cn").iterdir()) == ["config.json", "model.safetensors"]
     loaded = ControlNet.from_pretrained(tmp_path / "cn", base=base.config).eval()
     x, control, cond = inputs(seed=5)
@@ -205,6 +231,24 @@ def test_save_and_load_round_trip(tmp_path):
     with pytest.raises(EdifyError) as err:
         ControlNet.from_pretrained(tmp_path / "cn")
     assert "the config was edited" in one_line(err)
+
+
+def test_a_controlnet_of_the_pooled_format_is_refused(tmp_path):
+    """Format 1 (no "version"; the hint read the control pooled to each stage) is refused in one line."""
+    net = ControlNet.from_base(base_net(), control_channels=1, hint_widths=(8,))
+    net.save_pretrained(tmp_path / "cn")
+    config = json.loads((tmp_path / "cn" / "config.json").read_text())
+    for old in ({k: v for k, v in config.items() if k != "version"}, {**config, "version": 1}):
+        (tmp_path / "cn" / "config.json").write_text(json.dumps(old))
+        with pytest.raises(EdifyError) as err:
+            ControlNet.from_pretrained(tmp_path / "cn")
+        assert "ControlNet format version 1 is not readable" in one_line(err)
+    run = tmp_path / "run"  # a training run of format 1 cannot be resumed or exported either
+    run.mkdir()
+    (run / "controlnet.json").write_text(json.dumps({"kind": "canny", "base": "b", "controlnet": net.config.to_dict()}))
+    with pytest.raises(EdifyError) as err:
+        read_run_file(run)
+    assert "ControlNet format version 1 is not readable" in one_line(err)
 
 
 # ---- training ------------------------------------------------------------------------------------

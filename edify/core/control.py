@@ -5,13 +5,17 @@ a frozen U-Net under its EDM preconditioning (`EDMPrecond`); each `Control` is a
 control image at full resolution, a weight w_c and a full-resolution sigma range. With the EDM
 scalings of the per-pixel sigma the state carries,
 
-    r      = sum_c w_c 1[sigma_min_c <= sigma <= sigma_max_c] R_c(c_in x, c_noise, down^j(image_c))
+    r      = sum_c w_c 1[sigma_min_c <= sigma <= sigma_max_c] R_c(c_in x, c_noise, image_c)
     D(x)   = c_skip x + c_out F(c_in x, c_noise; residuals r)
 
 where R_c is ControlNet c, j the state's stage and sigma = 2^j sigma_px its full-resolution noise
-level (section 2.2: the stage-j state holds down^j x_t, so the control is pooled the same way;
-`edify.core.laplacian.down`). The residuals of all active controls are summed before the base
-adds them to its skips (the "multi-ControlNet" sum).
+level (section 2.2). Every stage gets the FULL-resolution control: the ControlNet moves it onto
+the stage-j grid by space-to-depth (`edify.networks.controlnet.stage_control`, a permutation of
+its pixels), so a coarse stage conditions on every known pixel. Pooling it like the state
+(down^j) would lose what lies inside each pooled block; the coarse stages would then commit to
+structure the fine stages cannot undo (tests/test_control_closed_form.py measures both). The
+residuals of all active controls are summed before the base adds them to its skips (the
+"multi-ControlNet" sum).
 
 - Where no control is active (weight 0, or sigma outside every range) the base denoiser itself is
   called: the output is the base's, bit for bit. Rows of a batch whose sigma lies outside a range
@@ -36,7 +40,6 @@ import torch
 from torch import Tensor, nn
 
 from edify.conditioning import Cond
-from edify.core.laplacian import down
 from edify.core.precond import EDMPrecond, edm_scalings
 from edify.errors import EdifyError
 
@@ -46,7 +49,7 @@ class Control:
     """One ControlNet with its input for a sampling run (or a training batch).
 
     net:       a ControlNet (possibly under DDP or torch.compile).
-    image:     the control image [B or 1, Cc, H, W] at FULL resolution; pooled to each stage.
+    image:     the control image [B or 1, Cc, H, W] at FULL resolution, which every stage sees whole.
     weight:    w_c, the control's strength (0 = off).
     sigma_min, sigma_max: the full-resolution noise levels where it is active (both ends included).
     """
@@ -136,14 +139,14 @@ class ControlledDenoiser(nn.Module):
 
     @staticmethod
     def image_at(control: Control, stage: int, x: Tensor) -> Tensor:
-        """The control image for a stage-`stage` state x: down^stage, on x's device, batch matched."""
+        """The full-resolution control image for a stage-`stage` state x, on x's device, batch matched
+        (not pooled: the ControlNet reshapes it to the stage's grid without loss)."""
         image = control.image.to(x.device, torch.float32)
         H, W = image.shape[-2:]
         h, w = x.shape[-2:]
         if (H, W) != (h << stage, w << stage):
             raise EdifyError(f"the control image is {H}x{W}; a stage-{stage} state of {h}x{w} needs "
                              f"{h << stage}x{w << stage} (full resolution)")
-        image = down(image, stage)  # the stage-j state is down^j x_t: pool the control alike
         n, B = image.shape[0], x.shape[0]
         if n == B:
             return image

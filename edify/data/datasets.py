@@ -5,6 +5,11 @@ Every loader yields the same sample record::
     {"image": 3xHxW float tensor in [-1, 1] (or HxWx3 uint8 array with raw=True),
      "caption": str, "style": str | None, "meta": dict, "weight": float, "key": str, "bucket": str}
 
+and, with `DataConfig(masks=True)`, "mask": the object's alpha mask (1xHxW float tensor in {0, 1},
+or HxW uint8 {0, 1} with raw=True; 1 = object), or None when the sample has none. A shard sample's
+mask is the member `mask<image key>` (`mask64.png` beside `64.png`, as `edify data emoji` writes),
+cropped like the image and area-resized, then thresholded at 0.5.
+
 Each image is centre-cropped to the aspect ratio of its nearest bucket (section 3.1 of the paper,
 `edify.buckets`) and resized with antialiasing to that bucket's shape. Corrupt or undecodable
 samples are skipped and counted in a `LoaderStats`, never fatal; only "nothing at all could be read"
@@ -78,6 +83,8 @@ class DataConfig:
     caption_key/style_key/weight_key: fields of the sample's json (or jsonl record); the caption
         falls back to a "txt" member. A missing weight is 1.0.
     background: RGB colour that transparent pixels are composited onto.
+    masks: also read each sample's alpha mask (member "mask" + image key) as record["mask"]; a
+        sample without one (or whose mask does not decode) gets None. Image folders have none.
     """
 
     resolution: int = 64
@@ -89,6 +96,7 @@ class DataConfig:
     style_key: str = "style"
     weight_key: str = "weight"
     background: tuple[int, int, int] = (255, 255, 255)
+    masks: bool = False
 
     def __post_init__(self):
         bucket_shape("1:1", self.resolution, self.multiple)  # validates resolution and multiple
@@ -120,6 +128,15 @@ def choose_bucket(height: int, width: int, cfg: DataConfig) -> str:
     return "1:1" if cfg.square else nearest_bucket(height, width)
 
 
+def crop_box(w: int, h: int, H: int, W: int) -> tuple[float, float, float, float]:
+    """The centre crop of a w x h image to the aspect of an H x W bucket."""
+    if w * H > h * W:  # too wide for the bucket: crop the sides
+        cw = h * W / H
+        return ((w - cw) / 2, 0.0, (w + cw) / 2, float(h))
+    ch = w * H / W  # too tall: crop top and bottom
+    return (0.0, (h - ch) / 2, float(w), (h + ch) / 2)
+
+
 def fit_to_bucket(img: Image.Image, cfg: DataConfig, bucket: str | None = None) -> tuple[np.ndarray, str]:
     """Centre-crop to the bucket's aspect, resize (antialiased) to its shape: (HxWx3 uint8, bucket)."""
     w, h = img.size
@@ -131,15 +148,22 @@ def fit_to_bucket(img: Image.Image, cfg: DataConfig, bucket: str | None = None) 
         img = Image.alpha_composite(base, rgba)
     if img.mode != "RGB":
         img = img.convert("RGB")
-    if w * H > h * W:  # too wide for the bucket: crop the sides
-        cw = h * W / H
-        box = ((w - cw) / 2, 0.0, (w + cw) / 2, float(h))
-    else:  # too tall: crop top and bottom
-        ch = w * H / W
-        box = (0.0, (h - ch) / 2, float(w), (h + ch) / 2)
+    box = crop_box(w, h, H, W)
     if (w, h) != (W, H) or box != (0.0, 0.0, float(w), float(h)):
         img = img.resize((W, H), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
     return np.asarray(img), bucket
+
+
+def decode_mask(data: bytes, cfg: DataConfig, bucket: str) -> np.ndarray:
+    """An alpha mask fitted to `bucket` like its image (same centre crop, area resize), thresholded
+    at 0.5: HxW uint8, 1 = object. Raises on anything undecodable."""
+    img = Image.open(io.BytesIO(data))
+    img = img.getchannel("A") if img.mode in ("RGBA", "LA") else img.convert("L")
+    H, W = bucket_shape(bucket, cfg.resolution, cfg.multiple)
+    box = crop_box(*img.size, H, W)
+    if img.size != (W, H) or box != (0.0, 0.0, *map(float, img.size)):
+        img = img.resize((W, H), Image.Resampling.BOX, box=box)
+    return (np.asarray(img) >= 128).astype(np.uint8)  # alpha / 255 > 0.5
 
 
 def decode_image(data: bytes, cfg: DataConfig) -> tuple[np.ndarray, str]:
@@ -166,9 +190,10 @@ def to_float_image(arr: np.ndarray) -> torch.Tensor:
 
 def make_record(
     key: str, data: bytes | None, meta: dict, caption: str | None, cfg: DataConfig,
-    stats: LoaderStats, rng: random.Random, raw: bool,
+    stats: LoaderStats, rng: random.Random, raw: bool, mask_data: bytes | None = None,
 ) -> dict | None:
-    """Build one sample record, or count the reason and return None."""
+    """Build one sample record, or count the reason and return None; with `cfg.masks` it carries
+    the alpha mask decoded from `mask_data` (None when absent or undecodable)."""
     if data is None:
         stats.skip("no_image")
         return None
@@ -185,11 +210,13 @@ def make_record(
     except Exception:  # truncated, not an image, decompression bomb...: skip and count
         stats.skip("bad_image")
         return None
+    mask = read_mask(mask_data, cfg, bucket) if cfg.masks else None
     if cfg.hflip and rng.random() < 0.5:
         arr = arr[:, ::-1]
+        mask = None if mask is None else mask[:, ::-1]
     stats.ok += 1
     style = meta.get(cfg.style_key)
-    return {
+    record = {
         "image": arr if raw else to_float_image(arr),
         "caption": caption.strip(),
         "style": None if style is None else str(style),
@@ -198,6 +225,19 @@ def make_record(
         "key": key,
         "bucket": bucket,
     }
+    if cfg.masks:
+        record["mask"] = mask if raw or mask is None else torch.from_numpy(mask[None].astype(np.float32))
+    return record
+
+
+def read_mask(data: bytes | None, cfg: DataConfig, bucket: str) -> np.ndarray | None:
+    """`decode_mask`, or None for a missing or undecodable mask (the sample is kept without one)."""
+    if data is None:
+        return None
+    try:
+        return decode_mask(data, cfg, bucket)
+    except Exception:  # truncated, not an image...: the image is still good
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +258,8 @@ def _group_to_record(key, group, cfg, stats, rng, raw) -> dict | None:
         caption = group["txt"].decode("utf-8", "replace")
     image_key = _select_image_key(group, cfg)
     data = group.get(image_key) if image_key else None
-    return make_record(key, data, meta, caption, cfg, stats, rng, raw)
+    mask = group.get("mask" + image_key) if cfg.masks and image_key else None
+    return make_record(key, data, meta, caption, cfg, stats, rng, raw, mask)
 
 
 class WebImageDataset(IterableDataset):

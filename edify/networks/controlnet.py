@@ -2,10 +2,15 @@
 
 A ControlNet is a trainable copy of the encoder half of a frozen base U-Net: its noise/stage and
 condition embedders, stem, position encoding, encoder levels and middle block, initialised from the
-base's weights. A control image enters through a small hint encoder in the Haar domain:
+base's weights. A control image enters through a small hint encoder in the Haar domain.
 
-    c_hint = Z_h(convs(Haar(control)))       control [B, Cc, H, W] at the state's resolution
-    h_0    = stem(Haar(x_in)) + c_hint + pos  (the copy's stem output plus the hint)
+The control is always the FULL-resolution image, whatever the stage. A stage-j state lives on a
+grid 2^j times coarser (section 2.2), so the hint encoder first moves the control onto that grid by
+space-to-depth, S_j = pixel_unshuffle by 2^j (4^j Cc channels at H/2^j: a permutation of its
+pixels, nothing is pooled away), and reads it with an input convolution of its own per stage:
+
+    c_hint = Z_h(convs(in_j(Haar(S_j(control)))))   control [B, Cc, 2^j h, 2^j w], state [B, C, h, w]
+    h_0    = stem(Haar(x_in)) + c_hint + pos         (the copy's stem output plus the hint)
 
 and every encoder output h_k (one per skip of the base, then the middle block's output) leaves
 through its own 1x1 projection Z_k:
@@ -18,7 +23,9 @@ exactly as the base and training moves it from there. `forward` returns the list
 
 `ControlNetConfig` records the base network's config and its fingerprint; a ControlNet is refused
 (one-line EdifyError) beside a base of another config. Weights are saved as safetensors beside a
-JSON config (`save_pretrained` / `from_pretrained`), never pickled.
+JSON config (`save_pretrained` / `from_pretrained`), never pickled; the config carries the format
+version, and a folder of another version (format 1 read the control pooled to each stage) is
+refused with a one-line EdifyError.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -40,10 +48,13 @@ from edify.networks.attention import TransformerBlock
 from edify.networks.embedders import ConditionEmbedder, NoiseStageEmbedding, PositionEncoding
 from edify.networks.layers import HAAR_FACTOR, Downsample, HaarDWT, ResBlock
 from edify.networks.unet import Level, UNet, UNetConfig
-from edify.pipelines.model_io import (CONFIG_NAME, SavedModel, from_json, inside, model_folder, naming, read_json,
-                                      save_model, scan_weights)
+from edify.pipelines.model_io import (CONFIG_NAME, SavedModel, brief, from_json, inside, model_folder, naming,
+                                      read_json, save_model, scan_weights)
 
 FORMAT = "edify-controlnet"
+# 2: the hint reads the full-resolution control at every stage (space-to-depth, one input conv per
+# stage); 1 (no "version" field) pooled it to the stage's resolution.
+FORMAT_VERSION = 2
 # Base-config fields that change neither the weights nor the function: a base may differ in them.
 RUNTIME_FIELDS = ("checkpointing", "dropout")
 # The copied modules, named as in the U-Net so that the base's state dict loads into them.
@@ -65,7 +76,8 @@ class ControlNetConfig:
 
     network:          the base U-Net's config (`UNetConfig.to_dict()`), which the copy mirrors.
     control_channels: channels Cc of the control image (e.g. 1 for edges or depth).
-    hint_widths:      widths of the hint encoder's convolutions on the Haar grid (16 Cc channels in).
+    hint_widths:      widths of the hint encoder's convolutions on the Haar grid (16 4^j Cc channels
+                      in at stage j, one input conv per stage of the base).
     kind:             what the control is ("canny", "depth", "inpaint", ...): a label for pipelines.
     base_fingerprint: `base_fingerprint(network)`; filled in when empty, checked when given.
     """
@@ -117,21 +129,57 @@ class ControlNetConfig:
         return from_json(cls, d, "ControlNet config")
 
 
-class HintEncoder(nn.Module):
-    """Control image -> stem-sized features: Haar DWT, 3x3 convs with SiLU, a zero-initialised last conv."""
+def stage_control(control: Tensor, stage: int) -> Tensor:
+    """S_j: the full-resolution control on the stage-j grid, losslessly (section 2.2's grid).
 
-    def __init__(self, control_channels: int, widths: tuple[int, ...], out_channels: int):
+    [B, C, H, W] -> [B, 4^j C, H/2^j, W/2^j] by space-to-depth: channel c 4^j + 2^j p + q holds
+    the pixels (2^j y + p, 2^j x + q) of channel c; a permutation, so no pixel is lost."""
+    return F.pixel_unshuffle(control, 2**stage) if stage else control
+
+
+class StageInputs(nn.Module):
+    """in_j: one 3x3 conv per stage j, on `channels[j]` inputs, all `width` wide.
+
+    The stages' weights are slices of one tensor (as the U-Net's stage embedding is one table), so
+    every training step, whatever its stage, updates the same parameters: the optimiser's state and
+    DDP's gradient buckets cover all of them from the first step."""
+
+    def __init__(self, channels: tuple[int, ...], width: int):
         super().__init__()
-        self.dwt = HaarDWT(control_channels)  # the same 2-level Haar transform as the U-Net's input
-        layers, ch = [], HAAR_FACTOR**2 * control_channels
-        for w in widths:
+        self.channels = tuple(channels)
+        self.offsets = [sum(self.channels[:j]) for j in range(len(self.channels) + 1)]
+        self.weight = nn.Parameter(torch.empty(width, self.offsets[-1], 3, 3))
+        self.bias = nn.Parameter(torch.empty(len(self.channels), width))
+        with torch.no_grad():
+            for j, c in enumerate(self.channels):  # nn.Conv2d's default init, per stage
+                bound = 1 / (9 * c) ** 0.5
+                self.weight[:, self.offsets[j]:self.offsets[j + 1]].uniform_(-bound, bound)
+                self.bias[j].uniform_(-bound, bound)
+
+    def forward(self, z: Tensor, stage: int) -> Tensor:
+        w = self.weight[:, self.offsets[stage]:self.offsets[stage + 1]]
+        return F.conv2d(z, w, self.bias[stage], padding=1)
+
+
+class HintEncoder(nn.Module):
+    """Full-resolution control -> stem-sized features at stage j: S_j, Haar DWT, the stage's input
+    conv, shared 3x3 convs with SiLU, a zero-initialised last conv."""
+
+    def __init__(self, control_channels: int, widths: tuple[int, ...], out_channels: int, stages: int):
+        super().__init__()
+        cs = [4**j * control_channels for j in range(stages)]  # channels of S_j(control)
+        self.dwts = nn.ModuleList(HaarDWT(c) for c in cs)  # the U-Net's 2-level Haar transform
+        self.inputs = StageInputs(tuple(HAAR_FACTOR**2 * c for c in cs), widths[0])
+        layers, ch = [nn.SiLU()], widths[0]
+        for w in widths[1:]:
             layers += [nn.Conv2d(ch, w, 3, padding=1), nn.SiLU()]
             ch = w
         self.convs = nn.Sequential(*layers)
         self.out = zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
 
-    def forward(self, control: Tensor) -> Tensor:
-        return self.out(self.convs(self.dwt(control)))
+    def forward(self, control: Tensor, stage: int) -> Tensor:
+        z = self.dwts[stage](stage_control(control, stage))
+        return self.out(self.convs(self.inputs(z, stage)))
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -154,7 +202,7 @@ class ControlNet(nn.Module):
         self.cond_embed = ConditionEmbedder(cfg.text_dim, cfg.context_dim, cfg.num_media_types)
         self.stem = nn.Conv2d(16 * cfg.in_channels, w[0], 3, padding=1)
         self.pos = PositionEncoding(w[0], cfg.reference_resolution // HAAR_FACTOR)
-        self.hint = HintEncoder(config.control_channels, config.hint_widths, w[0])
+        self.hint = HintEncoder(config.control_channels, config.hint_widths, w[0], cfg.num_stages)
 
         # The encoder exactly as the U-Net builds it (same module names, so the base's weights load).
         self.down = nn.ModuleList()
@@ -197,21 +245,17 @@ class ControlNet(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, stage: Tensor | None = None,
                 control: Tensor | None = None) -> list[Tensor]:
-        """x [B, C, H, W] (the base's preconditioned input), c_noise [B], stage [B] and control
-        [B, Cc, H, W] at the state's resolution -> residuals: one per skip of the base, then the middle."""
+        """x [B, C, h, w] (the base's preconditioned input at stage j), c_noise [B], stage [B] (all j)
+        and control [B, Cc, 2^j h, 2^j w] at FULL resolution -> residuals: one per skip of the base,
+        then the middle. The stage of the hint is read from the sizes (so compiled graphs need no
+        sync) and checked against `stage`."""
         UNet.check_inputs(self._check, x, c_noise, stage)
-        cc = self.config.control_channels
-        if control is None or control.dim() != 4 or tuple(control.shape) != (x.shape[0], cc, *x.shape[2:]):
-            got = None if control is None else list(control.shape)
-            raise EdifyError(f"the control image must be [{x.shape[0]}, {cc}, {x.shape[2]}, {x.shape[3]}] "
-                             f"(the state's batch and size), got {got}")
+        j, stage = self.control_stage(x, control, stage)
         b = x.shape[0]
-        if stage is None:
-            stage = torch.zeros(b, dtype=torch.long, device=x.device)
         emb = self.embed(c_noise, stage)
         ctx, mask = self.cond_embed(cond, b, x.device)
 
-        h = self.stem(self.dwt(x)) + self.hint(control.to(x.dtype))  # h_0 = stem + Z_h(hint)
+        h = self.stem(self.dwt(x)) + self.hint(control.to(x.dtype), j)  # h_0 = stem + Z_h(hint), section 5
         h = h + self.pos(h.shape[2], h.shape[3]).to(h.dtype)
         out = [self.zero_convs[0](h)]
         for block, zero in zip(self.down, self.zero_convs[1:]):
@@ -223,14 +267,33 @@ class ControlNet(nn.Module):
         out.append(self.zero_mid(h))
         return out
 
+    def control_stage(self, x: Tensor, control: Tensor | None, stage: Tensor | None) -> tuple[int, Tensor]:
+        """(j, stage [B]): j such that the control is the full-resolution image of the stage-j state x
+        (2^j times larger); `stage` checked against it (when it can be read without a sync), or made."""
+        b, cc, (h, w), stages = x.shape[0], self.config.control_channels, x.shape[2:], self.base_config.num_stages
+        j = next((j for j in range(stages) if control is not None and tuple(control.shape) == (b, cc, h << j, w << j)),
+                 None)
+        if j is None:
+            got = None if control is None else list(control.shape)
+            raise EdifyError(f"the control image must be [{b}, {cc}, {h} 2^j, {w} 2^j] (the state's batch, full "
+                             f"resolution of a stage j < {stages}), got {got}")
+        if stage is None:
+            return j, torch.full((b,), j, dtype=torch.long, device=x.device)
+        if stage.device.type == "cpu" and not torch.compiler.is_compiling() and bool((stage != j).any()):
+            raise EdifyError(f"a {h}x{w} state with a {h << j}x{w << j} control is at stage {j}, but stage is "
+                             f"{stage.unique().tolist()}")
+        return j, stage
+
     # -- files ------------------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         max_shard_bytes: int = 16 * 2**20) -> SavedModel:
-        """config.json ({"format": "edify-controlnet", ...config}) and safetensors weights, atomically."""
+        """config.json ({"format": "edify-controlnet", "version": 2, ...config}) and safetensors weights,
+        atomically."""
         state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
                  for k, v in self.state_dict().items()}
-        return save_model(path, {"format": FORMAT, **self.config.to_dict()}, state, max_shard_bytes)
+        return save_model(path, {"format": FORMAT, "version": FORMAT_VERSION, **self.config.to_dict()}, state,
+                          max_shard_bytes)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, base: UNetConfig | None = None) -> ControlNet:
@@ -270,5 +333,13 @@ def load_controlnet_config(path: str | Path) -> ControlNetConfig:
     with naming(file):
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise EdifyError(f"not an {FORMAT} config (missing or wrong 'format' field)")
-        return ControlNetConfig.from_dict({k: v for k, v in data.items() if k != "format"})
+        check_version(data.get("version", 1))
+        return ControlNetConfig.from_dict({k: v for k, v in data.items() if k not in ("format", "version")})
 
+
+def check_version(version) -> None:
+    """Refuse a ControlNet of another format version than FORMAT_VERSION (one line)."""
+    if version != FORMAT_VERSION:
+        raise EdifyError(f"ControlNet format version {brief(version)} is not readable (this version reads "
+                         f"{FORMAT_VERSION}: the hint takes the full-resolution control at every stage); "
+                         f"train the ControlNet again")

@@ -8,7 +8,8 @@ a resumed run continues at exactly the sample where the checkpoint was taken:
   consumed over all ranks.
 - `LoaderStream`: the real loaders of `edify.data` (webdataset shards or an image folder with
   caption sidecars), bucketed by aspect ratio. Position = epoch and batches consumed in it; a
-  resumed stream rebuilds the loader with the same seed and skips that many batches.
+  resumed stream rebuilds the loader with the same seed and skips that many batches. Shards
+  whose samples carry alpha masks (`maskS.png` beside `S.png`) give `Batch.mask`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
 
 from edify.conditioning import Cond
 from edify.errors import EdifyError
@@ -30,13 +33,18 @@ from edify.runtime import single_thread_worker
 @dataclass
 class Batch:
     """One micro-batch: images [B, 3, H, W] in [-1, 1], captions, styles, per-sample loss weights,
-    and, from streams that encode text ahead (the in-memory one), the ready Cond on the device."""
+    and, from streams that encode text ahead (the in-memory one), the ready Cond on the device.
+
+    mask: the objects' alpha masks [B, 1, H, W] float in {0, 1} (1 = object), cropped and resized
+    like the images, for the inpainting "replace" task; None when the data has none (a sample
+    without one in a batch with masks gets zeros: no object)."""
 
     image: Tensor
     caption: list[str]
     style: list[str | None]
     weight: Tensor
     cond: Cond | None = None
+    mask: Tensor | None = None
 
 
 SYNTHETIC_COLORS = ("red", "green", "blue", "yellow")
@@ -102,6 +110,67 @@ def find_shards(spec: str) -> list[str] | None:
     return None
 
 
+def stack_masks(masks: list, shape: tuple[int, int]) -> Tensor | None:
+    """Records' masks (HxW uint8 arrays or None) as [B, 1, H, W] float, None where all are None;
+    a missing one is zeros (no object, so "replace" falls back to an inpaint mask)."""
+    if all(m is None for m in masks):
+        return None
+    out = torch.zeros(len(masks), 1, *shape)
+    for i, m in enumerate(masks):
+        if m is not None:
+            out[i, 0] = torch.from_numpy(np.ascontiguousarray(m))
+    return out
+
+
+def collate_masked(samples: list[dict]) -> dict:
+    """`edify.data.sampler.collate`, plus "mask": the records' masks stacked (`stack_masks`)."""
+    from edify.data.sampler import collate
+
+    batch = collate(samples)
+    kept = [s for s in samples if "skip" not in s]
+    batch["mask"] = stack_masks([s.get("mask") for s in kept], tuple(batch["image"].shape[-2:]))
+    return batch
+
+
+class MaskedBucketedStream(IterableDataset):
+    """`edify.data.sampler.BucketedStream` with `collate_masked`: the same single-bucket batches,
+    stats snapshots (one batch late) and worker ids, carrying the masks."""
+
+    def __init__(self, dataset, batch_size: int):
+        self.dataset, self.batch_size = dataset, batch_size
+
+    def __iter__(self):
+        from edify.data.datasets import LoaderStats
+        from edify.data.sampler import bucketed_batches
+
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        stats = LoaderStats()
+        held = None
+        for group in bucketed_batches(self.dataset.iter_records(stats, raw=True), self.batch_size, stats=stats):
+            if held is not None:
+                yield {**held, "stats": stats.as_dict(), "worker": worker}
+            held = collate_masked(group)
+        yield {**(held if held is not None else collate_masked([])), "stats": stats.as_dict(), "worker": worker}
+
+
+def as_is(batch: dict) -> dict:
+    """The DataLoader's collate_fn for batches collated already."""
+    return batch
+
+
+def shard_loader(dataset, batch_size: int, num_workers: int):
+    """`edify.data.sampler.stream_loader` over `MaskedBucketedStream`."""
+    from torch.utils.data import DataLoader
+
+    from edify.data.sampler import BatchLoader
+
+    extra = {"prefetch_factor": 4} if num_workers > 0 else {}
+    loader = DataLoader(MaskedBucketedStream(dataset, batch_size), batch_size=None, num_workers=num_workers,
+                        collate_fn=as_is, worker_init_fn=single_thread_worker, **extra)
+    return BatchLoader(loader, epoch_target=dataset)
+
+
 class LoaderStream:
     """A resumable stream over `edify.data` loaders (webdataset shards or an image folder)."""
 
@@ -112,7 +181,7 @@ class LoaderStream:
         self.spec, self.micro_batch, self.seed, self.num_workers = spec, micro_batch, seed, num_workers
         self.rank, self.world_size = rank, world_size
         self.data_config = DataConfig(resolution=resolution, multiple=multiple,
-                                      weight_key=weight_key or "weight")
+                                      weight_key=weight_key or "weight", masks=True)
         self.shards = find_shards(spec)
         if self.shards is None and not os.path.isdir(spec):
             raise EdifyError(f"data must be 'synthetic', a folder of images or .tar shards, or a shard "
@@ -127,8 +196,7 @@ class LoaderStream:
         if self.shards is not None:  # one endless stream; shards reshuffled per epoch with the seed
             dataset = datasets.WebImageDataset(self.shards, self.data_config, seed=self.seed, epochs=None,
                                                rank=self.rank, world_size=self.world_size)
-            self.loader = sampler.stream_loader(dataset, self.micro_batch, num_workers=self.num_workers,
-                                               worker_init_fn=single_thread_worker)
+            self.loader = shard_loader(dataset, self.micro_batch, self.num_workers)
         else:
             dataset = datasets.ImageFolderDataset(self.spec, self.data_config)
             self.loader = sampler.folder_loader(dataset, self.micro_batch, num_workers=self.num_workers,
@@ -154,7 +222,8 @@ class LoaderStream:
         else:
             raise EdifyError(f"the data {self.spec!r} gives no full batch of {self.micro_batch} images")
         self.batches += 1
-        return Batch(raw["image"], list(raw["caption"]), list(raw["style"]), raw["weight"].float())
+        return Batch(raw["image"], list(raw["caption"]), list(raw["style"]), raw["weight"].float(),
+                     mask=raw.get("mask"))
 
     def state_dict(self) -> dict:
         return {"kind": "loader", "epoch": self.epoch, "batches": self.batches}

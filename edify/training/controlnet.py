@@ -11,16 +11,19 @@ resolution, text encoder and styles are replaced by the base model folder's. Thr
 - the network it optimises is a `ControlNet` copied from the base (`ControlNet.from_base`); the
   base is loaded from its folder, frozen (eval mode, no gradients) and left out of the checkpoints;
 - the denoiser of the loss is `ControlledDenoiser(base, [Control(controlnet, control)])`, so the loss
-  (Eq. 1, `LaplacianEDMLoss`) trains D(x_t; control) toward the target at every stage; the base's
-  condition dropout (`cond_drop`) applies as in the base's training;
+  (Eq. 1, `LaplacianEDMLoss`) trains D(x_t; control) toward the target at every stage, each stage
+  seeing the whole full-resolution control; the base's condition dropout (`cond_drop`) applies as in
+  the base's training;
 - each micro-batch passes through `ControlStream`: `make_control(kind, images, masks, generator)`
   of `edify.data.controls` turns its images into (control image, target images), with a generator
   seeded by (seed, micro-batch count, rank) and the count kept in the data position, so a resumed
-  run draws the same controls.
+  run draws the same controls. Batches that carry the objects' alpha masks (`Batch.mask`, from shards
+  with `maskS.png` members) let the inpaint control draw its "replace" task.
 
 Depth (required) and soft edges (optional, HED) read a local annotator model folder (`--annotator`,
-`edify.data.controls.load_annotator`). The run folder holds `controlnet.json` (kind, base folder, ControlNet config); resuming with another
-one is refused. `--export DIR` writes the EMA ControlNet as a folder `ControlNet.from_pretrained`
+`edify.data.controls.load_annotator`). The run folder holds `controlnet.json` (kind, base folder,
+ControlNet config, format version); resuming with another one, or a run of another ControlNet
+format version, is refused. `--export DIR` writes the EMA ControlNet as a folder `ControlNet.from_pretrained`
 loads. Nothing here imports torch before `run`, so `--help` stays fast.
 """
 
@@ -133,7 +136,7 @@ def make_trainer(config, base, out_dir, kind: str, *, resume: bool = False, make
     import torch
 
     from edify.core.precond import EDMPrecond
-    from edify.networks.controlnet import ControlNet, ControlNetConfig
+    from edify.networks.controlnet import FORMAT_VERSION, ControlNet, ControlNetConfig
     from edify.pipelines.text2image import TextToImagePipeline
     from edify.training import checkpoint, distributed
     from edify.training.ema import EMA
@@ -166,7 +169,7 @@ def make_trainer(config, base, out_dir, kind: str, *, resume: bool = False, make
     t.optimizer = torch.optim.AdamW(t.model.parameters(), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
     ema_on = c.ema_std == 0 and c.ema_decay == 0
     t.ema = EMA(t.model, c.ema_halflife_images if ema_on else 0.0, c.ema_rampup, c.ema_decay, c.ema_std)
-    record = {"kind": kind, "base": str(base), "controlnet": cn_config.to_dict()}
+    record = {"kind": kind, "base": str(base), "controlnet": cn_config.to_dict(), "version": FORMAT_VERSION}
     loaded = None
     if resume and checkpoint.latest_checkpoint(t.out_dir) is not None:
         saved = read_run_file(t.out_dir)
@@ -187,8 +190,8 @@ def make_trainer(config, base, out_dir, kind: str, *, resume: bool = False, make
 
 
 def read_run_file(run: Path) -> dict:
-    """controlnet.json of a run folder, checked."""
-    from edify.networks.controlnet import ControlNetConfig
+    """controlnet.json of a run folder, checked (a run of another ControlNet format version is refused)."""
+    from edify.networks.controlnet import ControlNetConfig, check_version
     from edify.pipelines.model_io import inside, naming, read_json
 
     file = inside(Path(run), RUN_FILE, f"run folder {run}")
@@ -196,8 +199,9 @@ def read_run_file(run: Path) -> dict:
         raise EdifyError(f"{run} is not a ControlNet run (no {RUN_FILE})")
     data = read_json(file)
     with naming(file):
-        if not isinstance(data, dict) or set(data) != {"kind", "base", "controlnet"}:
-            raise EdifyError("must be a JSON object with the keys base, controlnet and kind")
+        if not isinstance(data, dict) or set(data) - {"version"} != {"kind", "base", "controlnet"}:
+            raise EdifyError("must be a JSON object with the keys base, controlnet, kind and version")
+        check_version(data.get("version", 1))
         ControlNetConfig.from_dict(data["controlnet"])
     return data
 

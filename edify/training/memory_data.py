@@ -6,6 +6,8 @@ times over, so the fastest loader is none at all. `MemoryData` reads every sampl
 samples, and keeps:
 
     images[b]   [N_b, 3, H_b, W_b] uint8 per aspect-ratio bucket b, on the training device
+    masks[b]    [N_b, 1, H_b, W_b] uint8 {0, 1} alpha masks (1 = object) beside them, or masks = None
+                when no sample has one (nothing stored); a sample without one gets zeros
     caption     [N] index into the caption table; media [N] style index (-1 = none); weight [N]
     text table  the unique captions encoded once: states [U, L, D] zero-padded + mask [U, L]
 
@@ -164,28 +166,31 @@ class TableTextEncoder(TextEncoder):
 
 # ---- loading every sample once --------------------------------------------------------------
 
+RECORD_KEYS = ("image", "caption", "style", "weight", "bucket", "mask")
+
 def _read_shard(args) -> tuple[dict[str, list], dict]:
     """All good samples of one shard as raw uint8 arrays, in file order, and its LoaderStats."""
     shard, data_config = args
     from edify.data.datasets import LoaderStats, WebImageDataset
 
     dataset = WebImageDataset([shard], data_config, shuffle=False, epochs=1, rank=0, world_size=1, raw=True)
-    stats, out = LoaderStats(), {"image": [], "caption": [], "style": [], "weight": [], "bucket": []}
+    stats, out = LoaderStats(), {key: [] for key in RECORD_KEYS}
     for record in dataset.iter_records(stats):
         for key in out:
-            out[key].append(record[key])
+            out[key].append(record.get(key))
     return out, stats.as_dict()
 
 
 def read_samples(spec: str, resolution: int, multiple: int, weight_key: str = "weight",
                  workers: int = 0) -> tuple[dict[str, list], dict]:
     """Every good sample of a data spec (shards or an image folder), in a fixed order, and the
-    merged LoaderStats as a dict; shards are read by `workers` processes when > 1."""
+    merged LoaderStats as a dict; shards are read by `workers` processes when > 1. "mask" holds
+    each sample's alpha mask (HxW uint8) or None."""
     from edify.data.datasets import DataConfig, ImageFolderDataset, LoaderStats
 
-    data_config = DataConfig(resolution=resolution, multiple=multiple, weight_key=weight_key or "weight")
+    data_config = DataConfig(resolution=resolution, multiple=multiple, weight_key=weight_key or "weight", masks=True)
     shards = find_shards(spec)
-    records = {"image": [], "caption": [], "style": [], "weight": [], "bucket": []}
+    records = {key: [] for key in RECORD_KEYS}
     stats = LoaderStats()
     if shards is not None:
         jobs = [(s, data_config) for s in shards]
@@ -204,7 +209,7 @@ def read_samples(spec: str, resolution: int, multiple: int, weight_key: str = "w
             record = folder[i]
             if "skip" not in record:
                 for key in records:
-                    records[key].append(record[key])
+                    records[key].append(record.get(key))
         stats = folder.stats
     else:
         raise EdifyError(f"in-memory data must be a folder of images or .tar shards, or a shard pattern, got {spec!r}")
@@ -223,6 +228,9 @@ class MemoryData:
         where = {b: [i for i, x in enumerate(records["bucket"]) if x == b] for b in self.buckets}
         self.images = [torch.from_numpy(np.stack([records["image"][i] for i in where[b]])).permute(0, 3, 1, 2)
                        .contiguous().to(device) for b in self.buckets]
+        masks = records.get("mask") or [None] * len(records["image"])
+        self.masks = None if all(m is None for m in masks) else [bucket_masks(masks, where[b], x, device)
+                                                                 for b, x in zip(self.buckets, self.images)]
         order = [i for b in self.buckets for i in where[b]]  # sample ids grouped by bucket
         self.captions = [records["caption"][i] for i in order]
         self.styles = [records["style"][i] for i in order]
@@ -236,8 +244,20 @@ class MemoryData:
     def __len__(self) -> int:
         return len(self.captions)
 
+    def nbytes(self) -> int:
+        return sum(x.numel() for x in self.images + (self.masks or []))
+
     def bucket_sizes(self) -> list[int]:
         return [b - a for a, b in zip(self.starts, self.starts[1:])]
+
+
+def bucket_masks(masks: list, ids: list[int], images: Tensor, device) -> Tensor:
+    """[N_b, 1, H, W] uint8 masks of one bucket's samples `ids`; zeros for a sample without one."""
+    out = np.zeros((len(ids), 1, *images.shape[2:]), dtype=np.uint8)
+    for k, i in enumerate(ids):
+        if masks[i] is not None:
+            out[k, 0] = masks[i]
+    return torch.from_numpy(out).to(device)
 
 
 def epoch_plan(sizes: Sequence[int], global_batch: int, seed: int, epoch: int) -> list[tuple[int, Tensor]]:
@@ -293,7 +313,9 @@ class MemoryStream:
         elif media is not None:
             cond = Cond(media=media)
         ids = rows.tolist()
-        return Batch(x0, [d.captions[i] for i in ids], [d.styles[i] for i in ids], d.weight[dev], cond=cond)
+        mask = None if d.masks is None else d.masks[bucket][local.to(images.device)].float()
+        return Batch(x0, [d.captions[i] for i in ids], [d.styles[i] for i in ids], d.weight[dev], cond=cond,
+                     mask=mask)
 
     def state_dict(self) -> dict:
         return {"kind": "memory", "epoch": self.epoch, "batches": self.batches}
@@ -316,8 +338,8 @@ def open_memory_stream(spec: str, resolution: int, multiple: int, micro_batch: i
         else:
             table = TextTable.build(text_encoder, records["caption"])
     data = MemoryData(records, stats, table, vocab, device)
-    nbytes = sum(x.numel() for x in data.images)
-    log(f"in memory: {len(data)} images ({nbytes / 2**20:.0f} MiB uint8, buckets {data.buckets}) and "
+    masks = "" if data.masks is None else " with masks"
+    log(f"in memory: {len(data)} images{masks} ({data.nbytes() / 2**20:.0f} MiB uint8, buckets {data.buckets}) and "
         f"{len(set(data.captions))} unique captions on {device}; skipped {stats['skipped']}")
     return MemoryStream(data, micro_batch, seed, rank, world_size)
 
