@@ -100,7 +100,7 @@ def test_no_mask_key_unless_asked_and_none_when_missing_or_broken(tmp_path):
 
 
 def test_loader_stream_batches_carry_the_masks(tmp_path):
-    stream = LoaderStream(str(write_shard(tmp_path / "a.tar", bad_mask=(2,))), 16, 16, micro_batch=3)
+    stream = LoaderStream(str(write_shard(tmp_path / "a.tar", bad_mask=(2,))), 16, 16, micro_batch=3, masks=True)
     for _ in range(4):
         batch = stream.next()
         assert batch.mask.shape == (3, 1, 16, 16) and batch.mask.dtype == torch.float32
@@ -108,13 +108,13 @@ def test_loader_stream_batches_carry_the_masks(tmp_path):
             i = int(caption.split()[1])
             want = np.zeros((16, 16)) if i == 2 else expected(i)  # no mask: zeros, no object
             assert np.array_equal(m[0].numpy(), want)
-    bare = LoaderStream(str(write_shard(tmp_path / "b.tar", masks=False)), 16, 16, micro_batch=3)
+    bare = LoaderStream(str(write_shard(tmp_path / "b.tar", masks=False)), 16, 16, micro_batch=3, masks=True)
     assert bare.next().mask is None
 
 
 def test_memory_stream_keeps_uint8_masks_and_gathers_them(tmp_path):
     write_shard(tmp_path / "d" / "a.tar")
-    data = MemoryData(*read_samples(str(tmp_path / "d"), 16, 16), None, None, "cpu")
+    data = MemoryData(*read_samples(str(tmp_path / "d"), 16, 16, masks=True), None, None, "cpu")
     assert [m.dtype for m in data.masks] == [torch.uint8] and data.masks[0].shape == (6, 1, 16, 16)
     stream = MemoryStream(data, micro_batch=2, seed=3)
     for _ in range(5):
@@ -169,3 +169,14 @@ def test_inpaint_controlnet_training_draws_replace_from_the_masks(base_folder, t
     t = make_trainer(config, base_folder, tmp_path / "run2", "inpaint", make_control=only, hint_widths=(8,),
                      text_encoder=WordHashEncoder())
     assert len(t.run(max_steps=1).losses) == 1
+
+
+def test_masks_are_read_only_when_asked(tmp_path):
+    """Base-model training does not pay for masks: off unless data_masks (inpainting sets it)."""
+    shard = write_shard(tmp_path / "a.tar")
+    assert LoaderStream(str(shard), 16, 16, micro_batch=3).next().mask is None
+    assert MemoryData(*read_samples(str(tmp_path), 16, 16), None, None, "cpu").masks is None
+    from edify.training.config import TrainConfig
+    from edify.training.controlnet import with_masks
+
+    assert with_masks(TrainConfig(), "inpaint").data_masks and not with_masks(TrainConfig(), "canny").data_masks

@@ -175,13 +175,14 @@ class LoaderStream:
     """A resumable stream over `edify.data` loaders (webdataset shards or an image folder)."""
 
     def __init__(self, spec: str, resolution: int, multiple: int, micro_batch: int, seed: int = 0,
-                 num_workers: int = 0, weight_key: str = "weight", rank: int = 0, world_size: int = 1):
+                 num_workers: int = 0, weight_key: str = "weight", rank: int = 0, world_size: int = 1,
+                 masks: bool = False):
         from edify.data.datasets import DataConfig
 
         self.spec, self.micro_batch, self.seed, self.num_workers = spec, micro_batch, seed, num_workers
         self.rank, self.world_size = rank, world_size
         self.data_config = DataConfig(resolution=resolution, multiple=multiple,
-                                      weight_key=weight_key or "weight", masks=True)
+                                      weight_key=weight_key or "weight", masks=masks)
         self.shards = find_shards(spec)
         if self.shards is None and not os.path.isdir(spec):
             raise EdifyError(f"data must be 'synthetic', a folder of images or .tar shards, or a shard "
@@ -236,7 +237,7 @@ class LoaderStream:
 
 
 def open_stream(spec: str, resolution: int, multiple: int, micro_batch: int, seed: int,
-                num_workers: int, weight_key: str, rank: int, world_size: int):
+                num_workers: int, weight_key: str, rank: int, world_size: int, masks: bool = False):
     """A stream for a data spec: "synthetic" or "synthetic:N" (N images, default 64), else a loader."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
         size = 64
@@ -247,4 +248,4 @@ def open_stream(spec: str, resolution: int, multiple: int, micro_batch: int, see
                 raise EdifyError(f"synthetic data size must be an integer, got {spec!r}") from None
         return SyntheticStream(size, resolution, micro_batch, seed, rank, world_size)
     return LoaderStream(spec, resolution, multiple, micro_batch, seed, num_workers, weight_key,
-                        rank, world_size)
+                        rank, world_size, masks=masks)

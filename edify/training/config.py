@@ -81,6 +81,9 @@ class TrainConfig:
     # Load every sample once onto the training device and encode each unique caption once
     # (edify.training.memory_data); for datasets that fit in device memory, e.g. the emoji demo.
     data_in_memory: bool = False
+    # Read the objects' alpha masks (`maskS.png` beside `S.png`) into Batch.mask: only the
+    # inpainting ControlNet uses them, so they cost nothing otherwise.
+    data_masks: bool = False
     # A caption table file (python -m edify.training.memory_data) that replaces the text encoder's
     # weights in training, e.g. on a machine without them; "" = encode with text_encoder.
     text_table: str = ""
@@ -125,7 +128,7 @@ class TrainConfig:
 RESUMABLE_FIELDS = frozenset({
     "name", "total_images", "checkpoint_images", "keep_last", "log_images", "sample_images",
     "compile", "peak_tflops", "max_nonfinite", "num_workers", "sample_prompts", "sample_steps",
-    "sample_guidance", "data", "text_cache", "dist", "max_minutes", "text_table", "max_cpu_minutes",
+    "sample_guidance", "data", "data_masks", "text_cache", "dist", "max_minutes", "text_table", "max_cpu_minutes",
 })
 
 

@@ -120,6 +120,11 @@ def base_train_config(config, base):
                           styles=tuple(base.styles), expert_ranges=base.expert_ranges, sample_images=0)
 
 
+def with_masks(config, kind: str):
+    """Inpainting draws its "replace" task from the objects' alpha masks: read them from the data."""
+    return config.replace(data_masks=True) if kind == "inpaint" else config
+
+
 def probe_channels(kind: str, make_control, resolution: int) -> int:
     """Channels of the control an injected `make_control` returns, from one random image."""
     import torch
@@ -145,7 +150,7 @@ def make_trainer(config, base, out_dir, kind: str, *, resume: bool = False, make
     if kind not in KINDS:
         raise EdifyError(f"control must be one of {', '.join(KINDS)}, got {kind!r}")
     pipe = TextToImagePipeline.from_pretrained(base, text_encoder=text_encoder)
-    config = base_train_config(config, pipe.config)
+    config = with_masks(base_train_config(config, pipe.config), kind)
     if config.dist == "fsdp":
         raise EdifyError("ControlNet training runs with dist='none' or 'ddp', got 'fsdp'")
     if make_control is None:

@@ -155,10 +155,10 @@ class Trainer:
 
             stream = open_memory_stream(c.data, c.resolution, multiple, self.micro_batch, c.seed, c.num_workers,
                                         c.weight_key, self.rank, self.world, self.text_encoder, self.vocab,
-                                        self.device, log=distributed.print0)
+                                        self.device, log=distributed.print0, masks=c.data_masks)
         self.stream = stream if stream is not None else open_stream(
             c.data, c.resolution, multiple, self.micro_batch, c.seed, c.num_workers, c.weight_key,
-            self.rank, self.world)
+            self.rank, self.world, masks=c.data_masks)
 
         dtype = torch.bfloat16 if c.precision == "bf16" and self.device.type == "cuda" else torch.float32
         self.net.to(self.device)

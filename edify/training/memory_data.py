@@ -182,13 +182,13 @@ def _read_shard(args) -> tuple[dict[str, list], dict]:
 
 
 def read_samples(spec: str, resolution: int, multiple: int, weight_key: str = "weight",
-                 workers: int = 0) -> tuple[dict[str, list], dict]:
+                 workers: int = 0, masks: bool = False) -> tuple[dict[str, list], dict]:
     """Every good sample of a data spec (shards or an image folder), in a fixed order, and the
     merged LoaderStats as a dict; shards are read by `workers` processes when > 1. "mask" holds
     each sample's alpha mask (HxW uint8) or None."""
     from edify.data.datasets import DataConfig, ImageFolderDataset, LoaderStats
 
-    data_config = DataConfig(resolution=resolution, multiple=multiple, weight_key=weight_key or "weight", masks=True)
+    data_config = DataConfig(resolution=resolution, multiple=multiple, weight_key=weight_key or "weight", masks=masks)
     shards = find_shards(spec)
     records = {key: [] for key in RECORD_KEYS}
     stats = LoaderStats()
@@ -328,9 +328,9 @@ class MemoryStream:
 
 def open_memory_stream(spec: str, resolution: int, multiple: int, micro_batch: int, seed: int, workers: int,
                        weight_key: str, rank: int, world_size: int, text_encoder, vocab, device,
-                       log=print) -> MemoryStream:
+                       log=print, masks: bool = False) -> MemoryStream:
     """Read `spec` once, encode its unique captions once (through `text_encoder`), build the stream."""
-    records, stats = read_samples(spec, resolution, multiple, weight_key, workers)
+    records, stats = read_samples(spec, resolution, multiple, weight_key, workers, masks)
     table = None
     if text_encoder is not None:
         if isinstance(text_encoder, TableTextEncoder):
