@@ -24,12 +24,15 @@ from edify.errors import EdifyError
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("generate",): ("edify.pipelines.generate_cli", "generate images from a prompt"),
     ("train",): ("edify.training.cli", "train a model from a named preset"),
+    ("control",): ("edify.pipelines.control_cli", "generate images steered by edges or depth (a ControlNet)"),
+    ("inpaint",): ("edify.pipelines.control_cli", "inpaint, outpaint or replace an object in an image"),
     ("train-controlnet",): ("edify.training.controlnet", "train a ControlNet (edges, depth, inpaint) on a base"),
     ("data", "emoji"): ("edify.data.emoji", "build the emoji demo dataset as webdataset shards"),
     ("eval",): ("edify.eval.cli", "FID, KID, sliced Wasserstein and prompt retrieval of a model"),
 }
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "EDIFY_DEBUG"
+HELP_COLUMN = max(len(" ".join(words)) for words in COMMANDS) + 1  # names and their help line up
 
 
 class UsageError(EdifyError):
@@ -54,11 +57,11 @@ def _usage(prefix: tuple[str, ...] = ()) -> str:
     lines = [f"usage: {name}{flags} COMMAND [options]", "", "commands:"]
     for words, (_, text) in COMMANDS.items():
         if words[: len(prefix)] == prefix:
-            lines.append(f"  {' '.join(words[len(prefix):]):<14} {text}")
+            lines.append(f"  {' '.join(words[len(prefix):]):<{HELP_COLUMN}} {text}")
     lines.append("")
     if not prefix:
-        lines += ["options:", "  --version      print the version and exit",
-                  f"  {DEBUG_FLAG:<14} show the traceback of any error (or set {DEBUG_ENV}=1)", ""]
+        lines += ["options:", f"  {'--version':<{HELP_COLUMN}} print the version and exit",
+                  f"  {DEBUG_FLAG:<{HELP_COLUMN}} show the traceback of any error (or set {DEBUG_ENV}=1)", ""]
     lines.append(f"Run `{name} COMMAND --help` for a command's options.")
     return "\n".join(lines)
 

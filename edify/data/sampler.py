@@ -29,10 +29,23 @@ from edify.errors import EdifyError
 from edify.training.distributed import resolve_rank
 
 
+def stack_masks(masks: Sequence, shape: tuple[int, int]) -> torch.Tensor | None:
+    """Records' alpha masks (HxW uint8 arrays or None) as [B, 1, H, W] float, None when all are
+    None; a missing one is zeros (no object, so inpainting's "replace" falls back to a drawn mask)."""
+    if all(m is None for m in masks):
+        return None
+    out = torch.zeros(len(masks), 1, *shape)
+    for i, m in enumerate(masks):
+        if m is not None:
+            out[i, 0] = torch.from_numpy(np.ascontiguousarray(m))
+    return out
+
+
 def collate(samples: Sequence[dict]) -> dict:
     """Stack one bucket's records: image [B, 3, H, W] float in [-1, 1], weight [B] float, lists
     of caption/style/key/meta, the bucket name, and `skipped` ({reason: n}) for {"skip": reason}
-    entries that a map-style dataset returned for undecodable images."""
+    entries that a map-style dataset returned for undecodable images. Records read with masks
+    (`DataConfig(masks=True)`) also give "mask" (`stack_masks`)."""
     kept = [s for s in samples if "skip" not in s]
     skipped = Counter(s["skip"] for s in samples if "skip" in s)
     buckets = {s["bucket"] for s in kept}
@@ -53,6 +66,8 @@ def collate(samples: Sequence[dict]) -> dict:
         "meta": [s["meta"] for s in kept],
         "bucket": kept[0]["bucket"] if kept else None,
         "skipped": dict(skipped),
+        **({"mask": stack_masks([s["mask"] for s in kept], tuple(image.shape[-2:]))}
+           if kept and "mask" in kept[0] else {}),
     }
 
 

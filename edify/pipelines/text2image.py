@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -227,11 +226,12 @@ class TextToImagePipeline:
                  height: int | None = None, width: int | None = None, sampler: str | None = None,
                  num_images_per_prompt: int = 1, output_type: str = "pil",
                  callback=None, final_stage: int = 0,
-                 steps_per_stage: tuple[int, ...] | None = None) -> TextToImageOutput:
+                 steps_per_stage: tuple[int, ...] | None = None, denoiser_wrapper=None) -> TextToImageOutput:
         """Images for the prompts. num_steps: sampler steps over all stages, split by the model's
         `defaults.stage_weights` (or give `steps_per_stage`, finest first). final_stage = j returns
         the finished image at (height / 2^j, width / 2^j) for a model with nested expert ranges
-        (section 2.2.3): a preview at a fraction of the cost."""
+        (section 2.2.3): a preview at a fraction of the cost. denoiser_wrapper(denoiser) -> denoiser
+        wraps the preconditioned network before guidance (ControlNets, inpainting constraints)."""
         d = self.config.defaults
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -252,6 +252,8 @@ class TextToImagePipeline:
         if negative_prompt is not None and guidance_scale != 1:
             negative = self.encode([negative_prompt], [None])
         denoiser = EDMPrecond(self.network, self.config.sigma_data, dtype=self.dtype)
+        if denoiser_wrapper is not None:
+            denoiser = denoiser_wrapper(denoiser)
         guided = CFGDenoiser(denoiser, guidance_scale, negative=negative)
         sigmas = laplacian_sigmas(self.process, self.stage_steps(num_steps, final_stage, steps_per_stage),
                                   d.sigma_min, d.sigma_max, d.rho, d.ramp_weight, final_stage)

@@ -19,11 +19,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import IterableDataset, get_worker_info
 
 from edify.conditioning import Cond
 from edify.errors import EdifyError
@@ -110,67 +108,6 @@ def find_shards(spec: str) -> list[str] | None:
     return None
 
 
-def stack_masks(masks: list, shape: tuple[int, int]) -> Tensor | None:
-    """Records' masks (HxW uint8 arrays or None) as [B, 1, H, W] float, None where all are None;
-    a missing one is zeros (no object, so "replace" falls back to an inpaint mask)."""
-    if all(m is None for m in masks):
-        return None
-    out = torch.zeros(len(masks), 1, *shape)
-    for i, m in enumerate(masks):
-        if m is not None:
-            out[i, 0] = torch.from_numpy(np.ascontiguousarray(m))
-    return out
-
-
-def collate_masked(samples: list[dict]) -> dict:
-    """`edify.data.sampler.collate`, plus "mask": the records' masks stacked (`stack_masks`)."""
-    from edify.data.sampler import collate
-
-    batch = collate(samples)
-    kept = [s for s in samples if "skip" not in s]
-    batch["mask"] = stack_masks([s.get("mask") for s in kept], tuple(batch["image"].shape[-2:]))
-    return batch
-
-
-class MaskedBucketedStream(IterableDataset):
-    """`edify.data.sampler.BucketedStream` with `collate_masked`: the same single-bucket batches,
-    stats snapshots (one batch late) and worker ids, carrying the masks."""
-
-    def __init__(self, dataset, batch_size: int):
-        self.dataset, self.batch_size = dataset, batch_size
-
-    def __iter__(self):
-        from edify.data.datasets import LoaderStats
-        from edify.data.sampler import bucketed_batches
-
-        info = get_worker_info()
-        worker = 0 if info is None else info.id
-        stats = LoaderStats()
-        held = None
-        for group in bucketed_batches(self.dataset.iter_records(stats, raw=True), self.batch_size, stats=stats):
-            if held is not None:
-                yield {**held, "stats": stats.as_dict(), "worker": worker}
-            held = collate_masked(group)
-        yield {**(held if held is not None else collate_masked([])), "stats": stats.as_dict(), "worker": worker}
-
-
-def as_is(batch: dict) -> dict:
-    """The DataLoader's collate_fn for batches collated already."""
-    return batch
-
-
-def shard_loader(dataset, batch_size: int, num_workers: int):
-    """`edify.data.sampler.stream_loader` over `MaskedBucketedStream`."""
-    from torch.utils.data import DataLoader
-
-    from edify.data.sampler import BatchLoader
-
-    extra = {"prefetch_factor": 4} if num_workers > 0 else {}
-    loader = DataLoader(MaskedBucketedStream(dataset, batch_size), batch_size=None, num_workers=num_workers,
-                        collate_fn=as_is, worker_init_fn=single_thread_worker, **extra)
-    return BatchLoader(loader, epoch_target=dataset)
-
-
 class LoaderStream:
     """A resumable stream over `edify.data` loaders (webdataset shards or an image folder)."""
 
@@ -197,12 +134,13 @@ class LoaderStream:
         if self.shards is not None:  # one endless stream; shards reshuffled per epoch with the seed
             dataset = datasets.WebImageDataset(self.shards, self.data_config, seed=self.seed, epochs=None,
                                                rank=self.rank, world_size=self.world_size)
-            self.loader = shard_loader(dataset, self.micro_batch, self.num_workers)
+            self.loader = sampler.stream_loader(dataset, self.micro_batch, num_workers=self.num_workers,
+                                                worker_init_fn=single_thread_worker)
         else:
             dataset = datasets.ImageFolderDataset(self.spec, self.data_config)
             self.loader = sampler.folder_loader(dataset, self.micro_batch, num_workers=self.num_workers,
-                                                worker_init_fn=single_thread_worker, seed=self.seed, drop_last=True, rank=self.rank,
-                                                world_size=self.world_size)
+                                                worker_init_fn=single_thread_worker, seed=self.seed,
+                                                drop_last=True, rank=self.rank, world_size=self.world_size)
         self.loader.set_epoch(self.epoch)
         it = iter(self.loader)
         for _ in range(self.batches):  # resume: skip what this epoch already delivered

@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from edify.conditioning import NULL, Cond
+from edify.conditioning import Cond
 from edify.errors import EdifyError
 from edify.text.encoders import TextEncoder
 from edify.training.batches import Batch, find_shards
