@@ -187,7 +187,7 @@ def test_worker_panic_crash_timeout_and_memory_are_contained():
     assert time.monotonic() - started < 30
 
 
-def slow_and_fast_packages(folder: Path, slow_icons: int = 60) -> Path:
+def slow_and_fast_packages(folder: Path, slow_icons: int = 150) -> Path:
     """twemoji: one quick icon (its shard finishes first); noto: icons taking ~0.5 s each at 256 px."""
     folder.mkdir(parents=True, exist_ok=True)
     write_package(folder, "twemoji", {"quick": {"body": GOOD}}, {})
