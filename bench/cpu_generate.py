@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--random-preset", default=None, help="time a random network of this preset instead")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     parser.add_argument("--sampler", default=None)
+    parser.add_argument("--steps-per-stage", default=None, help="e.g. 8,8,8 (finest first) instead of the model's split")
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -51,7 +52,8 @@ def main() -> None:
     pipe = load(args).to("cpu")
     _ = pipe.text_encoder
     print(f"load: {time.perf_counter() - t0:.2f} s   threads: {torch.get_num_threads()}")
-    kwargs = dict(num_steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance)
+    split = tuple(int(v) for v in args.steps_per_stage.split(",")) if args.steps_per_stage else None
+    kwargs = dict(num_steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, steps_per_stage=split)
     out = pipe("red apple", seed=0, **kwargs)  # warm-up
     times = []
     for i in range(args.repeats):
@@ -59,7 +61,8 @@ def main() -> None:
         pipe("grinning face with big eyes", seed=i + 1, **kwargs)
         times.append(time.perf_counter() - t)
     d = pipe.config.defaults
-    print(f"sampler: {args.sampler or d.sampler}  steps: {args.steps or d.num_steps}  nfe: {out.nfe}  "
+    steps = split or pipe.stage_steps(args.steps or d.num_steps)
+    print(f"sampler: {args.sampler or d.sampler}  steps per stage: {list(steps)}  nfe: {out.nfe}  "
           f"guidance: {d.guidance_scale if args.guidance is None else args.guidance}  "
           f"size: {pipe.config.resolution}px")
     print("per-image seconds: " + ", ".join(f"{t:.2f}" for t in times))
