@@ -49,12 +49,7 @@ PROCESS = LaplacianProcess(3, (0.8, 4.0), ramp="cosine", ramp_width=2.0)
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def hole_mask(n: int = N, side: int = 8) -> torch.Tensor:

@@ -34,12 +34,7 @@ from test_pipeline import HashEncoder, tiny_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def trained_controlnet(base: UNet, channels: int, kind: str, seed: int) -> ControlNet:

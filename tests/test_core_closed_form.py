@@ -45,13 +45,7 @@ def reference_attenuation(levels: int):
     return lambda sigma: [cosine_ramp(sigma, s) for s in SWITCH[:levels - 1]] + [1.0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # small float64 solves run far faster on one thread on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ from edify.training.batches import LoaderStream
 from edify.training.memory_data import MemoryData, MemoryStream, read_samples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def object_mask(i: int, width: int = 32, height: int = 32) -> np.ndarray:

@@ -24,12 +24,7 @@ from edify.training.memory_data import (MemoryData, MemoryStream, TableTextEncod
                                         read_samples)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads on a busy 2-core machine spin against each other
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _add(tar, name, data: bytes):

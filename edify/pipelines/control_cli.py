@@ -39,7 +39,7 @@ def _is_inpaint(parser: argparse.ArgumentParser) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from edify.pipelines.generate_cli import MODEL_ENV, _style_help
+    from edify.pipelines.generate_cli import add_image_arguments
     from edify.runtime import add_runtime_arguments
 
     inpaint = _is_inpaint(parser)
@@ -81,21 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", action="store_true",
                         help="resize a mask of another size to the image" if inpaint else
                         "resize an image of another size to the size being generated")
-    parser.add_argument("-o", "--output", default="out.png",
-                        help="output PNG; with --num N > 1, files NAME-0.png ... NAME-(N-1).png")
-    parser.add_argument("--model", default=None,
-                        help=f"model folder (default: ${MODEL_ENV}, else the shipped demo model)")
-    parser.add_argument("--style", default=None, help=_style_help())
-    parser.add_argument("--negative", default=None, help="negative prompt")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps over all stages")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    parser.add_argument("--sampler", default=None,
-                        help="dpmpp_2m (default), dpmpp_3m, euler, heun (EDM's) or exp_trapezoid")
-    parser.add_argument("--num", type=int, default=1, help="number of images")
-    parser.add_argument("--batch-size", type=int, default=None, metavar="B",
-                        help="images generated together; each batch is written as it finishes "
-                             "(default: 16 on a CPU, 64 on a GPU)")
+    add_image_arguments(parser)
     if not inpaint:
         parser.add_argument("--height", type=int, default=None, help="default: the model's resolution")
         parser.add_argument("--width", type=int, default=None, help="default: the model's resolution")

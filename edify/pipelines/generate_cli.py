@@ -90,6 +90,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from edify.runtime import add_runtime_arguments
 
     parser.add_argument("prompt", help="what to draw, e.g. 'red apple'")
+    add_image_arguments(parser)
+    parser.add_argument("--steps-per-stage", default=None, metavar="N0,N1,...",
+                        help="sampler steps per stage, finest first (instead of --steps and the model's split)")
+    parser.add_argument("--final-stage", type=int, default=0, metavar="J",
+                        help="stop at stage J: a finished image at 1/2^J of the size, in a fraction of the "
+                             "time (models trained with nested expert ranges; default 0, full size)")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    add_runtime_arguments(parser)
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every image-making command shares: output, model, prompt conditions, sampling."""
     parser.add_argument("-o", "--output", default="out.png",
                         help="output PNG; with --num N > 1, files NAME-0.png ... NAME-(N-1).png")
     parser.add_argument("--model", default=None,
@@ -101,18 +114,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--sampler", default=None,
                         help="dpmpp_2m (default), dpmpp_3m, euler, heun (EDM's) or exp_trapezoid")
-    parser.add_argument("--steps-per-stage", default=None, metavar="N0,N1,...",
-                        help="sampler steps per stage, finest first (instead of --steps and the model's split)")
-    parser.add_argument("--final-stage", type=int, default=0, metavar="J",
-                        help="stop at stage J: a finished image at 1/2^J of the size, in a fraction of the "
-                             "time (models trained with nested expert ranges; default 0, full size)")
     parser.add_argument("--num", type=int, default=1, help="number of images")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
                         help="images generated together; each batch is written as it finishes "
                              "(default: 16 on a CPU, 64 on a GPU)")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    add_runtime_arguments(parser)
 
 
 def output_paths(output: str, n: int) -> list[Path]:
