@@ -44,10 +44,9 @@ from torch.utils.checkpoint import checkpoint
 
 from edify.conditioning import Cond
 from edify.errors import EdifyError
-from edify.networks.attention import TransformerBlock
 from edify.networks.embedders import ConditionEmbedder, NoiseStageEmbedding, PositionEncoding
-from edify.networks.layers import HAAR_FACTOR, Downsample, HaarDWT, ResBlock
-from edify.networks.unet import Level, UNet, UNetConfig
+from edify.networks.layers import HAAR_FACTOR, Downsample, HaarDWT
+from edify.networks.unet import UNet, UNetConfig, build_encoder, build_middle
 from edify.pipelines.model_io import (CONFIG_NAME, SavedModel, brief, from_json, inside, model_folder, naming,
                                       read_json, save_model, scan_weights)
 
@@ -205,24 +204,12 @@ class ControlNet(nn.Module):
         self.hint = HintEncoder(config.control_channels, config.hint_widths, w[0], cfg.num_stages)
 
         # The encoder exactly as the U-Net builds it (same module names, so the base's weights load).
-        self.down = nn.ModuleList()
-        skip_ch, ch = [w[0]], w[0]
-        for i, wi in enumerate(w):
-            for _ in range(cfg.num_res_blocks):
-                self.down.append(Level(ch, wi, cfg, i))
-                ch = wi
-                skip_ch.append(ch)
-            if i < len(w) - 1:
-                self.down.append(Downsample(ch))
-                skip_ch.append(ch)
-        self.skip_channels = tuple(skip_ch)
-        self.mid_res1 = ResBlock(ch, ch, cfg.emb_dim, cfg.norm_groups, cfg.dropout)
-        self.mid_attn = TransformerBlock(ch, cfg.head_dim, cfg.context_dim, True, cfg.mlp_ratio, cfg.norm_groups)
-        self.mid_res2 = ResBlock(ch, ch, cfg.emb_dim, cfg.norm_groups, cfg.dropout)
+        self.down, self.skip_channels = build_encoder(cfg)
+        self.mid_res1, self.mid_attn, self.mid_res2 = build_middle(cfg)
 
         # Z_k: zero-initialised 1x1 projections onto every skip, then the middle (section 5).
-        self.zero_convs = nn.ModuleList(zero_module(nn.Conv2d(c, c, 1)) for c in skip_ch)
-        self.zero_mid = zero_module(nn.Conv2d(ch, ch, 1))
+        self.zero_convs = nn.ModuleList(zero_module(nn.Conv2d(c, c, 1)) for c in self.skip_channels)
+        self.zero_mid = zero_module(nn.Conv2d(w[-1], w[-1], 1))
 
     @classmethod
     def from_base(cls, base: UNet, config: ControlNetConfig | None = None, **kwargs) -> ControlNet:

@@ -191,6 +191,31 @@ class Level(nn.Module):
         return h if self.attn is None else self.attn(h, ctx, mask)
 
 
+def build_encoder(cfg: UNetConfig) -> tuple[nn.ModuleList, tuple[int, ...]]:
+    """The encoder: num_res_blocks blocks per level, then a downsampling; each output is a skip.
+    Returns the blocks and the channels of every skip (the stem's output first). A ControlNet
+    builds its copy with the same function, so the base's weights load into it by name."""
+    w = cfg.widths
+    down, skip_ch, ch = nn.ModuleList(), [w[0]], w[0]
+    for i, wi in enumerate(w):
+        for _ in range(cfg.num_res_blocks):
+            down.append(Level(ch, wi, cfg, i))
+            ch = wi
+            skip_ch.append(ch)
+        if i < len(w) - 1:
+            down.append(Downsample(ch))
+            skip_ch.append(ch)
+    return down, tuple(skip_ch)
+
+
+def build_middle(cfg: UNetConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The middle block at the coarsest width: residual block, self+cross attention, residual block."""
+    ch = cfg.widths[-1]
+    return (ResBlock(ch, ch, cfg.emb_dim, cfg.norm_groups, cfg.dropout),
+            TransformerBlock(ch, cfg.head_dim, cfg.context_dim, True, cfg.mlp_ratio, cfg.norm_groups),
+            ResBlock(ch, ch, cfg.emb_dim, cfg.norm_groups, cfg.dropout))
+
+
 class UNet(nn.Module):
     """Haar-domain U-Net denoiser network F(x, c_noise, cond, stage) (section 3.1)."""
 
@@ -205,23 +230,9 @@ class UNet(nn.Module):
         self.stem = nn.Conv2d(16 * cfg.in_channels, w[0], 3, padding=1)
         self.pos = PositionEncoding(w[0], cfg.reference_resolution // HAAR_FACTOR)
 
-        # Encoder: num_res_blocks blocks per level, then a downsampling; each output is a skip.
-        self.down = nn.ModuleList()
-        skip_ch = [w[0]]
-        ch = w[0]
-        for i, wi in enumerate(w):
-            for _ in range(cfg.num_res_blocks):
-                self.down.append(Level(ch, wi, cfg, i))
-                ch = wi
-                skip_ch.append(ch)
-            if i < len(w) - 1:
-                self.down.append(Downsample(ch))
-                skip_ch.append(ch)
-        self.skip_channels = tuple(skip_ch)
-
-        self.mid_res1 = ResBlock(ch, ch, cfg.emb_dim, cfg.norm_groups, cfg.dropout)
-        self.mid_attn = TransformerBlock(ch, cfg.head_dim, cfg.context_dim, True, cfg.mlp_ratio, cfg.norm_groups)
-        self.mid_res2 = ResBlock(ch, ch, cfg.emb_dim, cfg.norm_groups, cfg.dropout)
+        self.down, self.skip_channels = build_encoder(cfg)
+        skip_ch, ch = list(self.skip_channels), w[-1]
+        self.mid_res1, self.mid_attn, self.mid_res2 = build_middle(cfg)
 
         # Decoder: num_res_blocks + 1 blocks per level, each consuming one skip, then upsampling.
         self.up = nn.ModuleList()
