@@ -187,7 +187,7 @@ def test_worker_panic_crash_timeout_and_memory_are_contained():
     assert time.monotonic() - started < 30
 
 
-def slow_and_fast_packages(folder: Path, slow_icons: int = 150) -> Path:
+def slow_and_fast_packages(folder: Path, slow_icons: int = 60) -> Path:
     """twemoji: one quick icon (its shard finishes first); noto: icons taking ~0.5 s each at 256 px."""
     folder.mkdir(parents=True, exist_ok=True)
     write_package(folder, "twemoji", {"quick": {"body": GOOD}}, {})
@@ -203,7 +203,9 @@ def start_build(tarballs: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "edify.cli", "data", "emoji", "--tarballs", str(tarballs),
                              "--sets", "twemoji,noto", "--sizes", "256", "--quiet", "--workers", "2",
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT, start_new_session=True)
+                            env=env, cwd=ROOT, start_new_session=True,
+                            # as at a terminal: a shell's background job would start with SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_until_rendering(process: subprocess.Popen, out: Path, deadline: float = 90) -> None:
