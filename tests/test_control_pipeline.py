@@ -29,6 +29,7 @@ from edify.networks.unet import UNet
 from edify.pipelines.control import ControlNetPipeline, InpaintPipeline, image_tensor
 from edify.pipelines.text2image import TextToImagePipeline
 from test_cli import assert_one_line, edify, save_tiny_model
+from test_controlnet import trained_like
 from test_pipeline import HashEncoder, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,13 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def trained_controlnet(base: UNet, channels: int, kind: str, seed: int) -> ControlNet:
     """A ControlNet copied from `base` whose zero-initialised layers hold random weights."""
-    net = ControlNet.from_base(base, control_channels=channels, hint_widths=(8,), kind=kind)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in [*net.zero_convs, net.zero_mid, net.hint.out]:
-            for p in module.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return net.eval()
+    return trained_like(ControlNet.from_base(base, control_channels=channels, hint_widths=(8,), kind=kind), seed)
 
 
 def controlled(pipe: TextToImagePipeline, *nets: ControlNet, cls=ControlNetPipeline):

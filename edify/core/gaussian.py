@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from edify.core.laplacian import LaplacianProcess
-from edify.core.schedules import laplacian_sigmas
 from edify.errors import EdifyError
 
 f64 = torch.float64
@@ -190,8 +189,3 @@ def band_report(C: Tensor, Sigma: Tensor, n: int, levels: int) -> BandReport:
     rel = float(torch.linalg.matrix_norm(C - Sigma) / torch.linalg.matrix_norm(Sigma))
     return BandReport(tuple(ratios), tuple(wvar), tuple(errs), rel, _whitened(C, Sigma))
 
-
-def default_sigmas(process: LaplacianProcess, steps, sigma_min: float = 0.002,
-                   sigma_max: float = 80.0) -> Tensor:
-    """The pipeline's schedule for a step split (a convenience for benches and tests)."""
-    return laplacian_sigmas(process, steps, sigma_min, sigma_max)

@@ -9,8 +9,8 @@ a first-order exponential integrator in lambda_i = log(a_i / s) (DPM-Solver++ / 
 data-prediction form, Lu et al. 2022, Zhang & Chen 2022). Higher orders interpolate D linearly in
 lambda_i, band by band. Sigmas are full-resolution units; the state lives at stage
 `process.stage(sigma)` (resolution R / 2^stage) and denoisers are called with its per-pixel noise
-s / 2^stage and the stage. Going below a switch sigma calls `switch_up` once per level crossed,
-which also restarts the multistep history.
+s / 2^stage and the stage. Going below a switch sigma calls `switch_up` once per level crossed;
+multistep history is projected through it like the state.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def _integrate(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: Laplacian
     if not isinstance(final_stage, int) or not 0 <= final_stage < process.levels:
         raise EdifyError(f"final stage must be in 0..{process.levels - 1}, got {final_stage!r}")
     stage = max(process.stage(sig[0]), final_stage)
-    _check_state(x, process, stage)
+    _check_state(x)
     history: list[tuple[Tensor, float]] = []  # (D, s) of earlier steps, for multistep methods
     order = {"dpmpp_2m": 2, "dpmpp_3m": 3}.get(method, 1)
     for i, (s, s_next) in enumerate(zip(sig[:-1], sig[1:])):
@@ -251,7 +251,7 @@ def _integrate(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: Laplacian
     return x
 
 
-def _check_state(x: Tensor, process: LaplacianProcess, stage: int) -> None:
+def _check_state(x: Tensor) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise EdifyError(f"the initial state must be a [B, C, H, W] tensor, got {tuple(getattr(x, 'shape', ()))}")
 
