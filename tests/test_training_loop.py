@@ -235,3 +235,24 @@ def test_several_processes_without_a_dist_mode_are_refused(tmp_path, monkeypatch
         trainer(tmp_path)
     with pytest.raises(EdifyError, match="multiple of the world size 2, got 3 / 1"):
         trainer(tmp_path, dist="ddp", batch_size=3)
+
+
+def test_warm_start_from_an_exported_model_and_checkpoints_win_on_resume(tmp_path):
+    t = trainer(tmp_path / "run")
+    t.run(max_steps=2)
+    folder = export_pipeline(tmp_path / "run", tmp_path / "model")
+    saved = TextToImagePipeline.from_pretrained(folder, text_encoder=WordHashEncoder()).network.state_dict()
+    w = trainer(tmp_path / "warm", init_from=str(folder), seed=1)
+    assert w.state.images == 0  # a fresh run: counters, optimizer and data start afresh
+    net, ema = w.net.state_dict(), w.ema.state_dict(w.model)
+    for k, v in saved.items():
+        assert torch.equal(net[k], v) and torch.equal(ema[k], v)
+    w.run(max_steps=1)
+    moved = w.net.state_dict()
+    assert any(not torch.equal(moved[k], saved[k]) for k in saved)  # it trains from there
+    again = trainer(tmp_path / "warm", init_from=str(folder), seed=1)  # resume: the checkpoint wins
+    assert again.state.images == w.state.images
+    assert all(torch.equal(again.net.state_dict()[k], moved[k]) for k in moved)
+    with pytest.raises(EdifyError, match="another config"):
+        trainer(tmp_path / "other", init_from=str(folder),
+                model={**w.net.config.to_dict(), "num_res_blocks": 2})

@@ -97,6 +97,9 @@ class TrainConfig:
     sample_steps: int = 8  # sampler steps per Laplacian stage
     sample_guidance: float = 2.0
     seed: int = 0
+    # A warm start: an exported model folder (`--export`) whose weights start the network and its
+    # EMA, e.g. to continue a run whose checkpoints are gone. Ignored when a checkpoint is resumed.
+    init_from: str = ""
     dist: str = "none"  # "none" | "ddp" | "fsdp"
 
     def __post_init__(self):

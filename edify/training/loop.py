@@ -177,13 +177,36 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.loss_stats = monitor.LossStats()
         self.grad_norm, self.last_stage = float("nan"), self.stages[0]
-        if resume:
-            loaded = checkpoint.load_latest(self.out_dir, c, self.model, self.optimizer, self.ema)
-            if loaded is not None:
-                self.state = loaded
-                self.stream.load_state_dict(loaded.data)
-                distributed.print0(f"resumed from {checkpoint.latest_checkpoint(self.out_dir)} "
-                                   f"at {loaded.images} images")
+        loaded = checkpoint.load_latest(self.out_dir, c, self.model, self.optimizer, self.ema) if resume else None
+        if loaded is None and c.init_from:
+            self.warm_start(c.init_from)
+        if loaded is not None:
+            self.state = loaded
+            self.stream.load_state_dict(loaded.data)
+            distributed.print0(f"resumed from {checkpoint.latest_checkpoint(self.out_dir)} at {loaded.images} images")
+
+    def warm_start(self, folder: str) -> None:
+        """Network and EMA from the weights of an exported model folder of the same network config
+        (the optimizer state, the data position and the image count start afresh)."""
+        from edify.pipelines.model_io import inside, model_folder, read_json, scan_weights
+
+        path = model_folder(folder)
+        saved = read_json(inside(path, "config.json", "model folder")).get("network")
+        if saved != json.loads(json.dumps(self.net.config.to_dict())):
+            raise EdifyError(f"init_from {folder!r} holds a network of another config than this run's: "
+                             f"{saved} vs {self.net.config.to_dict()}")
+        module = distributed.unwrap(self.model)
+        full = type(self.net)(self.net.config)  # a full copy: the wrapped model may be sharded
+        scan_weights(path).load_into(full)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in full.state_dict().items()}
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(distributed.shard_like(state[name].to(p.device), p))
+            for name, b in module.named_buffers():
+                if name in state:
+                    b.copy_(state[name].to(b.device))
+        self.ema.load_state_dict(state)
+        distributed.print0(f"warm start: network and EMA from {path}")
 
     # ---- pieces of a step ----------------------------------------------------------------------
 
