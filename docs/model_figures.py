@@ -1,12 +1,15 @@
 """Figures of a trained model: a sample grid on validation captions and the training curves.
 
     python docs/model_figures.py grid --model weights/emoji-64 --data data/emoji --out docs/emoji64_val_grid.png
+    python docs/model_figures.py sheet --model weights/emoji-64 --out docs/emoji64_prompts.png
     python docs/model_figures.py curves --run runs/emoji-64 --out docs/emoji64_curves.png   # needs matplotlib
 
 grid: `--captions` distinct captions of the validation split (seeded draw, captions the model never
 saw in training) in `--styles` styles, one row per caption and one column per style, each image
 with its own seed; the real validation image of the caption (first style found) is in the first
 column for reference.
+sheet: a contact sheet of everyday prompts, one row per prompt and one column per style x seed
+(`--prompts` separated by ";", CLDR names that are captions of the training split).
 curves: loss (per optimizer step, smoothed) and img/s against images seen, from the run's
 scalars.jsonl.
 """
@@ -59,6 +62,35 @@ def grid(args) -> None:
           f"{out.nfe} network evaluations per image, guidance {args.guidance or pipe.config.defaults.guidance_scale}")
 
 
+EVERYDAY = ("red apple;rocket;cat face;pizza;thumbs up;automobile;red heart;grinning face;banana;sun;"
+            "soccer ball;flag: Japan")
+
+
+def sheet(args) -> None:
+    from edify.pipelines.text2image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(args.model)
+    prompts = [p.strip() for p in args.prompts.split(";") if p.strip()]
+    styles = [s for s in args.styles.split(",") if s]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cells = [(p, st, sd) for p in prompts for st in styles for sd in seeds]
+    out = pipe([c[0] for c in cells], style=[c[1] for c in cells], seed=[c[2] for c in cells],
+               num_steps=args.steps, guidance_scale=args.guidance)
+    cols = len(styles) * len(seeds)
+    page = Image.new("RGB", (LABEL_WIDTH // 2 + cols * CELL, 14 + len(prompts) * CELL), "white")
+    draw = ImageDraw.Draw(page)
+    for j, (st, sd) in enumerate((st, sd) for st in styles for sd in seeds):
+        draw.text((LABEL_WIDTH // 2 + j * CELL + 2, 1), f"{st[:7]} {sd}", fill="black")
+    for r, prompt in enumerate(prompts):
+        y = 14 + r * CELL
+        draw.text((2, y + CELL // 2 - 6), prompt[:18], fill="black")
+        for j in range(cols):
+            page.paste(out.images[r * cols + j].resize((CELL, CELL)), (LABEL_WIDTH // 2 + j * CELL, y))
+    page.save(args.out)
+    print(f"{args.out}: {len(prompts)} prompts x {len(styles)} styles x {len(seeds)} seeds, "
+          f"{out.nfe} network evaluations per image, guidance {args.guidance or pipe.config.defaults.guidance_scale}")
+
+
 def curves(args) -> None:
     import matplotlib
 
@@ -102,13 +134,21 @@ def main() -> None:
     g.add_argument("--guidance", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True)
+    s = sub.add_parser("sheet")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompts", default=EVERYDAY)
+    s.add_argument("--styles", default="twemoji,noto,fluent-emoji-flat,emojione")
+    s.add_argument("--seeds", default="0,1")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--out", required=True)
     c = sub.add_parser("curves")
     c.add_argument("--run", required=True)
     c.add_argument("--title", default=None)
     c.add_argument("--out", required=True)
     args = parser.parse_args()
     print("command: python " + " ".join(sys.argv))
-    grid(args) if args.what == "grid" else curves(args)
+    {"grid": grid, "sheet": sheet, "curves": curves}[args.what](args)
 
 
 if __name__ == "__main__":

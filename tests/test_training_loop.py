@@ -256,3 +256,24 @@ def test_warm_start_from_an_exported_model_and_checkpoints_win_on_resume(tmp_pat
     with pytest.raises(EdifyError, match="another config"):
         trainer(tmp_path / "other", init_from=str(folder),
                 model={**w.net.config.to_dict(), "num_res_blocks": 2})
+
+
+def test_export_records_the_training_history_across_warm_starts(tmp_path):
+    t = trainer(tmp_path / "run")
+    t.run(max_steps=2)
+    first = export_pipeline(tmp_path / "run", tmp_path / "model")
+    h1 = json.loads((first / "training.json").read_text())
+    assert [r["images"] for r in h1["runs"]] == [4] and h1["images_total"] == 4
+    w = trainer(tmp_path / "warm", init_from=str(first))
+    w.run(max_steps=3)
+    second = export_pipeline(tmp_path / "warm", tmp_path / "model2", card=True,
+                             manifest=tmp_path / "no-manifest.json")
+    h2 = json.loads((second / "training.json").read_text())
+    assert [r["images"] for r in h2["runs"]] == [4, 6] and h2["images_total"] == 10
+    assert h2["runs"][1]["init_from"] == str(first)
+    card = (second / "README.md").read_text()
+    assert "Images seen in all: 10." in card and "| warm | 6 | 3 |" in card
+    (first / "training.json").unlink()  # an init model without a history: the total is unknown
+    third = export_pipeline(tmp_path / "warm", tmp_path / "model3")
+    h3 = json.loads((third / "training.json").read_text())
+    assert h3["images_total"] is None and h3["runs"][0] == {"model": str(first), "images": None}

@@ -87,13 +87,62 @@ def export_pipeline(run_or_checkpoint: str | Path, out: str | Path, use_ema: boo
     too_big = [p.name for p in out.glob("model*.safetensors") if p.stat().st_size > max_shard_bytes]
     if too_big:  # pragma: no cover - the header bound above holds for any tensor name and shape
         raise EdifyError(f"weight files over {max_shard_bytes} bytes: {too_big}")
+    run = Path(run_or_checkpoint)
+    ckpt = checkpoint.latest_checkpoint(run) if (run / checkpoint.LATEST).is_file() else run
+    run = run if ckpt != run else run.parent
+    history = training_history(run, ckpt, config)
+    (out / HISTORY_NAME).write_text(json.dumps(history, indent=1) + "\n")
     if card:
-        run = Path(run_or_checkpoint)
-        ckpt = checkpoint.latest_checkpoint(run) if (run / checkpoint.LATEST).is_file() else run
-        run = run if ckpt != run else run.parent
-        text = model_card(run, ckpt, out, config, manifest=manifest, template=template)
+        text = model_card(run, ckpt, out, config, manifest=manifest, template=template, history=history)
         (out / "README.md").write_text(text)
     return out
+
+
+HISTORY_NAME = "training.json"
+
+
+def training_history(run: Path, ckpt: Path, config: TrainConfig) -> dict:
+    """What made the exported weights: this run, after the history of the model it was warm-started
+    from (`init_from`, its own training.json; an entry without numbers when that folder has none).
+    Every number is read from the runs' logs."""
+    earlier: list[dict] = []
+    if config.init_from:
+        previous = Path(config.init_from) / HISTORY_NAME
+        try:
+            earlier = json.loads(previous.read_text())["runs"] if previous.is_file() else [
+                {"model": str(config.init_from), "images": None}]
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            raise EdifyError(f"{previous} is not a training history: {err}") from None
+    meta = checkpoint.read_meta(ckpt)
+    n = run_numbers(run)
+    this = {"run": run.name, "init_from": config.init_from or None, "images": meta["images"], "steps": meta["step"],
+            "batch_size": config.batch_size, "accelerator": ", ".join(n["gpus"]) or None,
+            "wall_minutes": None if n["wall_seconds"] is None else round(n["wall_seconds"] / 60, 1),
+            "train_minutes": None if n["train_seconds"] is None else round(n["train_seconds"] / 60, 1),
+            "commands": n["commands"]}
+    runs = earlier + [this]
+    known = [r["images"] for r in runs if r.get("images") is not None]
+    return {"runs": runs, "images_total": sum(known) if len(known) == len(runs) else None}
+
+
+def history_section(history: dict | None) -> str:
+    """The card's paragraph on earlier training, empty for a model trained from scratch."""
+    runs = (history or {}).get("runs", [])
+    if len(runs) < 2:
+        return ""
+    lines = ["This model continues earlier training (a warm start from an exported model: weights and EMA "
+             "carried over, optimizer state and counters afresh). All of it, oldest first:", "",
+             "| run | images seen | optimizer steps | time in training steps | accelerator |", "|---|---|---|---|---|"]
+    for r in runs:
+        images = NOT_RECORDED if r.get("images") is None else f"{r['images']:,}"
+        steps = NOT_RECORDED if r.get("steps") is None else f"{r['steps']:,}"
+        minutes = _fmt(r.get("train_minutes"), ".1f", " min")
+        lines.append(f"| {r.get('run') or r.get('model')} | {images} | {steps} | {minutes} | "
+                     f"{r.get('accelerator') or NOT_RECORDED} |")
+    total = history.get("images_total")
+    lines += ["", f"Images seen in all: {NOT_RECORDED if total is None else f'{total:,}'}. The table below is the "
+              f"last run's.", ""]
+    return "\n".join(lines)
 
 
 def check_target(out: Path, overwrite: bool) -> None:
@@ -176,7 +225,7 @@ def data_section(config: TrainConfig, manifest: str | Path | None) -> str:
 
 
 def model_card(run: Path, ckpt: Path, model_dir: Path, config: TrainConfig, manifest: str | Path | None = None,
-               template: str | Path | None = None) -> str:
+               template: str | Path | None = None, history: dict | None = None) -> str:
     """README.md of a model folder, every number read from the run's own logs (never estimated)."""
     template_path = Path(template) if template else TEMPLATE
     if not template_path.is_file():
@@ -225,6 +274,7 @@ def model_card(run: Path, ckpt: Path, model_dir: Path, config: TrainConfig, mani
         "final_loss": _fmt(n["final_loss"], ".4f"),
         "sampling_steps": str(config.sample_steps * config.levels),
         "guidance": f"{config.sample_guidance:g}",
+        "history": history_section(history),
     }
     try:
         return string.Template(template_path.read_text()).substitute(values)
