@@ -27,6 +27,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("control",): ("edify.pipelines.control_cli", "generate images steered by edges or depth (a ControlNet)"),
     ("inpaint",): ("edify.pipelines.control_cli", "inpaint, outpaint or replace an object in an image"),
     ("train-controlnet",): ("edify.training.controlnet", "train a ControlNet (edges, depth, inpaint) on a base"),
+    ("finetune",): ("edify.training.finetune", "learn a new style or concept as a small cross-attention delta"),
     ("data", "emoji"): ("edify.data.emoji", "build the emoji demo dataset as webdataset shards"),
     ("eval",): ("edify.eval.cli", "FID, KID, sliced Wasserstein and prompt retrieval of a model"),
 }

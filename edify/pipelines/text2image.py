@@ -146,6 +146,21 @@ class TextToImagePipeline:
                  for k, v in self.network.state_dict().items()}
         return save_model(path, self.config.to_dict(), state, max_shard_bytes)
 
+    def load_finetune(self, path: str | os.PathLike, scale: float = 1.0) -> TextToImagePipeline:
+        """Apply a finetune delta folder at `scale` (0 = the base bit for bit, 1 = the finetune);
+        its new style names join `vocab`. See edify.pipelines.finetune."""
+        from edify.pipelines.finetune import load_finetune
+
+        load_finetune(self, path, scale)
+        return self
+
+    def unload_finetune(self, path: str | os.PathLike | None = None) -> TextToImagePipeline:
+        """Undo one loaded finetune (or all of them), restoring the base's exact weights."""
+        from edify.pipelines.finetune import unload_finetune
+
+        unload_finetune(self, path)
+        return self
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> TextToImagePipeline:
         """Move the network; `dtype` bfloat16/float16 runs it under autocast (math stays fp32)."""
         if device is not None:
