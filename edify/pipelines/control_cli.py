@@ -21,6 +21,7 @@ import argparse
 from pathlib import Path
 
 from edify.errors import EdifyError
+from edify.pipelines.finetune_cli import apply_finetunes
 
 CONTROL_TYPES = ("canny", "softedge", "depth")
 TASKS = ("replace", "inpaint", "outpaint")
@@ -261,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
         size = (args.height or side, args.width or side)
         control = annotate(args, fit_image(image, size, args.resize, "image", args.image), annotator)
         pipe = ControlNetPipeline.from_pretrained(model, controlnets=[folder]).to(device)
+        apply_finetunes(pipe, args)
         bound = BoundPipeline(pipe, control_image=control, control_weight=args.control_weight,
                               control_start=args.control_start, control_end=args.control_end)
         generate(bound, args, paths, device)
@@ -283,6 +285,7 @@ def run_inpaint(args: argparse.Namespace, image, paths, device) -> int:
     prepare_inpaint(canvas, canvas_mask, args.task)
     folder = controlnet_folder(args) if args.method == "controlnet" else None
     pipe = InpaintPipeline.from_pretrained(resolve_model(args.model), controlnet=folder).to(device)
+    apply_finetunes(pipe, args)
     bound = BoundPipeline(pipe, drop=("height", "width", "final_stage"), image=image, mask=mask, task=args.task,
                           pad=pad, method=args.method, feather_px=args.feather, control_weight=args.control_weight,
                           control_start=args.control_start, control_end=args.control_end)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from edify.errors import EdifyError
+from edify.pipelines.finetune_cli import add_finetune_arguments, apply_finetunes, finetune_scales
 
 MODEL_ENV = "EDIFY_MODEL"
 
@@ -118,6 +119,7 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
                         help="images generated together; each batch is written as it finishes "
                              "(default: 16 on a CPU, 64 on a GPU)")
+    add_finetune_arguments(parser)
 
 
 def output_paths(output: str, n: int) -> list[Path]:
@@ -189,6 +191,7 @@ def parse_stage_steps(text: str | None) -> tuple[int, ...] | None:
 
 def check_args(args: argparse.Namespace) -> None:
     parse_stage_steps(args.steps_per_stage)
+    finetune_scales(args)
     if args.num < 1:
         raise EdifyError(f"--num must be >= 1, got {args.num}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -206,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     device = runtime.resolve_device(args.device)
     with runtime.threads(args.threads):
         pipe = load_pipeline(model, device)
+        apply_finetunes(pipe, args)
         batch_size = args.batch_size or runtime.default_batch_size(device)
         progress = runtime.Progress(len(paths), "generating", runtime.progress_enabled(args.quiet))
         try:
