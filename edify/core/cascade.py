@@ -41,7 +41,7 @@ def input_stage(process: LaplacianProcess, resolution: int, side: int) -> int:
     one-line EdifyError naming the supported input sides otherwise."""
     sides = {resolution >> k: k for k in range(1, process.levels)}
     if side not in sides:
-        scales = ", ".join(f"{2**k}x from {s} px" for s, k in sorted(sides.items()))
+        scales = ", ".join(f"{2**k}x from {s} px" for s, k in sorted(sides.items(), key=lambda item: item[1]))
         raise EdifyError(f"a {resolution} px model with {process.levels} levels upsamples "
                          f"{scales or 'nothing (it has one level)'}; got an input of {side} px")
     return sides[side]

@@ -13,9 +13,10 @@ W_i), applied to the denoiser's x0-prediction rather than to the next state: eve
 `edify.core.samplers` is affine in D per step, so fusing D fuses the step. Because the tiles are
 reconciled at every step, the sampler integrates one canvas; no seam is fixed into the state.
 
-Laplacian stages: tiles are laid out once in full-resolution pixels (starts and sizes multiples of
-`multiple`, which must make every stage's tile fit the network); a stage-j state uses the same tiles
-divided by 2^j, and the overlap / 2^j. Weights W_t are 1 (`feather=False`) or linear ramps across
+Laplacian stages: tiles are laid out once in full-resolution pixels (sizes multiples of `multiple`,
+which must make every stage's tile fit the network; starts multiples of `align`, at least 2^(K-1) so
+that every stage's tile starts on a pixel); a stage-j state uses the same tiles divided by 2^j, and
+the overlap / 2^j. Weights W_t are 1 (`feather=False`) or linear ramps across
 the overlap on every side that borders another tile (`feather=True`: a tile's unreliable border,
 where its network saw no context, counts least); sides on the canvas edge keep weight 1.
 
@@ -58,14 +59,14 @@ class Tile:
 TileDenoisers = Callable[[list[Tile], int], Denoiser]
 
 
-def tile_starts(size: int, tile: int, overlap: int, multiple: int = 1) -> list[int]:
+def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
     """Starts of the fewest tiles of side `tile` overlapping by at least about `overlap` that cover
-    0..size, spread evenly, each a multiple of `multiple` (the overlap can shrink by < multiple)."""
+    0..size, spread evenly, each a multiple of `align` (the overlap can shrink by < align)."""
     if tile >= size:
         return [0]
     n = math.ceil((size - overlap) / (tile - overlap))
-    span = (size - tile) // multiple  # in units of `multiple`
-    return [i * span // (n - 1) * multiple for i in range(n)]
+    span = (size - tile) // align  # in units of `align`; size - tile is a multiple of it
+    return [i * span // (n - 1) * align for i in range(n)]
 
 
 def check_tiling(height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> None:
@@ -80,12 +81,12 @@ def check_tiling(height: int, width: int, tile: int, overlap: int, multiple: int
         raise EdifyError(f"the canvas is {height}x{width}; tiling needs sides that are multiples of {multiple}")
 
 
-def make_tiles(height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> list[Tile]:
+def make_tiles(height: int, width: int, tile: int, overlap: int, multiple: int = 1, align: int = 1) -> list[Tile]:
     """Row-major tiles of at most tile x tile covering a height x width canvas (full resolution)."""
     check_tiling(height, width, tile, overlap, multiple)
     th, tw = min(tile, height), min(tile, width)
-    return [Tile(top, left, th, tw) for top in tile_starts(height, tile, overlap, multiple)
-            for left in tile_starts(width, tile, overlap, multiple)]
+    return [Tile(top, left, th, tw) for top in tile_starts(height, tile, overlap, align)
+            for left in tile_starts(width, tile, overlap, align)]
 
 
 def tile_weight(t: Tile, height: int, width: int, overlap: int, feather: bool) -> Tensor:
@@ -113,14 +114,16 @@ class TiledDenoiser(nn.Module):
     """
 
     def __init__(self, denoiser: Denoiser | None, height: int, width: int, tile: int, overlap: int,
-                 multiple: int = 1, feather: bool = True, max_tiles: int | None = None,
+                 multiple: int = 1, align: int = 1, feather: bool = True, max_tiles: int | None = None,
                  tile_denoisers: TileDenoisers | None = None):
         super().__init__()
         if (denoiser is None) == (tile_denoisers is None):
             raise EdifyError("a tiled denoiser takes a denoiser or tile_denoisers, exactly one")
         if max_tiles is not None and max_tiles < 1:
             raise EdifyError(f"max_tiles must be >= 1, got {max_tiles}")
-        self.tiles = make_tiles(height, width, tile, overlap, multiple)
+        if multiple % align:
+            raise EdifyError(f"the tile alignment {align} must divide the size multiple {multiple}")
+        self.tiles = make_tiles(height, width, tile, overlap, multiple, align)
         self.denoiser, self.tile_denoisers = denoiser, tile_denoisers
         self.size, self.overlap, self.feather, self.max_tiles = (height, width), overlap, feather, max_tiles
         self._weights: dict = {}
