@@ -26,7 +26,7 @@ A delta is a folder holding two files:
                            module names, the new styles and their slots, the base's fingerprint,
                            a save id shared with the tensors' header, and how it was trained
 
-The base fingerprint is the sha256 of the base's config (everything but the sampling defaults) and
+The base fingerprint is the sha256 of the base's config (network, process, text encoder, styles) and
 the sha256 of its weights as loaded, so a delta made for another base, or for the same network with
 other weights, is refused in one line. Files are untrusted input, checked like model folders
 (`edify.pipelines.model_io`); they are written under temporary names and renamed into place, the
@@ -69,6 +69,10 @@ MODES = ("crossattn", "crossattn_kv", "lora")
 MEDIA_TABLE = "cond_embed.media.table.weight"
 STYLE_PREFIX = "style."
 LORA_ADAPTER = "finetune"
+# The base config fields a finetune depends on (the network, its process, text encoder and styles);
+# fields added to model configs later, or sampling defaults, do not change a base's fingerprint.
+FINGERPRINT_FIELDS = ("network", "levels", "switch_sigmas", "ramp", "ramp_width", "sigma_data", "resolution",
+                      "text_encoder", "text_max_length", "styles")
 
 
 # ---- what trains ------------------------------------------------------------------------------
@@ -184,10 +188,10 @@ class FinetuneInfo:
 
 
 def base_fingerprint(pipe) -> BaseFingerprint:
-    """sha256 of the base's config (sampling defaults aside) and of its network weights as loaded.
+    """sha256 of the base's config (its FINGERPRINT_FIELDS) and of its network weights as loaded.
 
     The pipeline's finetunes, if any, are undone in the hash: it is always the base's."""
-    config = {k: v for k, v in pipe.config.to_dict().items() if k != "defaults"}
+    config = {k: v for k, v in pipe.config.to_dict().items() if k in FINGERPRINT_FIELDS}
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     state = _base_state(pipe)
     h = hashlib.sha256()

@@ -1,0 +1,319 @@
+"""Finetuning (section 7): only the chosen parameters train, the delta file, loading at a scale,
+unloading exactly, LoRA merges through peft, and one-line refusals of bad input."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_cli import assert_one_line, edify
+from test_pipeline import HashEncoder, tiny_pipeline
+
+from edify.errors import EdifyError
+from edify.pipelines import finetune as ft
+from edify.pipelines.text2image import TextToImagePipeline
+from edify.training import finetune as training
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MODES = ("crossattn", "crossattn_kv", "lora")
+
+
+def image_folder(folder, n: int = 4, captions: bool = True):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        if captions:
+            (folder / f"{i}.txt").write_text(f"a red thing number {i}")
+    return folder
+
+
+def finetune_args(*words: str) -> argparse.Namespace:
+    from edify.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="edify finetune")
+    training.add_arguments(parser)
+    return parser.parse_args(list(words))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny base model, four captioned images, and a 3-step delta of every mode (through the command)."""
+    root = tmp_path_factory.mktemp("finetune")
+    tiny_pipeline().save_pretrained(root / "base")
+    data = image_folder(root / "images")
+    deltas, logs = {}, {}
+    for mode in MODES:
+        args = finetune_args("--base", str(root / "base"), "--data", str(data), "--out", str(root / f"delta-{mode}"),
+                             "--params", mode, "--rank", "2", "--steps", "3", "--batch-size", "2", "--lr", "1e-2",
+                             "--style", "pixel", "--preset", "tiny-cpu", "--run", str(root / f"run-{mode}"),
+                             "--set", "text_cache=false", "--set", "log_images=2", "--threads", "1")
+        lines = []
+        import edify.training.distributed as distributed
+
+        print0 = distributed.print0
+        distributed.print0 = lambda *a, **k: lines.append(" ".join(map(str, a)))
+        try:
+            assert training.run(args, text_encoder=HashEncoder()) == 0
+        finally:
+            distributed.print0 = print0
+        deltas[mode], logs[mode] = root / f"delta-{mode}", lines
+    return root, deltas, logs
+
+
+def load_base(root) -> TextToImagePipeline:
+    return TextToImagePipeline.from_pretrained(root / "base", text_encoder=HashEncoder())
+
+
+def sample(pipe, style="noto"):
+    return pipe("a red thing", style=style, seed=0, num_steps=3, output_type="tensor").images
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_only_the_chosen_parameters_train(setup, mode):
+    root, deltas, logs = setup
+    base = load_base(root).network.state_dict()
+    info, tensors = ft.read_delta(deltas[mode])
+    net = load_base(root).network
+    expected = ft.lora_targets(net) if mode == "lora" else ft.trained_names(net, mode)
+    assert list(info.parameters) == expected
+    assert [(s.name, s.slot) for s in info.styles] == [("pixel", 2)]  # the tiny base has 2 styles of 4 slots
+    # every trained tensor moved away from the base; crossattn_kv trains no query or output projection
+    for name in info.parameters:
+        if mode != "lora":
+            assert not torch.equal(tensors[name], base[name]), name
+    if mode == "crossattn_kv":
+        assert all(name.endswith(".kv.weight") for name in info.parameters)
+    # the run trained nothing else: the last checkpoint holds only these, the other table rows untouched
+    from edify.training import checkpoint
+
+    _, weights = checkpoint.load_weights(root / f"run-{mode}", use_ema=False)
+    weights = {training.parameter_name(k): v for k, v in weights.items()}
+    names = set(weights)
+    lora = {f"{m}.{ab}.{ft.LORA_ADAPTER}.weight" for m in expected for ab in ("lora_A", "lora_B")}
+    assert names == (lora if mode == "lora" else set(expected)) | {ft.MEDIA_TABLE}
+    table = weights[ft.MEDIA_TABLE]
+    keep = [r for r in range(table.shape[0]) if r != 2]
+    assert torch.equal(table[keep], base[ft.MEDIA_TABLE][keep])
+    assert not torch.equal(table[2], base[ft.MEDIA_TABLE][2])
+
+
+def test_the_share_trained_is_printed(setup):
+    root, _, logs = setup
+    total = sum(p.numel() for p in load_base(root).network.parameters())
+    net = load_base(root).network
+    params = dict(net.named_parameters())
+    trained = sum(params[n].numel() for n in ft.trained_names(net, "crossattn")) + params[ft.MEDIA_TABLE].shape[1]
+    line = next(x for x in logs["crossattn"] if "trains" in x)
+    assert f"trains {trained:,} of the base's {total:,} parameters ({100 * trained / total:.2f}%)" in line
+    assert "new style 'pixel' in media slot 2" in line
+    assert any("finetune:" in x and "MiB" in x for x in logs["crossattn"])
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scale_zero_is_the_base_and_unload_restores_it(setup, mode):
+    root, deltas, _ = setup
+    pipe = load_base(root)
+    state = {k: v.clone() for k, v in pipe.network.state_dict().items()}
+    reference = sample(pipe)
+    pipe.load_finetune(deltas[mode], scale=0.0)
+    assert all(torch.equal(v, state[k]) for k, v in pipe.network.state_dict().items())
+    assert torch.equal(sample(pipe), reference)
+    pipe.unload_finetune()
+    pipe.load_finetune(deltas[mode], scale=1.0)
+    assert "pixel" in pipe.vocab.all_names
+    changed = sample(pipe, style="pixel")
+    assert not torch.equal(changed, reference)
+    pipe.unload_finetune()
+    assert all(torch.equal(v, state[k]) for k, v in pipe.network.state_dict().items())
+    assert torch.equal(sample(pipe), reference)
+    with pytest.raises(EdifyError, match="unknown style 'pixel'"):
+        sample(pipe, style="pixel")
+
+
+def test_scale_interpolates_the_weights(setup):
+    root, deltas, _ = setup
+    info, tensors = ft.read_delta(deltas["crossattn"])
+    pipe = load_base(root)
+    name = info.parameters[0]
+    base = pipe.network.state_dict()[name].clone()
+    pipe.load_finetune(deltas["crossattn"], scale=0.5)
+    assert torch.allclose(pipe.network.state_dict()[name], (base + tensors[name]) / 2, atol=1e-6)
+    pipe.unload_finetune().load_finetune(deltas["crossattn"], scale=1.0)
+    assert torch.equal(pipe.network.state_dict()[name], tensors[name])  # lerp ends exactly
+
+
+def test_lora_merge_matches_the_adapter_and_unmerges_exactly(setup):
+    root, deltas, _ = setup
+    info, tensors = ft.read_delta(deltas["lora"])
+    pipe = load_base(root)
+    state = {k: v.clone() for k, v in pipe.network.state_dict().items()}
+    adapted = copy.deepcopy(pipe.network)  # peft's own unmerged adapters, loaded with the delta
+    training.select(adapted, "lora", info.rank, info.alpha)
+    params = dict(adapted.named_parameters())
+    with torch.no_grad():
+        for m in info.parameters:
+            for ab in ("lora_A", "lora_B"):
+                params[f"{m}.{ab}.{ft.LORA_ADAPTER}.weight"].copy_(tensors[f"{m}.{ab}"])
+    g = torch.Generator().manual_seed(0)
+    x, c_noise = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, generator=g)
+    cond = pipe.encode(["a red thing", "a blue thing"], ["noto", None])
+    with torch.no_grad():
+        plain = pipe.network(x, c_noise, cond)
+        expected = adapted(x, c_noise, cond)
+        pipe.load_finetune(deltas["lora"], scale=1.0)
+        merged = pipe.network(x, c_noise, cond)
+    assert not torch.allclose(plain, expected, atol=1e-4)  # the adapter does something
+    assert torch.allclose(merged, expected, atol=1e-5)
+    pipe.unload_finetune()
+    assert all(torch.equal(v, state[k]) for k, v in pipe.network.state_dict().items())
+
+
+# ---- the delta file -------------------------------------------------------------------------------
+
+def test_delta_round_trip_and_size(setup, tmp_path):
+    root, deltas, _ = setup
+    info, tensors = ft.read_delta(deltas["crossattn_kv"])
+    out = ft.save_delta(tmp_path / "copy", info, tensors)
+    info2, tensors2 = ft.read_delta(out / ft.INFO_FILE)
+    assert info2.to_dict() | {"save": ""} == info.to_dict() | {"save": ""} and info2.save != info.save
+    assert tensors2.keys() == tensors.keys() and all(torch.equal(tensors[k], tensors2[k]) for k in tensors)
+    data = json.loads((out / ft.INFO_FILE).read_text())
+    assert data["mode"] == "crossattn_kv" and data["trained"]["steps"] == 3
+    assert sorted(p.name for p in out.iterdir()) == [ft.INFO_FILE, ft.WEIGHTS_FILE]
+    values = sum(t.numel() for t in tensors.values())
+    assert (out / ft.WEIGHTS_FILE).stat().st_size < 4 * values + 4096
+
+
+def test_a_delta_of_another_save_or_with_bad_values_is_refused(setup, tmp_path):
+    root, deltas, _ = setup
+    info, tensors = ft.read_delta(deltas["crossattn_kv"])
+    a, b = ft.save_delta(tmp_path / "a", info, tensors), ft.save_delta(tmp_path / "b", info, tensors)
+    (a / ft.WEIGHTS_FILE).write_bytes((b / ft.WEIGHTS_FILE).read_bytes())
+    with pytest.raises(EdifyError, match="not from the save"):
+        ft.read_delta(a)
+    bad = dict(tensors)
+    bad[info.parameters[0]] = torch.full_like(bad[info.parameters[0]], float("nan"))
+    ft.save_delta(tmp_path / "nan", info, bad)
+    with pytest.raises(EdifyError, match="finite"):
+        ft.read_delta(tmp_path / "nan")
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / ft.INFO_FILE).write_text(json.dumps({**info.to_dict(), "mode": "everything"}))
+    (tmp_path / "json" / ft.WEIGHTS_FILE).write_bytes(b"")
+    with pytest.raises(EdifyError, match="mode"):
+        ft.read_delta(tmp_path / "json")
+
+
+def test_a_delta_for_another_base_is_refused(setup, tmp_path):
+    root, deltas, _ = setup
+    other = load_base(root)
+    with torch.no_grad():
+        other.network.head.bias.add_(1e-3)  # the same network, other weights
+    other.save_pretrained(tmp_path / "other")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "other", text_encoder=HashEncoder())
+    with pytest.raises(EdifyError, match="made for another base model .its weights differ"):
+        pipe.load_finetune(deltas["crossattn"])
+    assert pipe.finetunes == [] if hasattr(pipe, "finetunes") else True
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "x"])
+def test_a_scale_that_is_not_finite_is_refused(setup, scale):
+    root, deltas, _ = setup
+    with pytest.raises(EdifyError, match="finite number"):
+        load_base(root).load_finetune(deltas["crossattn"], scale=scale)
+
+
+def test_two_finetunes_load_together_unless_they_overlap(setup, tmp_path):
+    root, deltas, _ = setup
+    pipe = load_base(root)
+    state = {k: v.clone() for k, v in pipe.network.state_dict().items()}
+    pipe.load_finetune(deltas["crossattn"])
+    for other in ("crossattn_kv", "lora"):  # both change kv projections and the same style slot
+        with pytest.raises(EdifyError, match="both change"):
+            pipe.load_finetune(deltas[other])
+    pipe.unload_finetune()
+    # two halves of one delta: queries only with the style, key/values only; they load together
+    info, tensors = ft.read_delta(deltas["crossattn"])
+    q = [n for n in info.parameters if ".q." in n]
+    kv = [n for n in info.parameters if ".kv." in n]
+    import dataclasses
+
+    first = dataclasses.replace(info, parameters=tuple(q))
+    second = dataclasses.replace(info, parameters=tuple(kv), styles=())
+    ft.save_delta(tmp_path / "q", first, {k: v for k, v in tensors.items() if k in first.tensor_names()})
+    ft.save_delta(tmp_path / "kv", second, {k: tensors[k] for k in kv})
+    pipe.load_finetune(tmp_path / "q", 0.7).load_finetune(tmp_path / "kv", 0.3)
+    now = pipe.network.state_dict()
+    assert torch.allclose(now[q[0]], torch.lerp(state[q[0]], tensors[q[0]], 0.7))
+    assert torch.allclose(now[kv[0]], torch.lerp(state[kv[0]], tensors[kv[0]], 0.3))
+    pipe.unload_finetune(tmp_path / "q")
+    assert torch.equal(pipe.network.state_dict()[q[0]], state[q[0]])
+    assert "pixel" not in getattr(pipe.vocab, "all_names", pipe.vocab.names)
+    pipe.unload_finetune(tmp_path / "kv")
+    assert all(torch.equal(v, state[k]) for k, v in pipe.network.state_dict().items())
+
+
+def test_new_style_rows_reach_the_controlnets(setup):
+    from edify.networks.controlnet import ControlNet
+    from edify.pipelines.control import ControlNetPipeline
+
+    root, deltas, _ = setup
+    base = load_base(root)
+    pipe = ControlNetPipeline(base.network, base.config, base.text_encoder, [ControlNet.from_base(base.network)])
+    cn_state = {k: v.clone() for k, v in pipe.controlnets[0].state_dict().items()}
+    info, tensors = ft.read_delta(deltas["crossattn"])
+    pipe.load_finetune(deltas["crossattn"])
+    now = pipe.controlnets[0].state_dict()
+    changed = [k for k in now if not torch.equal(now[k], cn_state[k])]
+    assert changed == [ft.MEDIA_TABLE] and torch.equal(now[ft.MEDIA_TABLE][2], tensors["style.pixel"])
+    pipe.unload_finetune()
+    assert all(torch.equal(v, cn_state[k]) for k, v in pipe.controlnets[0].state_dict().items())
+
+
+# ---- bad input through the commands: one line, exit status 2 --------------------------------------
+
+def test_data_without_images_or_captions_is_one_line(setup, tmp_path):
+    root, _, _ = setup
+    (tmp_path / "empty").mkdir()
+    result = edify("finetune", "--base", str(root / "base"), "--data", str(tmp_path / "empty"), "--out",
+                   str(tmp_path / "d"))
+    assert_one_line(result, 2, "no images in")
+    image_folder(tmp_path / "bare", captions=False)
+    (tmp_path / "bare" / "0.txt").write_text("only one has a caption")
+    with pytest.raises(EdifyError, match="3 of 4 images .* have no caption"):
+        training.read_data(str(tmp_path / "bare"), 32)
+    for f in (tmp_path / "bare").glob("*.txt"):
+        f.unlink()
+    result = edify("finetune", "--base", str(root / "base"), "--data", str(tmp_path / "bare"), "--out",
+                   str(tmp_path / "d"))
+    assert_one_line(result, 2, "no captioned images", "--caption")
+    data = training.read_data(str(tmp_path / "bare"), 32, caption="my thing", style="mine")
+    assert data.images.shape == (4, 3, 32, 32) and set(data.captions) == {"my thing"}
+
+
+def test_generate_refuses_bad_finetunes_in_one_line(setup, tmp_path):
+    root, deltas, _ = setup
+    other = load_base(root)
+    with torch.no_grad():
+        other.network.head.bias.add_(1e-3)
+    other.save_pretrained(tmp_path / "other")
+    common = ("generate", "red thing", "-o", str(tmp_path / "x.png"), "--steps", "3")
+    result = edify(*common, "--model", str(tmp_path / "other"), "--finetune", str(deltas["crossattn"]))
+    assert_one_line(result, 2, "another base model")
+    result = edify(*common, "--model", str(root / "base"), "--finetune", str(deltas["crossattn"]),
+                   "--finetune-scale", "nan")
+    assert_one_line(result, 2, "--finetune-scale must be a finite number")
+    result = edify(*common, "--model", str(root / "base"), "--finetune", str(deltas["crossattn"]),
+                   "--finetune", str(deltas["lora"]))
+    assert_one_line(result, 2, "both change")
+    assert not (tmp_path / "x.png").exists()
