@@ -131,7 +131,7 @@ def test_scale_zero_is_the_base_and_unload_restores_it(setup, mode):
     assert torch.equal(sample(pipe), reference)
     pipe.unload_finetune()
     pipe.load_finetune(deltas[mode], scale=1.0)
-    assert "pixel" in pipe.vocab.all_names
+    assert "pixel" in pipe.vocab.names
     changed = sample(pipe, style="pixel")
     assert not torch.equal(changed, reference)
     pipe.unload_finetune()
@@ -258,7 +258,7 @@ def test_two_finetunes_load_together_unless_they_overlap(setup, tmp_path):
     assert torch.allclose(now[kv[0]], torch.lerp(state[kv[0]], tensors[kv[0]], 0.3))
     pipe.unload_finetune(tmp_path / "q")
     assert torch.equal(pipe.network.state_dict()[q[0]], state[q[0]])
-    assert "pixel" not in getattr(pipe.vocab, "all_names", pipe.vocab.names)
+    assert "pixel" not in pipe.vocab.names
     pipe.unload_finetune(tmp_path / "kv")
     assert all(torch.equal(v, state[k]) for k, v in pipe.network.state_dict().items())
 

@@ -105,19 +105,14 @@ class StyleSlots(StyleVocab):
     """A base style vocabulary plus new style names, each at its own media-type slot.
 
     The base's names keep their indices; a new name maps to its slot (past them), so the sorted
-    order StyleVocab asks of a base's own names does not apply to the new ones."""
+    order StyleVocab asks of a base's own names does not apply to the new ones. `names` lists the
+    base's names, then the new ones."""
 
     def __init__(self, base: StyleVocab, extra: dict[str, int]):
         super().__init__(base.names)
         object.__setattr__(self, "base", base)
         object.__setattr__(self, "extra", dict(extra))
-
-    @property
-    def all_names(self) -> tuple[str, ...]:
-        return self.names + tuple(self.extra)
-
-    def __len__(self) -> int:
-        return len(self.names) + len(self.extra)
+        object.__setattr__(self, "names", base.names + tuple(extra))
 
     def index(self, name: str | None) -> int:
         if isinstance(name, str) and name in self.extra:
@@ -125,7 +120,7 @@ class StyleSlots(StyleVocab):
         try:
             return self.base.index(name)
         except EdifyError:
-            raise EdifyError(f"unknown style {name!r}; known: {', '.join(self.all_names)}") from None
+            raise EdifyError(f"unknown style {name!r}; known: {', '.join(self.names)}") from None
 
 
 # ---- the delta's description ------------------------------------------------------------------

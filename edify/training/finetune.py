@@ -416,6 +416,8 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, text_encoder=None) -> int:
     import time
 
+    import torch
+
     from edify.runtime import threads
     from edify.training import checkpoint, distributed
     from edify.training.cli import training_device
@@ -447,10 +449,13 @@ def run(args: argparse.Namespace, text_encoder=None) -> int:
                                device=device, command=command_line(args), log=distributed.print0)
         result = trainer.run()
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        used_threads = torch.get_num_threads()
     distributed.print0(f"trained to {result.images} images ({result.step} steps, stopped by {result.stop}) in "
                        f"{seconds / 60:.1f} min ({cpu / 60:.1f} CPU min); checkpoint: {result.checkpoint}")
     if distributed.is_main():
         trained = {"steps": result.step, "images": result.images, "data": args.data, "command": command_line(args),
+                   "wall_minutes": round(seconds / 60, 2), "cpu_minutes": round(cpu / 60, 2),
+                   "threads": used_threads,
                    "trained_values": trainer.finetune_record["trained_values"],
                    "network_values": trainer.finetune_record["network_values"]}
         out = export_delta(run_dir, args.out, trained=trained)
