@@ -317,3 +317,15 @@ def test_generate_refuses_bad_finetunes_in_one_line(setup, tmp_path):
                    "--finetune", str(deltas["lora"]))
     assert_one_line(result, 2, "both change")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_finetune_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    from test_cli import HELP_WITHOUT_TORCH, ROOT
+
+    result = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH, "finetune"], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "--params" in result.stdout and "--finetune" not in result.stdout
