@@ -26,6 +26,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("edify.training.cli", "train a model from a named preset"),
     ("control",): ("edify.pipelines.control_cli", "generate images steered by edges or depth (a ControlNet)"),
     ("inpaint",): ("edify.pipelines.control_cli", "inpaint, outpaint or replace an object in an image"),
+    ("upscale",): ("edify.pipelines.upscale_cli", "make an image 2x or 4x larger with a cascade upsampler"),
     ("train-controlnet",): ("edify.training.controlnet", "train a ControlNet (edges, depth, inpaint) on a base"),
     ("finetune",): ("edify.training.finetune", "learn a new style or concept as a small cross-attention delta"),
     ("data", "emoji"): ("edify.data.emoji", "build the emoji demo dataset as webdataset shards"),

@@ -323,4 +323,4 @@ def test_help_does_not_import_torch():
               "assert code == 0 and 'torch' not in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert "--control {canny,softedge,depth,inpaint}" in " ".join(result.stdout.split())
+    assert "--control {canny,softedge,depth,inpaint,upsample}" in " ".join(result.stdout.split())

@@ -3,7 +3,8 @@
 For a stage-j expert (resolution R / 2^j) a training example is
     sigma_j = sigma / 2^j ~ log-normal(P_mean, P_std), truncated to the stage's range
             (sec. 2.2.2, `stage_sigma_ranges`: the paper's nested [0, s_{j+1}*], or
-            [s_j*, s_{j+1}*] where a full-resolution sampler uses the expert),
+            [s_j*, s_{j+1}*] where a full-resolution sampler uses the expert), capped at
+            max_sigma for a cascade upsampler (sec. 2.3),
     x     = down^j(A(sigma) x0 + sigma eps)        (per-pixel noise sigma_j = sigma / 2^j),
     loss  = lambda(sigma_j) * mean ||D(x, sigma_j) - down^j(x0)||^2,
     lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2   (Eq. 1, EDM weighting),
@@ -83,6 +84,7 @@ class LaplacianEDMLoss:
     P_std: float = 1.2
     sigma_data: float = 0.5
     expert_ranges: str = "truncated"  # or "nested" (the paper's): see stage_sigma_ranges
+    max_sigma: float = math.inf  # a cascade upsampler's cap (section 2.3): every range ends there
 
     def __post_init__(self):
         if not self.P_std > 0 or not self.sigma_data > 0:
@@ -96,6 +98,9 @@ class LaplacianEDMLoss:
         trained on the range its mode gives it."""
         stage = self._check_stage(stage)
         low, high = stage_sigma_ranges(self.process, self.expert_ranges)[stage]
+        high = min(high, self.max_sigma)
+        if not low < high:
+            raise EdifyError(f"stage {stage} trains on sigma >= {low:g}, above max_sigma {self.max_sigma:g}")
         scale = 2**stage
         sigma_px = sample_lognormal_sigma(batch, self.P_mean, self.P_std, high / scale, generator, device,
                                           low=low / scale)

@@ -10,6 +10,7 @@ must learn to produce:
     softedge   1   soft edges in [-1, 1]                                classical, or an HED folder
     depth      1   depth in [-1, 1], near = +1, normalised per image    a depth-estimation folder
     inpaint    7   masked image + mask + task one-hot (edify.data.masks)  drawn per task
+    upsample   3   the clean image pooled 4x, back at full size (nearest)  none (docs/upscale.md)
 
 Images are float [B, 3, H, W] in [-1, 1], masks [B, 1, H, W] in {0, 1}. Maps that look like images
 (edges, depth, the masked image) share the images' [-1, 1] range; indicators (mask, task) are
@@ -40,8 +41,9 @@ __all__ = [
     "depth_from_image", "load_annotator", "edge_scores", "edge_f1", "EdgeScores",
 ]
 
-KINDS = ("canny", "softedge", "depth", "inpaint")
-_CHANNELS = {"canny": 1, "softedge": 1, "depth": 1, "inpaint": 3 + 1 + len(TASKS)}
+KINDS = ("canny", "softedge", "depth", "inpaint", "upsample")
+_CHANNELS = {"canny": 1, "softedge": 1, "depth": 1, "inpaint": 3 + 1 + len(TASKS), "upsample": 3}
+UPSAMPLE_FACTOR = 4  # the upsample control: the 4x upsampler's input, up^2(down^2(image))
 
 Annotator = Callable[[Tensor], Tensor]
 
@@ -94,11 +96,24 @@ def make_control(kind: str, images: Tensor, masks: Tensor | None = None,
             raise EdifyError("the depth control needs a depth estimator: pass "
                              "annotator=DepthEstimator(folder) (a local depth-estimation model)")
         control = annotator(images)
+    elif kind == "upsample":
+        control = upsample_control(images)
     else:
         mask, task = training_masks(images.shape[0], *images.shape[-2:], _alphas(masks, images, resize),
                                     generator, tasks)
         control = inpaint_control(images, mask.to(images.device), task)
     return _check_control(kind, control, images), images
+
+
+def upsample_control(images: Tensor, factor: int = UPSAMPLE_FACTOR) -> Tensor:
+    """The upsample ControlNet's control: the image pooled `factor`x (2x2 means, the process's down)
+    and brought back to full size by nearest-neighbour up, so each stage reads it losslessly."""
+    from edify.core.laplacian import down, up
+
+    k = factor.bit_length() - 1
+    if factor < 2 or factor != 2**k:
+        raise EdifyError(f"the upsampling factor must be a power of 2 >= 2, got {factor}")
+    return up(down(images, k), k)
 
 
 def _check_control(kind: str, control: Tensor, images: Tensor) -> Tensor:
@@ -119,6 +134,8 @@ def control_from_image(kind: str, control, size: tuple[int, int], *, resize: boo
     check_kind(kind)
     if kind == "inpaint":
         raise EdifyError("the inpaint control is built from an image and a mask: use prepare_inpaint")
+    if kind == "upsample":
+        raise EdifyError("the upsample control is built from the low-resolution image: use upsample_control")
     if kind == "depth":
         return depth_from_image(control, size, resize=resize)
     if not isinstance(control, Tensor):

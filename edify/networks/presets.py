@@ -6,7 +6,8 @@
 - `emoji-64`: the demo base model; one network serves the three Laplacian stages 16/32/64 px through
   its stage embedding; text tokens from the bundled 384-dim MiniLM encoder; with `band_skip`
   (a noise-dependent gain per Haar subband, from input to output).
-- `emoji-up-64-256`: the demo 4x upsampler (64 -> 256 px), two stages (128, 256 px).
+- `emoji-up-64-256`: the demo 4x upsampler (64 -> 256 px): three stages (64, 128, 256 px), the
+  coarsest being the input's (the cascade enters there, edify.core.cascade).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ PRESETS: dict[str, UNetConfig] = {
     "emoji-up-64-256": UNetConfig(
         widths=(64, 128, 192, 256), num_res_blocks=1, self_attention_levels=(2, 3),
         cross_attention_levels=(2, 3), head_dim=32, mlp_ratio=2, text_dim=384, context_dim=256,
-        num_media_types=8, num_stages=2, reference_resolution=256, fourier_dim=128, emb_dim=256,
+        num_media_types=8, num_stages=3, reference_resolution=256, fourier_dim=128, emb_dim=256,
         band_skip=True),
 }
 

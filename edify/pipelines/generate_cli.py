@@ -99,6 +99,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "time (models trained with nested expert ranges; default 0, full size)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--upscale", nargs="?", const="default", default=None, metavar="FOLDER",
+                        help="then upscale with a cascade upsampler (default: weights/emoji-up-256), e.g. 64 -> 256 px")
+    from edify.pipelines.upscale_cli import add_upscale_arguments
+
+    add_upscale_arguments(parser)
     add_runtime_arguments(parser)
 
 
@@ -210,6 +215,10 @@ def run(args: argparse.Namespace) -> int:
     with runtime.threads(args.threads):
         pipe = load_pipeline(model, device)
         apply_finetunes(pipe, args)
+        if args.upscale is not None:
+            from edify.pipelines.upscale_cli import cascade_pipeline
+
+            pipe = cascade_pipeline(pipe, args, device)
         batch_size = args.batch_size or runtime.default_batch_size(device)
         progress = runtime.Progress(len(paths), "generating", runtime.progress_enabled(args.quiet))
         try:

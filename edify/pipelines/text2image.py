@@ -70,6 +70,11 @@ class PipelineConfig:
     # the experts' noise ranges (edify.core.precond.stage_sigma_ranges); "nested" models can also
     # finish at a coarse stage. Folders written before the field existed are "truncated".
     expert_ranges: str = "truncated"
+    # A cascade upsampler (edify.core.cascade) was trained only on sigma <= max_sigma (full-res
+    # units; 0 = every sigma, a text-to-image model) and on train_size px windows (0 = resolution):
+    # larger outputs run in tiles of that size.
+    max_sigma: float = 0.0
+    train_size: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -248,6 +253,9 @@ class TextToImagePipeline:
         (section 2.2.3): a preview at a fraction of the cost. denoiser_wrapper(denoiser) -> denoiser
         wraps the preconditioned network before guidance (ControlNets, inpainting constraints)."""
         d = self.config.defaults
+        if self.config.max_sigma and d.sigma_max > self.config.max_sigma:
+            raise EdifyError(f"this model is an upsampler, trained only up to sigma {self.config.max_sigma:g}: "
+                             f"it starts from an image (UpscalePipeline, `edify upscale`), not from noise")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         num_steps = d.num_steps if num_steps is None else num_steps

@@ -40,6 +40,13 @@ class TrainConfig:
     # Default truncated: at a fixed 12-CPU-minute budget the nested ranges trained the demo to FID
     # 359 against 320 (bench/recipe.md).
     expert_ranges: str = "truncated"
+    # A cascade upsampler (section 2.3) is trained only on the noise it will see: sigma <= max_sigma
+    # (full-res units; its largest entry sigma, edify.core.cascade). Stages wholly above it are not
+    # trained. 0 = every sigma.
+    max_sigma: float = 0.0
+    # Train on random crop x crop windows of the resolution-px images (0 = whole images), aligned
+    # to the coarsest stage's Haar grid: valid for the fine stages of an upsampler (docs/upscale.md).
+    crop: int = 0
     # EDM loss (Karras et al. 2022): log-normal sigma and data standard deviation.
     P_mean: float = -1.2
     P_std: float = 1.2
@@ -186,6 +193,8 @@ def validate(c: TrainConfig) -> None:
     _check(c.max_minutes >= 0, f"max_minutes must be >= 0, got {c.max_minutes}")
     _check(c.expert_ranges in ("nested", "truncated"),
            f"expert_ranges must be 'nested' or 'truncated', got {c.expert_ranges!r}")
+    _check(c.max_sigma >= 0, f"max_sigma must be >= 0 (0 = every sigma), got {c.max_sigma}")
+    _check(0 <= c.crop <= c.resolution, f"crop must be in [0, resolution={c.resolution}], got {c.crop}")
     _check(c.max_cpu_minutes >= 0, f"max_cpu_minutes must be >= 0, got {c.max_cpu_minutes}")
     for key, p in c.cond_drop.items():
         _check(key in CONDITION_FIELDS, f"cond_drop field must be one of {', '.join(CONDITION_FIELDS)}, got {key!r}")
@@ -236,6 +245,27 @@ PRESETS["emoji-64-cpu"] = PRESETS["emoji-64"].replace(
     name="emoji-64-cpu", batch_size=32, lr=4e-4, warmup_images=5_000, lr_decay_images=0,
     total_images=10_000_000, checkpoint_images=40_000, log_images=3_200, sample_images=0,
     precision="fp32", compile=False, num_workers=0,
+)
+
+
+# The demo 4x cascade upsampler (section 2.3; docs/upscale.md): a 256 px Laplacian model whose
+# coarsest stage is the 64 px input (3 levels, 64/128/256), trained only on sigma <= 2.0, the
+# largest entry sigma (per-pixel 0.5 = sigma_data on the 64 px input; the default entry is s_2* =
+# 0.8, per-pixel 0.2). The switches sit low (per pixel 0.4 at 128 px, 0.3 at 256 px): the bands an
+# upsampler adds are faint detail, born there from noise of about their own size.
+PRESETS["emoji-up-64-256"] = PRESETS["emoji-64"].replace(
+    name="emoji-up-64-256", model="emoji-up-64-256", resolution=256, levels=3, switch_sigmas=(0.3, 0.8),
+    max_sigma=2.0, stages=(0, 1, 2), stage_weights=(0.5, 0.3, 0.2), batch_size=128, lr=5e-4,
+    warmup_images=100_000, lr_decay_images=2_000_000, total_images=10_000_000, checkpoint_images=1_000_000,
+    log_images=25_600, sample_images=0,
+)
+# On the CPU: random 128 px windows of the 256 px images (edify.training.crops; docs/upscale.md says
+# why that is valid for an upsampler's fine stages), a quarter of the pixels per image; batch 16, fp32.
+# The model then runs on 128 px tiles (its train_size) at inference.
+PRESETS["emoji-up-64-256-cpu"] = PRESETS["emoji-up-64-256"].replace(
+    name="emoji-up-64-256-cpu", crop=128, batch_size=16, lr=4e-4, warmup_images=2_000, lr_decay_images=0,
+    total_images=10_000_000, checkpoint_images=10_000, log_images=800, precision="fp32", compile=False,
+    num_workers=0,
 )
 
 

@@ -37,11 +37,11 @@ from pathlib import Path
 
 from edify.errors import EdifyError
 
-KINDS = ("canny", "softedge", "depth", "inpaint")
+KINDS = ("canny", "softedge", "depth", "inpaint", "upsample")
 RUN_FILE = "controlnet.json"
 # TrainConfig fields the base model folder decides.
 BASE_FIELDS = ("model", "levels", "switch_sigmas", "sigma_data", "resolution", "text_encoder", "styles",
-               "expert_ranges")
+               "expert_ranges", "max_sigma")
 
 
 def load_make_control():
@@ -117,7 +117,8 @@ def base_train_config(config, base):
                          f"model's process has a {base.ramp} ramp of width {base.ramp_width:g}")
     return config.replace(model=dict(base.network), levels=base.levels, switch_sigmas=tuple(base.switch_sigmas),
                           sigma_data=base.sigma_data, resolution=base.resolution, text_encoder=base.text_encoder,
-                          styles=tuple(base.styles), expert_ranges=base.expert_ranges, sample_images=0)
+                          styles=tuple(base.styles), expert_ranges=base.expert_ranges, max_sigma=base.max_sigma,
+                          sample_images=0)
 
 
 def with_masks(config, kind: str):

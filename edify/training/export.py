@@ -54,6 +54,7 @@ def pipeline_config(config: TrainConfig, net: UNet, text_max_length: int | None 
         ramp=process.ramp, ramp_width=process.ramp_width, sigma_data=config.sigma_data,
         resolution=config.resolution, text_encoder=config.text_encoder, text_max_length=text_max_length,
         styles=tuple(config.styles), expert_ranges=config.expert_ranges,
+        max_sigma=config.max_sigma, train_size=config.crop,
         defaults=SamplingDefaults(num_steps=config.sample_steps * config.levels,
                                   guidance_scale=config.sample_guidance))
 

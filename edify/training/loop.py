@@ -130,7 +130,7 @@ class Trainer:
         torch.manual_seed(c.seed)  # the same initial weights on every rank
         self.net = build_net(c)
         self.process = LaplacianProcess(c.levels, c.switch_sigmas)
-        self.stages = c.stages or tuple(range(c.levels))
+        self.stages = c.stages or trained_stages(c)
         net_cfg = self.net.config
         if net_cfg.num_stages < c.levels:
             raise EdifyError(f"the network embeds {net_cfg.num_stages} stages, the config trains levels={c.levels}")
@@ -159,6 +159,13 @@ class Trainer:
         self.stream = stream if stream is not None else open_stream(
             c.data, c.resolution, multiple, self.micro_batch, c.seed, c.num_workers, c.weight_key,
             self.rank, self.world, masks=c.data_masks)
+        if c.crop:  # random windows, aligned to the coarsest stage's Haar grid (edify.training.crops)
+            from edify.training.crops import CropStream
+
+            if c.crop % multiple:
+                raise EdifyError(f"crop must be a multiple of {multiple} for this network and {c.levels} levels, "
+                                 f"got {c.crop}")
+            self.stream = CropStream(self.stream, c.crop, 4 * 2 ** (c.levels - 1), c.seed, self.rank)
 
         dtype = torch.bfloat16 if c.precision == "bf16" and self.device.type == "cuda" else torch.float32
         self.net.to(self.device)
@@ -168,7 +175,8 @@ class Trainer:
         forward = torch.compile(self.model, dynamic=False) if c.compile else self.model
         self.denoiser = EDMPrecond(forward, c.sigma_data, dtype)
         self.network_dtype = dtype
-        self.loss_fn = LaplacianEDMLoss(self.process, c.P_mean, c.P_std, c.sigma_data, c.expert_ranges)
+        self.loss_fn = LaplacianEDMLoss(self.process, c.P_mean, c.P_std, c.sigma_data, c.expert_ranges,
+                                        c.max_sigma or math.inf)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=tuple(c.betas),
                                            weight_decay=c.weight_decay)
         ema_on = c.ema_std == 0 and c.ema_decay == 0
@@ -246,7 +254,7 @@ class Trainer:
             cond = self.make_cond([c.sample_prompts[0]], [c.styles[0] if c.styles else None])
         out = {}
         for stage in self.stages:
-            side = c.resolution >> stage
+            side = (c.crop or c.resolution) >> stage
             x = torch.randn(1, 3, side, side, device=self.device)
             out[stage] = monitor.count_training_flops(denoiser, x, torch.ones(1, device=self.device), cond, stage)
         return out
@@ -310,6 +318,9 @@ class Trainer:
         c = self.config
         weights = self.ema.state_dict(self.model)  # collective under FSDP
         if not distributed.is_main():
+            return None
+        if c.max_sigma:
+            distributed.print0("no sample grid: an upsampler (max_sigma > 0) samples from an input image")
             return None
         if self.text_encoder is None:
             distributed.print0("no sample grid: the text-to-image pipeline needs a text encoder")
@@ -427,6 +438,14 @@ class Trainer:
         result.step, result.images = self.state.step, self.state.images
         result.nonfinite_total = self.state.nonfinite_total
         return result
+
+
+def trained_stages(config: TrainConfig) -> tuple[int, ...]:
+    """Every stage whose noise range reaches below max_sigma (all of them without one)."""
+    from edify.core.precond import stage_sigma_ranges
+
+    ranges = stage_sigma_ranges(LaplacianProcess(config.levels, config.switch_sigmas), config.expert_ranges)
+    return tuple(j for j, (low, _) in ranges.items() if not config.max_sigma or low < config.max_sigma)
 
 
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, **kwargs) -> TrainResult:
