@@ -108,7 +108,8 @@ class UpscalePipeline(ControlNetPipeline):
     # -- sampling ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def __call__(self, image, prompt: str | None = None, negative_prompt: str | None = None, style: str | None = None,
+    def __call__(self, image, prompt: str | list[str] | None = None, negative_prompt: str | None = None,
+                 style: str | list[str] | None = None,
                  scale: int | None = None, entry_sigma: float | None = None, num_steps: int | None = None,
                  guidance_scale: float | None = None, guidance_weight: float = 0.0, control_weight: float = 1.0,
                  tile: int | None = None, overlap: int | None = None, feather: bool = True, max_tiles: int | None = None,
@@ -131,7 +132,7 @@ class UpscalePipeline(ControlNetPipeline):
         num_steps = d.num_steps if num_steps is None else num_steps
         guidance_scale = (d.guidance_scale if prompt is not None else 1.0) if guidance_scale is None else guidance_scale
         sampler = d.sampler if sampler is None else sampler
-        self.check_inputs(["-" if prompt is None else prompt], style, self.size_multiple, self.size_multiple, num_steps,
+        self.check_inputs(["-"] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt), style, self.size_multiple, self.size_multiple, num_steps,
                           float(guidance_scale), sampler)
         B, (h, w) = y.shape[0], y.shape[-2:]
         y_pad = pad_to(y, self.size_multiple // scale).to(self.device)
@@ -154,12 +155,18 @@ class UpscalePipeline(ControlNetPipeline):
         images = x.cpu() if output_type == "tensor" else to_pil(x)
         return UpscaleOutput(images, seeds, sampler_nfe(sampler, len(sigmas) - 1), len(tiles), entry)
 
-    def condition(self, prompt: str | None, style: str | None, batch: int) -> Cond:
-        """The prompt's condition, or the null prompt (no text encoder needed) when there is none."""
+    def condition(self, prompt: str | list[str] | None, style: str | list[str] | None, batch: int) -> Cond:
+        """The prompts' condition (one for all or one per image), or the null prompt (no text encoder
+        needed) when there is none."""
+        styles = list(style) if isinstance(style, (list, tuple)) else [style] * batch
+        prompts = [prompt] * batch if prompt is None or isinstance(prompt, str) else list(prompt)
+        if len(styles) != batch or len(prompts) != batch:
+            raise EdifyError(f"give one prompt and style for all images or one per image ({batch}), got "
+                             f"{len(prompts)} and {len(styles)}")
         if prompt is not None:
-            return self.encode([prompt] * batch, [style] * batch)
+            return self.encode(prompts, styles)
         dim = self.network.config.text_dim
-        media = self.vocab.indices([style] * batch) if len(self.vocab) else None
+        media = self.vocab.indices(styles) if len(self.vocab) else None
         return Cond(text=torch.zeros(batch, 1, dim), text_mask=torch.zeros(batch, 1, dtype=torch.bool),
                     media=media).to(self.device)
 
