@@ -16,7 +16,9 @@ attenuation), the schedule from the entry and the switches above it, apart from 
 
 Two more checks on the same closed form:
 - the plain cascade (unconditional exact denoisers, y drawn from its own law) reproduces Sigma: a
-  mid-trajectory start from the process's marginal is the data law;
+  mid-trajectory start from the process's marginal is the data law. This one pins the entry's noise
+  level (10% too much or too little noise gives an error of 0.10-0.11, not 0.0014); the conditional
+  test does not, since its denoisers read the coarse band from y itself;
 - reconstruction guidance (Ho et al. 2022) on those unconditional denoisers is measured against
   the exact conditional law (printed with `pytest -s`): it must bring down^2(output) much closer
   to y than the plain cascade does.
@@ -152,6 +154,16 @@ def test_plain_cascade_from_the_marginal_reproduces_the_data_law():
     C = L_noise.T @ L_noise + L_y.T @ L_y
     print(f"plain cascade, covariance error {rel(C, Sigma):.4f}")
     assert rel(C, Sigma) < 0.01
+
+
+def test_plain_cascade_detects_a_wrong_entry_noise(monkeypatch):
+    """The check above fails when the entry adds 10% too much noise (a plausible units slip)."""
+    import test_cascade_closed_form as module
+
+    monkeypatch.setattr(module, "entry_state", lambda y, s, p, k, noise=None: entry_state(y, s, p, k, noise=1.1 * noise))
+    Sigma, O = power_law_cov(N), block_mean(N, K)
+    L_noise, L_y = run_linear(ExactDenoiser(PROCESS, Sigma, N), 4.0, 96, torch.linalg.cholesky(O @ Sigma @ O.T))
+    assert rel(L_noise.T @ L_noise + L_y.T @ L_y, Sigma) > 0.05
 
 
 def consistency(L_noise, L_y, O, S_y) -> float:
