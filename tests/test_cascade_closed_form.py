@@ -160,7 +160,8 @@ def test_plain_cascade_detects_a_wrong_entry_noise(monkeypatch):
     """The check above fails when the entry adds 10% too much noise (a plausible units slip)."""
     import test_cascade_closed_form as module
 
-    monkeypatch.setattr(module, "entry_state", lambda y, s, p, k, noise=None: entry_state(y, s, p, k, noise=1.1 * noise))
+    exact = module.entry_state
+    monkeypatch.setattr(module, "entry_state", lambda y, s, p, k, noise=None: exact(y, s, p, k, noise=1.1 * noise))
     Sigma, O = power_law_cov(N), block_mean(N, K)
     L_noise, L_y = run_linear(ExactDenoiser(PROCESS, Sigma, N), 4.0, 96, torch.linalg.cholesky(O @ Sigma @ O.T))
     assert rel(L_noise.T @ L_noise + L_y.T @ L_y, Sigma) > 0.05
