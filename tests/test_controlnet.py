@@ -291,6 +291,9 @@ def test_training_resumes_exactly_and_keeps_the_base_frozen(base_folder, tmp_pat
     loaded = ControlNet.from_pretrained(out, base=straight.base.config)
     ema = resumed_trainer.ema.state_dict(resumed_trainer.model)
     assert all(torch.equal(v, ema[k]) for k, v in loaded.state_dict().items())
+    half = ControlNet.from_pretrained(export_controlnet(tmp_path / "b", tmp_path / "bf16", dtype=torch.bfloat16),
+                                      base=straight.base.config)
+    assert all(torch.equal(v, ema[k].to(torch.bfloat16).float()) for k, v in half.state_dict().items())
     with pytest.raises(EdifyError) as err:  # another ControlNet in the same run folder
         make_trainer(tiny_config(), base_folder, tmp_path / "b", "canny", resume=True, make_control=blurred_grey,
                      hint_widths=(16,), text_encoder=WordHashEncoder())

@@ -258,6 +258,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after this many wall-clock minutes from the start (and checkpoint)")
     parser.add_argument("--export", default=None, metavar="DIR", help="afterwards, write the EMA ControlNet here")
     parser.add_argument("--overwrite", action="store_true", help="let --export replace an existing folder")
+    parser.add_argument("--export-dtype", default="fp32", choices=("fp32", "bf16"),
+                        help="dtype of the exported weights (default fp32)")
     add_runtime_arguments(parser, device_default=None, quiet=False, workers=True)
 
 
@@ -268,6 +270,7 @@ def command_line(args: argparse.Namespace) -> str:
                         ("--export", args.export)):
         if value is not None:
             words += [flag, str(value)]
+    words += ["--export-dtype", args.export_dtype] if args.export and args.export_dtype != "fp32" else []
     words += ["--annotator", args.annotator] if args.annotator else []
     words += ["--resume"] if args.resume else []
     for item in args.overrides:
@@ -317,6 +320,10 @@ def run(args: argparse.Namespace, make_control=None, text_encoder=None) -> int:
     distributed.print0(f"trained the {args.control} ControlNet to {result.images} images ({result.step} steps, "
                        f"{result.nonfinite_total} skipped, stopped by {result.stop}); checkpoint: {result.checkpoint}")
     if args.export and distributed.is_main():
-        distributed.print0(f"ControlNet folder: {export_controlnet(out, args.export, overwrite=args.overwrite)}")
+        import torch
+
+        dtype = torch.bfloat16 if args.export_dtype == "bf16" else torch.float32
+        folder = export_controlnet(out, args.export, overwrite=args.overwrite, dtype=dtype)
+        distributed.print0(f"ControlNet folder: {folder}")
     distributed.shutdown()
     return 0
