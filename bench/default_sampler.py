@@ -1,6 +1,7 @@
 """The default sampling schedule against the legacy one on a real model, at equal NFE.
 
     python bench/default_sampler.py --data data/emoji --num-samples 924        # the shipped model
+    python bench/default_sampler.py --data data/emoji --plans default --sigma-min 0.002,0.15,0.4
     python bench/default_sampler.py --smoke                                    # CPU, tiny random model
 
 Both rows use the same sampler (DPM-Solver++(2M)), guidance, NFE, captions, styles and seeds
@@ -37,10 +38,13 @@ from edify.pipelines.generate_cli import default_model  # noqa: E402
 from edify.pipelines.text2image import TextToImagePipeline  # noqa: E402
 
 
-def with_plan(pipe: TextToImagePipeline, plan, levels: int) -> None:
-    """Make the pipeline's defaults follow a SamplingPlan (split, rho, ramp weight)."""
+def with_plan(pipe: TextToImagePipeline, plan, levels: int, sigma_min: float | None = None) -> None:
+    """Make the pipeline's defaults follow a SamplingPlan (split, rho, ramp weight), and end the
+    schedule at `sigma_min` when given (the last sigma before the final step to 0)."""
     defaults = dataclasses.replace(pipe.config.defaults, rho=plan.rho, ramp_weight=plan.ramp_weight,
                                    stage_weights=plan.stage_weights or default_stage_weights(levels))
+    if sigma_min is not None:
+        defaults = dataclasses.replace(defaults, sigma_min=sigma_min)
     pipe.config = dataclasses.replace(pipe.config, defaults=defaults)
 
 
@@ -57,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache", default=None, help="Inception feature cache folder")
     parser.add_argument("--plans", default="legacy,default")
+    parser.add_argument("--sigma-min", default=None,
+                        help="comma-separated last sigmas before the final step to 0 (default: the model's): "
+                             "each plan runs once per value")
     parser.add_argument("--smoke", action="store_true", help="tiny random model and data, seconds")
     args = parser.parse_args(argv)
     if args.threads:
@@ -77,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(tmp.name) / "cache" if args.smoke else (Path(args.cache) if args.cache else default_cache())
     real_stats = real_reference(real, data, args.split, pipe.config.resolution, extractor, cache)
     plans = {"legacy": LEGACY_SAMPLING, "default": SAMPLING}
-    for name in args.plans.split(","):
-        with_plan(pipe, plans[name], pipe.process.levels)
+    sigma_mins = [float(v) for v in args.sigma_min.split(",")] if args.sigma_min else [None]
+    for name, sigma_min in ((n, v) for n in args.plans.split(",") for v in sigma_mins):
+        with_plan(pipe, plans[name], pipe.process.levels, sigma_min)
         start = time.perf_counter()
         result = evaluate_pipeline(pipe, real, args.num_samples, sampler="dpmpp_2m", steps=args.nfe,
                                    guidance=args.guidance, batch_size=args.batch, extractor=extractor,
@@ -86,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         steps = pipe.stage_steps(args.nfe)
         print(json.dumps({"schedule": name, "steps_per_stage": list(steps), "ramp_weight": plans[name].ramp_weight,
+                          "sigma_min": pipe.config.defaults.sigma_min, "guidance": args.guidance,
                           **result, "seconds_total": round(seconds, 1),
                           "seconds_per_image_with_metrics": round(seconds / args.num_samples, 3)}), flush=True)
     return 0
