@@ -2,6 +2,7 @@
 
     python docs/model_figures.py grid --model weights/emoji-64 --data data/emoji --out docs/emoji64_val_grid.png
     python docs/model_figures.py sheet --model weights/emoji-64 --out docs/emoji64_prompts.png
+    python docs/model_figures.py concept --model weights/emoji-64 --delta DELTA --images DIR --prompt bicycle --out docs/finetune_concept.png
     python docs/model_figures.py curves --run runs/emoji-64 --out docs/emoji64_curves.png   # needs matplotlib
 
 grid: `--captions` distinct captions of the validation split (seeded draw, captions the model never
@@ -10,6 +11,8 @@ with its own seed; the real validation image of the caption (first style found) 
 column for reference.
 sheet: a contact sheet of everyday prompts, one row per prompt and one column per style x seed
 (`--prompts` separated by ";", CLDR names that are captions of the training split).
+concept: a concept finetune: its training images, then the base and the finetuned model on the
+same prompt, styles and seeds.
 curves: loss (per optimizer step, smoothed) and img/s against images seen, from the run's
 scalars.jsonl.
 """
@@ -91,6 +94,34 @@ def sheet(args) -> None:
           f"{out.nfe} network evaluations per image, guidance {args.guidance or pipe.config.defaults.guidance_scale}")
 
 
+def concept(args) -> None:
+    from edify.pipelines.text2image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(args.model)
+    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    styles = [s for s in args.styles.split(",") if s]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cells = [(st, sd) for st in styles for sd in seeds]
+    kwargs = dict(style=[c[0] for c in cells], seed=[c[1] for c in cells], num_steps=args.steps)
+    before = pipe([args.prompt] * len(cells), **kwargs).images
+    pipe.load_finetune(args.delta)
+    after = pipe([args.prompt] * len(cells), **kwargs).images
+    rows = [("training images", [Image.open(f).convert("RGBA") for f in files]), ("base", before),
+            ("finetuned", after)]
+    cols = max(len(r[1]) for r in rows)
+    page = Image.new("RGB", (LABEL_WIDTH // 2 + cols * CELL, len(rows) * CELL), "white")
+    draw = ImageDraw.Draw(page)
+    for r, (label, images) in enumerate(rows):
+        draw.text((2, r * CELL + CELL // 2 - 6), label, fill="black")
+        for j, im in enumerate(images):
+            tile = Image.new("RGBA", im.size, "white")
+            tile.alpha_composite(im.convert("RGBA"))
+            page.paste(tile.convert("RGB").resize((CELL, CELL)), (LABEL_WIDTH // 2 + j * CELL, r * CELL))
+    page.save(args.out)
+    print(f"{args.out}: {len(files)} training images; {args.prompt!r} in {len(styles)} styles x {len(seeds)} seeds, "
+          f"base and finetuned")
+
+
 def curves(args) -> None:
     import matplotlib
 
@@ -142,13 +173,22 @@ def main() -> None:
     s.add_argument("--steps", type=int, default=None)
     s.add_argument("--guidance", type=float, default=None)
     s.add_argument("--out", required=True)
+    k = sub.add_parser("concept")
+    k.add_argument("--model", required=True)
+    k.add_argument("--delta", required=True)
+    k.add_argument("--images", required=True)
+    k.add_argument("--prompt", required=True)
+    k.add_argument("--styles", default="twemoji,noto,fluent-emoji-flat,emojione")
+    k.add_argument("--seeds", default="0,1")
+    k.add_argument("--steps", type=int, default=None)
+    k.add_argument("--out", required=True)
     c = sub.add_parser("curves")
     c.add_argument("--run", required=True)
     c.add_argument("--title", default=None)
     c.add_argument("--out", required=True)
     args = parser.parse_args()
     print("command: python " + " ".join(sys.argv))
-    {"grid": grid, "sheet": sheet, "curves": curves}[args.what](args)
+    {"grid": grid, "sheet": sheet, "concept": concept, "curves": curves}[args.what](args)
 
 
 if __name__ == "__main__":
