@@ -142,7 +142,7 @@ def history_section(history: dict | None) -> str:
                      f"{r.get('accelerator') or NOT_RECORDED} |")
     total = history.get("images_total")
     lines += ["", f"Images seen in all: {NOT_RECORDED if total is None else f'{total:,}'}. The table below is the "
-              f"last run's.", ""]
+              f"last run's.", "", ""]
     return "\n".join(lines)
 
 
