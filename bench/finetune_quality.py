@@ -85,19 +85,20 @@ def cost_row(delta: Path) -> dict:
 
 
 def measure(args, base, tuned, cn_base, cn_tuned, real, style_real, real_stats, style_stats, extractor,
-            reference, name: str, log) -> list[dict]:
-    """Must-shows 2-4 on loaded pipelines (tuned / cn_tuned carry the finetune at scale 1)."""
+            reference, name: str, log):
+    """Must-shows 2-4 on loaded pipelines (tuned / cn_tuned carry the finetune at scale 1); yields
+    each row as soon as it is measured, so a long run that stops keeps what it measured."""
     from edify.data.annotators import canny_edges
     from edify.data.controls import edge_f1
     from edify.eval.evaluate import draw_prompts
 
-    rows = [cost_row(Path(args.delta))]
+    yield cost_row(Path(args.delta))
     closest = args.closest_style or closest_style(reference, base.config.styles, name)
     picks = draw_prompts(style_real, args.num, args.seed)
     captions = [style_real.captions[j] for j in picks]
     for arm, pipe, style in (("base", base, closest), ("finetune", tuned, name)):
         images = generate(pipe, captions, [style] * len(captions), args)
-        rows.append({"measure": "style", "arm": arm, "style": style, "num": len(captions),
+        yield ({"measure": "style", "arm": arm, "style": style, "num": len(captions),
                      **metrics_of(images, style_stats, extractor),
                      "new_style_rate": new_style_rate(images, name, extractor, reference)})
         log(f"style: {arm} done")
@@ -116,7 +117,7 @@ def measure(args, base, tuned, cn_base, cn_tuned, real, style_real, real_stats, 
                "style_acc": round(style_scores(predicted, styles)["style_acc"], 4)}
         if scale == 0.0:
             row["bit_exact"] = bool(torch.equal(images, base_images))
-        rows.append(row)
+        yield row
         log(f"forgetting: {arm} done")
 
     n = min(args.num_control, real.images.shape[0])
@@ -125,11 +126,10 @@ def measure(args, base, tuned, cn_base, cn_tuned, real, style_real, real_stats, 
     for arm, pipe, arm_styles in (("base", cn_base, styles), ("finetune", cn_tuned, [name] * n)):
         images = generate(pipe, captions, arm_styles, args, control)
         f1 = edge_f1(canny_edges(images), control)
-        rows.append({"measure": "controlnet", "arm": arm, "num": n, "control_weight": args.control_weight,
+        yield ({"measure": "controlnet", "arm": arm, "num": n, "control_weight": args.control_weight,
                      "edge_f1": round(float(f1.mean()), 4), "edge_f1_std": round(float(f1.std()), 4),
                      "new_style_rate": new_style_rate(images, name, extractor, reference)})
         log(f"controlnet: {arm} done")
-    return rows
 
 
 def run(args) -> int:
@@ -174,13 +174,14 @@ def run(args) -> int:
     return report(args, rows, started)
 
 
-def report(args, rows: list[dict], started: float) -> int:
+def report(args, rows, started: float) -> int:
+    """Print and append each row (an iterable, written as it comes) to --out/finetune_quality.jsonl."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "finetune_quality.jsonl", "a") as f:
-        for row in rows:
-            row = {"bench": "finetune_quality", **row, "wall_s": round(time.time() - started, 1)}
-            print(json.dumps(row))
+    for row in rows:
+        row = {"bench": "finetune_quality", **row, "wall_s": round(time.time() - started, 1)}
+        print(json.dumps(row), flush=True)
+        with open(out / "finetune_quality.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
     return 0
 
@@ -234,8 +235,8 @@ def smoke(args) -> int:
         reference = (extractor(images).repeat(2, 1), ["noto", "twemoji"] * (n // 2) + ["pixel"] * n)
         args.delta, args.num, args.num_control, args.steps, args.batch_size = str(delta), n, n, 3, 2
         args.guidance, args.out = 2.0, str(tmp / "out")
-        rows = measure(args, base, tuned, cn_base, cn_tuned, real, real, stats, stats, extractor, reference, "pixel",
-                       lambda message: None)
+        rows = list(measure(args, base, tuned, cn_base, cn_tuned, real, real, stats, stats, extractor, reference,
+                            "pixel", lambda message: None))
         exact = [r for r in rows if r.get("arm") == "scale 0"]
         if not exact or not exact[0]["bit_exact"]:
             raise EdifyError("smoke: the finetune at scale 0 did not reproduce the base bit for bit")
