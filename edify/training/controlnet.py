@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shlex
 from pathlib import Path
 
@@ -144,9 +143,9 @@ def make_trainer(config, base, out_dir, kind: str, *, resume: bool = False, make
     from edify.core.precond import EDMPrecond
     from edify.networks.controlnet import FORMAT_VERSION, ControlNet, ControlNetConfig
     from edify.pipelines.text2image import TextToImagePipeline
-    from edify.training import checkpoint, distributed
+    from edify.training import distributed
     from edify.training.ema import EMA
-    from edify.training.loop import Trainer
+    from edify.training.loop import Trainer, resume_or_record
 
     if kind not in KINDS:
         raise EdifyError(f"control must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -176,22 +175,14 @@ def make_trainer(config, base, out_dir, kind: str, *, resume: bool = False, make
     ema_on = c.ema_std == 0 and c.ema_decay == 0
     t.ema = EMA(t.model, c.ema_halflife_images if ema_on else 0.0, c.ema_rampup, c.ema_decay, c.ema_std)
     record = {"kind": kind, "base": str(base), "controlnet": cn_config.to_dict(), "version": FORMAT_VERSION}
-    loaded = None
-    if resume and checkpoint.latest_checkpoint(t.out_dir) is not None:
+
+    def conflict():
         saved = read_run_file(t.out_dir)
         if saved["controlnet"] != record["controlnet"]:
-            raise EdifyError(f"{t.out_dir} trains another ControlNet ({saved['kind']} for base {saved['base']}); "
-                             f"choose another --out")
-        loaded = checkpoint.load_latest(t.out_dir, c, t.model, t.optimizer, t.ema)
-    if loaded is not None:
-        t.state = loaded
-        t.stream.load_state_dict(loaded.data)
-        distributed.print0(f"resumed from {checkpoint.latest_checkpoint(t.out_dir)} at {loaded.images} images")
-    elif distributed.is_main():
-        t.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = t.out_dir / f".{RUN_FILE}.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(t.out_dir / RUN_FILE)
+            return f"{t.out_dir} trains another ControlNet ({saved['kind']} for base {saved['base']}); choose another --out"
+        return None
+
+    resume_or_record(t, resume, RUN_FILE, record, conflict)
     return t
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shlex
 from pathlib import Path
 
@@ -219,7 +218,7 @@ def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "cros
     from edify.core.precond import EDMPrecond
     from edify.pipelines import finetune as ft
     from edify.pipelines.text2image import TextToImagePipeline
-    from edify.training import checkpoint, distributed
+    from edify.training import distributed
     from edify.training.controlnet import base_train_config
     from edify.training.ema import EMA
     from edify.training.loop import Trainer
@@ -276,30 +275,24 @@ def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "cros
     new = ", ".join(f"{s.name!r} in media slot {s.slot}" for s in styles)
     log(f"finetune ({mode}{f', rank {rank}' if mode == 'lora' else ''}): trains {trained:,} of the base's "
         f"{total:,} parameters ({100 * trained / total:.2f}%)" + (f"; new style {new}" if styles else ""))
-    _resume_or_start(t, record, resume, checkpoint, distributed)
+    _resume_or_start(t, record, resume)
     t.finetune_record = record
     return t
 
 
-def _resume_or_start(t, record: dict, resume: bool, checkpoint, distributed) -> None:
+def _resume_or_start(t, record: dict, resume: bool) -> None:
     """Load the latest checkpoint of the same finetune (another one is refused), else write the run file."""
-    loaded = None
-    if resume and checkpoint.latest_checkpoint(t.out_dir) is not None:
+    from edify.training.loop import resume_or_record
+
+    def conflict():
         saved = read_run_file(t.out_dir)
         keys = ("fingerprint", "mode", "rank", "alpha", "parameters", "styles")
         if any(saved.get(k) != record[k] for k in keys):
-            raise EdifyError(f"{t.out_dir} holds another finetune ({saved.get('mode')} of {saved.get('base')}); "
-                             f"choose another --run")
-        loaded = checkpoint.load_latest(t.out_dir, t.config, t.model, t.optimizer, t.ema)
-    if loaded is not None:
-        t.state = loaded
-        t.stream.load_state_dict(loaded.data)
-        distributed.print0(f"resumed from {checkpoint.latest_checkpoint(t.out_dir)} at {loaded.images} images")
-    elif distributed.is_main():
-        t.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = t.out_dir / f".{RUN_FILE}.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(t.out_dir / RUN_FILE)
+            return (f"{t.out_dir} holds another finetune ({saved.get('mode')} of {saved.get('base')}); "
+                    f"choose another --run")
+        return None
+
+    resume_or_record(t, resume, RUN_FILE, record, conflict)
 
 
 def read_run_file(run: Path) -> dict:

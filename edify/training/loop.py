@@ -448,6 +448,27 @@ def trained_stages(config: TrainConfig) -> tuple[int, ...]:
     return tuple(j for j, (low, _) in ranges.items() if not config.max_sigma or low < config.max_sigma)
 
 
+def resume_or_record(t: Trainer, resume: bool, run_file: str, record: dict, conflict) -> None:
+    """For trainers rebuilt around a frozen base (ControlNets, finetunes): with `resume` and a
+    checkpoint in the run folder, check that it trains the same thing (`conflict()` returns an error
+    message, or None) and continue from it; else record what the run trains in `run_file` (atomic)."""
+    loaded = None
+    if resume and checkpoint.latest_checkpoint(t.out_dir) is not None:
+        message = conflict()
+        if message:
+            raise EdifyError(message)
+        loaded = checkpoint.load_latest(t.out_dir, t.config, t.model, t.optimizer, t.ema)
+    if loaded is not None:
+        t.state = loaded
+        t.stream.load_state_dict(loaded.data)
+        distributed.print0(f"resumed from {checkpoint.latest_checkpoint(t.out_dir)} at {loaded.images} images")
+    elif distributed.is_main():
+        t.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = t.out_dir / f".{run_file}.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(t.out_dir / run_file)
+
+
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, **kwargs) -> TrainResult:
     """Build a Trainer and run it to the end."""
     return Trainer(config, out_dir, resume=resume, **kwargs).run()
