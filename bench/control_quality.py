@@ -41,6 +41,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._cli import run_bench  # noqa: E402
 from edify.errors import EdifyError  # noqa: E402
 
 SEED_OFFSET = 10_000  # eval masks: generators never used by training draws
@@ -224,14 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/control-quality")
     p.add_argument("--figure", default=None, help="write a figure of 6 examples here (PNG)")
     p.add_argument("--smoke", action="store_true")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    except EdifyError as err:
-        print(f"control_quality: error: {err}", file=sys.stderr)
-        return 2
+    return run_bench("control_quality", p.parse_args(argv), run)
 
 
 def run(args) -> int:

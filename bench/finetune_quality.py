@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from control_quality import batched, metrics_of  # noqa: E402
 from recipe import knn_styles, style_reference, style_scores  # noqa: E402
 
+from bench._cli import run_bench  # noqa: E402
 from edify.errors import EdifyError  # noqa: E402
 
 
@@ -264,14 +265,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/finetune-quality")
     p.add_argument("--smoke", action="store_true")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    except EdifyError as err:
-        print(f"finetune_quality: error: {err}", file=sys.stderr)
-        return 2
+    return run_bench("finetune_quality", p.parse_args(argv), run)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from control_quality import batched, gradient_energy, metrics_of, save_figure  # noqa: E402
 
 from edify.core.laplacian import down, up  # noqa: E402
+from bench._cli import run_bench  # noqa: E402
 from edify.errors import EdifyError  # noqa: E402
 
 
@@ -230,14 +231,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/upscale-quality")
     p.add_argument("--figure", default=None, help="write the figure of 8 images here (PNG)")
     p.add_argument("--smoke", action="store_true")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return smoke(args) if args.smoke else run(args)
-    except EdifyError as err:
-        print(f"upscale_quality: error: {err}", file=sys.stderr)
-        return 2
+    return run_bench("upscale_quality", p.parse_args(argv), lambda args: smoke(args) if args.smoke else run(args))
 
 
 def run(args) -> int:
