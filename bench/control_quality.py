@@ -120,7 +120,7 @@ def metrics_of(images: torch.Tensor, real_stats, extractor) -> dict:
     return {"fid": round(r["fid"], 2), "kid": round(r["kid"], 4), "kid_std": round(r["kid_std"], 4)}
 
 
-def run_canny(args, pipe, real, real_stats, extractor, log) -> list[dict]:
+def run_canny(args, pipe, real, real_stats, extractor, log, emit):
     from edify.data.annotators import canny_edges
     from edify.data.controls import edge_f1
     from edify.pipelines.text2image import TextToImagePipeline
@@ -136,25 +136,25 @@ def run_canny(args, pipe, real, real_stats, extractor, log) -> list[dict]:
                                        control_weight=args.control_weight, **kw).images)
         arms["base"].append(TextToImagePipeline.__call__(pipe, real.captions[sl], **kw).images)
         log(f"canny: {sl.stop}/{n} images")
-    rows, outs = [], {}
+    outs = {}
     for arm, parts in arms.items():
         out = outs[arm] = torch.cat(parts)
         f1 = edge_f1(canny_edges(out), control)
-        rows.append({"bench": "control_quality", "control": "canny", "arm": arm, "num": n,
+        emit({"bench": "control_quality", "control": "canny", "arm": arm, "num": n,
                      "control_weight": args.control_weight if arm == "controlnet" else 0.0,
                      "steps": args.steps, "guidance": args.guidance, "edge_f1": round(float(f1.mean()), 4),
                      "edge_f1_std": round(float(f1.std()), 4), **metrics_of(out, real_stats, extractor)})
     figure_rows = [(images[i], control[i].expand(3, -1, -1), outs["controlnet"][i], outs["base"][i])
                    for i in range(min(6, n))]
-    return rows, figure_rows, ("input", "Canny edges", "ControlNet", "base alone")
+    return figure_rows, ("input", "Canny edges", "ControlNet", "base alone")
 
 
-def run_inpaint(args, pipe, real, real_stats, extractor, log) -> list[dict]:
+def run_inpaint(args, pipe, real, real_stats, extractor, log, emit):
     from edify.data.masks import MASK_FILL
 
     size = real.images.shape[-1]
     alphas = read_alpha_masks(args.data, size, real.images.shape[0]) if "replace" in args.tasks else None
-    rows, figure_rows = [], []
+    figure_rows = []
     for task in args.tasks:
         chosen, masks = task_masks(task, alphas, min(args.num, real.images.shape[0]), size)
         images = real.images[chosen]
@@ -162,7 +162,7 @@ def run_inpaint(args, pipe, real, real_stats, extractor, log) -> list[dict]:
         band = seam_band(masks)
         real_energy = gradient_energy(images, band)
         outs = {}
-        for method in ("controlnet", "repaint"):
+        for method in args.methods:
             parts = []
             for sl in batched(len(chosen), args.batch_size):
                 parts.append(pipe(captions[sl], image=images[sl], mask=masks[sl], task=task, method=method,
@@ -173,7 +173,7 @@ def run_inpaint(args, pipe, real, real_stats, extractor, log) -> list[dict]:
             kept = (masks < 0.5).expand_as(out)
             kept_err = float(((out - images).abs() * 127.5)[kept].max()) if kept.any() else 0.0
             energy = gradient_energy(out, band)
-            rows.append({"bench": "control_quality", "control": "inpaint", "task": task, "arm": method,
+            emit({"bench": "control_quality", "control": "inpaint", "task": task, "arm": method,
                          "num": len(chosen), "steps": args.steps, "guidance": args.guidance,
                          "mask_cover": round(float(masks.mean()), 3),
                          "kept_max_err_255": round(kept_err, 3),
@@ -181,11 +181,13 @@ def run_inpaint(args, pipe, real, real_stats, extractor, log) -> list[dict]:
                          "seam_energy_real": round(float(real_energy.mean()), 5),
                          "seam_ratio": round(float(energy.mean() / real_energy.mean()), 3),
                          **metrics_of(out, real_stats, extractor)})
-        shown = images[0] * (1 - masks[0]) + MASK_FILL * masks[0]
-        figure_rows.append((images[0], shown, outs["controlnet"][0], outs["repaint"][0]))
-        figure_rows.append((images[1], images[1] * (1 - masks[1]) + MASK_FILL * masks[1],
-                            outs["controlnet"][1], outs["repaint"][1]))
-    return rows, figure_rows, ("input", "masked input", "ControlNet", "RePaint")
+        for k in (0, 1):
+            shown = images[k] * (1 - masks[k]) + MASK_FILL * masks[k]
+            figure_rows.append((images[k], shown, *(outs[method][k] for method in args.methods)))
+    return figure_rows, ("input", "masked input", *(METHOD_TITLES[m] for m in args.methods))
+
+
+METHOD_TITLES = {"controlnet": "ControlNet", "repaint": "RePaint", "controlnet+repaint": "CN+RePaint"}
 
 
 def save_figure(path: str, rows, titles, scale: int = 2) -> None:
@@ -217,6 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="data/emoji")
     p.add_argument("--num", type=int, default=200)
     p.add_argument("--tasks", default="replace,inpaint,outpaint")
+    p.add_argument("--methods", default="controlnet,repaint,controlnet+repaint",
+                   help="inpainting methods compared (edify.pipelines.control.INPAINT_METHODS)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--control-weight", type=float, default=1.0)
@@ -232,8 +236,12 @@ def run(args) -> int:
     from edify.eval.cli import default_cache
     from edify.eval.evaluate import load_split, real_reference
     from edify.eval.features import InceptionFeatures
-    from edify.pipelines.control import ControlNetPipeline, InpaintPipeline
+    from edify.pipelines.control import INPAINT_METHODS, ControlNetPipeline, InpaintPipeline
 
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in INPAINT_METHODS]
+    if unknown or not args.methods:
+        raise EdifyError(f"--methods takes a comma list of {', '.join(INPAINT_METHODS)}; got {unknown or 'none'}")
     if args.smoke:
         return smoke(args)
     if args.control is None or args.controlnet is None:
@@ -256,14 +264,16 @@ def report(args, pipe, real, real_stats, extractor, started) -> int:
     args.guidance = defaults.guidance_scale if args.guidance is None else args.guidance
     log = lambda message: print(f"[{time.time() - started:6.0f} s] {message}", file=sys.stderr)  # noqa: E731
     runner = run_canny if args.control == "canny" else run_inpaint
-    rows, figure_rows, titles = runner(args, pipe, real, real_stats, extractor, log)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "control_quality.jsonl", "a") as f:
-        for row in rows:
-            row["wall_s"] = round(time.time() - started, 1)
-            print(json.dumps(row))
+
+    def emit(row: dict) -> None:  # each row as soon as it is measured
+        row["wall_s"] = round(time.time() - started, 1)
+        print(json.dumps(row), flush=True)
+        with open(out / "control_quality.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    figure_rows, titles = runner(args, pipe, real, real_stats, extractor, log, emit)
     if args.figure:
         save_figure(args.figure, figure_rows, titles)
     return 0

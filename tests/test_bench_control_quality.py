@@ -38,7 +38,12 @@ def test_smoke_run_keeps_known_pixels_and_prints_every_arm(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["control"], r.get("task"), r["arm"]) for r in rows] == [
         ("canny", None, "controlnet"), ("canny", None, "base"),
-        ("inpaint", "inpaint", "controlnet"), ("inpaint", "inpaint", "repaint"),
-        ("inpaint", "outpaint", "controlnet"), ("inpaint", "outpaint", "repaint")]
+        *((("inpaint", task, method) for task in ("inpaint", "outpaint")
+           for method in ("controlnet", "repaint", "controlnet+repaint")))]
     assert all(r["kept_max_err_255"] == 0 for r in rows if r["control"] == "inpaint")
     assert all(0 <= r["edge_f1"] <= 1 for r in rows if r["control"] == "canny")
+
+
+def test_unknown_inpainting_method_is_one_line(capsys):
+    assert cq.main(["--smoke", "--methods", "controlnet,nope"]) != 0
+    assert "--methods takes a comma list" in capsys.readouterr().err

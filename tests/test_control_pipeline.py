@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +135,7 @@ def inpaint_pipe():
 
 
 @pytest.mark.parametrize("task", ["inpaint", "replace"])
-@pytest.mark.parametrize("method", ["controlnet", "repaint"])
+@pytest.mark.parametrize("method", ["controlnet", "repaint", "controlnet+repaint"])
 def test_inpainting_keeps_the_known_pixels_exactly(inpaint_pipe, task, method):
     image, mask = picture(1), box_mask()
     out = inpaint_pipe("green apple", image=image, mask=mask, task=task, method=method, seed=[2, 3],
@@ -166,6 +167,16 @@ def test_controlnet_and_repaint_differ_and_weight_zero_is_plain_sampling_plus_pa
     plain = TextToImagePipeline.__call__(inpaint_pipe, "green apple", seed=4, output_type="tensor").images
     unknown = torch.from_numpy(np.asarray(mask) > 0)  # there: the text-to-image pixels bit for bit
     assert torch.equal(off.images[0][:, unknown], plain[0][:, unknown])
+
+
+def test_controlnet_plus_repaint_is_the_replacement_around_the_controlled_denoiser(inpaint_pipe):
+    image, mask = picture(1), box_mask()
+    run = partial(inpaint_pipe, "green apple", image=image, mask=mask, seed=4, output_type="tensor")
+    both, cn, rp = (run(method=m) for m in ("controlnet+repaint", "controlnet", "repaint"))
+    assert both.nfe == cn.nfe == rp.nfe
+    assert not torch.equal(both.images, cn.images) and not torch.equal(both.images, rp.images)
+    # at control weight 0 the controlled denoiser is the base itself: the result is RePaint's, bit for bit
+    assert torch.equal(run(method="controlnet+repaint", control_weight=0.0).images, rp.images)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -48,7 +48,7 @@ from edify.networks.controlnet import ControlNet
 from edify.networks.unet import UNetConfig
 from edify.pipelines.text2image import TextToImageOutput, TextToImagePipeline, to_pil
 
-INPAINT_METHODS = ("controlnet", "repaint")
+INPAINT_METHODS = ("controlnet", "repaint", "controlnet+repaint")
 DenoiserWrapper = Callable[[EDMPrecond], torch.nn.Module]
 
 
@@ -243,8 +243,9 @@ class InpaintPipeline(ControlNetPipeline):
 
         task: "inpaint" (fill a region), "replace" (a new object where the mask covers the old one)
         or "outpaint" (extend the image: `pad=(left, top, right, bottom)` px instead of a mask).
-        method: "controlnet" (the pipeline's inpainting ControlNet) or "repaint" (no ControlNet:
-        `edify.core.repaint`), at the same network evaluations. feather_px: width of the blend on
+        method: "controlnet" (the pipeline's inpainting ControlNet), "repaint" (no ControlNet:
+        `edify.core.repaint`) or "controlnet+repaint" (the ControlNet's estimate, with the known
+        pixels put back into it at every step), all at the same base-network evaluations. feather_px: width of the blend on
         the generated side of the seam (0 = a hard paste). resize: resize a mask of another size
         to the image (nearest). The other arguments are those of `TextToImagePipeline.__call__`.
         """
@@ -275,14 +276,18 @@ class InpaintPipeline(ControlNetPipeline):
             what = "the image plus pad" if pad is not None else "the image"
             raise EdifyError(f"{what} is {height}x{width}; this model needs sides that are multiples of {m}")
 
-        if method == "controlnet":
+        if method != "repaint":
             if not self.controlnets:
-                raise EdifyError("method 'controlnet' needs an inpainting ControlNet (from_pretrained(..., "
+                raise EdifyError(f"method {method!r} needs an inpainting ControlNet (from_pretrained(..., "
                                  "controlnet=FOLDER)); method 'repaint' needs none")
             controls = self.controls(control, (height, width), control_weight, control_start, control_end)
+        if method == "controlnet":
             wrap = partial(ControlledDenoiser, controls=controls)
-        else:
+        elif method == "repaint":
             wrap = partial(RePaintDenoiser, known=canvas, mask=mask)
+        else:
+            def wrap(base, controls=controls):
+                return RePaintDenoiser(ControlledDenoiser(base, controls=controls), known=canvas, mask=mask)
         out = self._sample(wrap, prompt=prompt, negative_prompt=negative_prompt, style=style, num_steps=num_steps,
                            guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
                            num_images_per_prompt=num_images_per_prompt, output_type="tensor", callback=callback,

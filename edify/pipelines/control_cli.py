@@ -25,7 +25,7 @@ from edify.pipelines.finetune_cli import apply_finetunes
 
 CONTROL_TYPES = ("canny", "softedge", "depth")
 TASKS = ("replace", "inpaint", "outpaint")
-METHODS = ("controlnet", "repaint")
+METHODS = ("controlnet", "repaint", "controlnet+repaint")
 
 
 def default_controlnet(kind: str) -> Path:
@@ -57,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--pad", default=None, metavar="L,T,R,B",
                             help="outpaint: pixels added on the left, top, right and bottom (instead of --mask)")
         parser.add_argument("--method", default="controlnet", metavar="METHOD",
-                            help="controlnet (the inpainting ControlNet, default) or repaint (no ControlNet: "
-                                 "the known pixels replace the model's estimate at every step; same cost)")
+                            help="controlnet (the inpainting ControlNet, default), repaint (no ControlNet: "
+                                 "the known pixels replace the model's estimate at every step; same cost) or "
+                                 "controlnet+repaint (both)")
         parser.add_argument("--feather", type=float, default=2.0, metavar="PX",
                             help="blend width in px on the generated side of the seam (default 2; 0 = hard)")
     else:
@@ -283,7 +284,7 @@ def run_inpaint(args: argparse.Namespace, image, paths, device) -> int:
     canvas, canvas_mask = (outpaint_canvas(image_tensor(image), pad) if pad is not None
                            else (image_tensor(image), map_tensor(mask)))
     prepare_inpaint(canvas, canvas_mask, args.task)
-    folder = controlnet_folder(args) if args.method == "controlnet" else None
+    folder = controlnet_folder(args) if args.method != "repaint" else None
     pipe = InpaintPipeline.from_pretrained(resolve_model(args.model), controlnet=folder).to(device)
     apply_finetunes(pipe, args)
     bound = BoundPipeline(pipe, drop=("height", "width", "final_stage"), image=image, mask=mask, task=args.task,
