@@ -1,8 +1,9 @@
 """Where the shipped demo model lives: the source checkout's weights/ folder or the installed package.
 
 A source checkout (including `pip install -e .`) keeps the model in `weights/emoji-64` beside the
-`edify/` package; a wheel (`pip install .`) carries the same files as package data in
-`edify/_weights/emoji-64` (see `[tool.setuptools]` in pyproject.toml).
+`edify/` package, with the default ControlNets (`weights/controlnet-canny-64`, `weights/inpaint-64`);
+a wheel (`pip install .`) carries the same files as package data in `edify/_weights/` (see
+`[tool.setuptools]` in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -25,10 +26,19 @@ def installed_model_path(name: str = DEMO_MODEL) -> Path:
     return _PACKAGE / "_weights" / name
 
 
-def demo_model_path() -> Path:
-    """The shipped demo model's folder: the source checkout's copy first, else the installed one."""
-    for folder in (source_model_path(), installed_model_path()):
+def shipped_path(name: str) -> Path:
+    """A shipped model folder (the demo model, a default ControlNet): the source checkout's copy
+    first, else the installed one; the checkout's path when neither exists (for the error message)."""
+    for folder in (source_model_path(name), installed_model_path(name)):
         if (folder / "config.json").is_file():
             return folder
+    return source_model_path(name)
+
+
+def demo_model_path() -> Path:
+    """The shipped demo model's folder: the source checkout's copy first, else the installed one."""
+    folder = shipped_path(DEMO_MODEL)
+    if (folder / "config.json").is_file():
+        return folder
     raise EdifyError(f"the demo model {DEMO_MODEL} is not installed (looked in {source_model_path()} and "
                      f"{installed_model_path()}); reinstall edify or pass --model PATH")

@@ -29,10 +29,10 @@ METHODS = ("controlnet", "repaint", "controlnet+repaint")
 
 
 def default_controlnet(kind: str) -> Path:
-    """The checkout's ControlNet folder for a control type (inpaint: the inpainting model)."""
-    from edify.assets import source_model_path
+    """The shipped ControlNet folder for a control type (inpaint: the inpainting model)."""
+    from edify import assets
 
-    return source_model_path("inpaint-64" if kind == "inpaint" else f"controlnet-{kind}-64")
+    return assets.shipped_path("inpaint-64" if kind == "inpaint" else f"controlnet-{kind}-64")
 
 
 def _is_inpaint(parser: argparse.ArgumentParser) -> bool:
