@@ -4,7 +4,8 @@
         --data data/emoji --style-data data/openmoji --controlnet weights/controlnet-canny-64
     python bench/finetune_quality.py --smoke        # < 1 min: tiny random networks, made-up data
 
-Printed as one JSON line per measurement (also appended to --out/finetune_quality.jsonl):
+Printed as one JSON line per measurement, each as soon as it is measured (also appended to
+--out/finetune_quality.jsonl); `--measures` picks some of cost, style, forgetting, controlnet:
 
 1. cost: the trained share of the base's parameters, the delta's size on disk, and the training's
    CPU and wall minutes and threads, as the delta's finetune.json recorded them.
@@ -85,24 +86,40 @@ def cost_row(delta: Path) -> dict:
             "wall_minutes": t.get("wall_minutes"), "threads": t.get("threads")}
 
 
+MEASURES = ("cost", "style", "forgetting", "controlnet")
+
+
 def measure(args, base, tuned, cn_base, cn_tuned, real, style_real, real_stats, style_stats, extractor,
             reference, name: str, log):
     """Must-shows 2-4 on loaded pipelines (tuned / cn_tuned carry the finetune at scale 1); yields
     each row as soon as it is measured, so a long run that stops keeps what it measured."""
-    from edify.data.annotators import canny_edges
-    from edify.data.controls import edge_f1
+    measures = getattr(args, "measures", MEASURES)
+    if "cost" in measures:
+        yield cost_row(Path(args.delta))
+    if "style" in measures:
+        yield from measure_style(args, base, tuned, style_real, style_stats, extractor, reference, name, log)
+    if "forgetting" in measures:
+        yield from measure_forgetting(args, base, tuned, real, real_stats, extractor, reference, log)
+    if "controlnet" in measures:
+        yield from measure_controlnet(args, cn_base, cn_tuned, real, extractor, reference, name, log)
+
+
+def measure_style(args, base, tuned, style_real, style_stats, extractor, reference, name, log):
     from edify.eval.evaluate import draw_prompts
 
-    yield cost_row(Path(args.delta))
     closest = args.closest_style or closest_style(reference, base.config.styles, name)
     picks = draw_prompts(style_real, args.num, args.seed)
     captions = [style_real.captions[j] for j in picks]
     for arm, pipe, style in (("base", base, closest), ("finetune", tuned, name)):
         images = generate(pipe, captions, [style] * len(captions), args)
         yield ({"measure": "style", "arm": arm, "style": style, "num": len(captions),
-                     **metrics_of(images, style_stats, extractor),
-                     "new_style_rate": new_style_rate(images, name, extractor, reference)})
+                **metrics_of(images, style_stats, extractor),
+                "new_style_rate": new_style_rate(images, name, extractor, reference)})
         log(f"style: {arm} done")
+
+
+def measure_forgetting(args, base, tuned, real, real_stats, extractor, reference, log):
+    from edify.eval.evaluate import draw_prompts
 
     picks = draw_prompts(real, args.num, args.seed)
     captions, styles = [real.captions[j] for j in picks], [real.styles[j] for j in picks]
@@ -121,6 +138,11 @@ def measure(args, base, tuned, cn_base, cn_tuned, real, style_real, real_stats, 
         yield row
         log(f"forgetting: {arm} done")
 
+
+def measure_controlnet(args, cn_base, cn_tuned, real, extractor, reference, name, log):
+    from edify.data.annotators import canny_edges
+    from edify.data.controls import edge_f1
+
     n = min(args.num_control, real.images.shape[0])
     control = canny_edges(real.images[:n])
     captions, styles = real.captions[:n], real.styles[:n]
@@ -128,8 +150,8 @@ def measure(args, base, tuned, cn_base, cn_tuned, real, style_real, real_stats, 
         images = generate(pipe, captions, arm_styles, args, control)
         f1 = edge_f1(canny_edges(images), control)
         yield ({"measure": "controlnet", "arm": arm, "num": n, "control_weight": args.control_weight,
-                     "edge_f1": round(float(f1.mean()), 4), "edge_f1_std": round(float(f1.std()), 4),
-                     "new_style_rate": new_style_rate(images, name, extractor, reference)})
+                "edge_f1": round(float(f1.mean()), 4), "edge_f1_std": round(float(f1.std()), 4),
+                "new_style_rate": new_style_rate(images, name, extractor, reference)})
         log(f"controlnet: {arm} done")
 
 
@@ -141,9 +163,14 @@ def run(args) -> int:
     from edify.pipelines.finetune import read_delta
     from edify.pipelines.text2image import TextToImagePipeline
 
+    args.measures = [m for m in args.measures.split(",") if m]
+    unknown = [m for m in args.measures if m not in MEASURES]
+    if unknown or not args.measures:
+        raise EdifyError(f"--measures takes a comma list of {', '.join(MEASURES)}; got {unknown or 'none'}")
     if args.smoke:
         return smoke(args)
-    for flag in ("base", "delta", "style_data", "controlnet"):
+    needed = ("base", "delta", "style_data") + (("controlnet",) if "controlnet" in args.measures else ())
+    for flag in needed:
         if getattr(args, flag) is None:
             raise EdifyError(f"give --{flag.replace('_', '-')} (or --smoke)")
     info, _ = read_delta(args.delta)
@@ -154,10 +181,12 @@ def run(args) -> int:
     log = lambda message: print(f"[{time.time() - started:6.0f} s] {message}", file=sys.stderr)  # noqa: E731
     base = TextToImagePipeline.from_pretrained(args.base)
     tuned = TextToImagePipeline.from_pretrained(args.base, text_encoder=base.text_encoder).load_finetune(args.delta)
-    cn_base = ControlNetPipeline.from_pretrained(args.base, controlnets=[args.controlnet],
-                                                 text_encoder=base.text_encoder)
-    cn_tuned = ControlNetPipeline.from_pretrained(args.base, controlnets=[args.controlnet],
-                                                  text_encoder=base.text_encoder).load_finetune(args.delta)
+    cn_base = cn_tuned = None
+    if "controlnet" in args.measures:
+        cn_base = ControlNetPipeline.from_pretrained(args.base, controlnets=[args.controlnet],
+                                                     text_encoder=base.text_encoder)
+        cn_tuned = ControlNetPipeline.from_pretrained(args.base, controlnets=[args.controlnet],
+                                                      text_encoder=base.text_encoder).load_finetune(args.delta)
     resolution, cache = base.config.resolution, default_cache()
     extractor = InceptionFeatures()
     real, style_real = load_split(args.data, "val", resolution), load_split(args.style_data, "val", resolution)
@@ -264,6 +293,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/finetune-quality")
+    p.add_argument("--measures", default=",".join(MEASURES),
+                   help="which measurements, a comma list (default: all of cost,style,forgetting,controlnet)")
     p.add_argument("--smoke", action="store_true")
     return run_bench("finetune_quality", p.parse_args(argv), run)
 
