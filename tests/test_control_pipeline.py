@@ -162,8 +162,8 @@ def test_controlnet_and_repaint_differ_and_weight_zero_is_plain_sampling_plus_pa
     a = inpaint_pipe("green apple", image=image, mask=mask, method="controlnet", seed=4, output_type="tensor")
     b = inpaint_pipe("green apple", image=image, mask=mask, method="repaint", seed=4, output_type="tensor")
     assert a.nfe == b.nfe and not torch.equal(a.images, b.images)
-    off = inpaint_pipe("green apple", image=image, mask=mask, control_weight=0.0, seed=4, output_type="tensor",
-                       feather_px=0)
+    off = inpaint_pipe("green apple", image=image, mask=mask, method="controlnet", control_weight=0.0, seed=4,
+                       output_type="tensor", feather_px=0)
     plain = TextToImagePipeline.__call__(inpaint_pipe, "green apple", seed=4, output_type="tensor").images
     unknown = torch.from_numpy(np.asarray(mask) > 0)  # there: the text-to-image pixels bit for bit
     assert torch.equal(off.images[0][:, unknown], plain[0][:, unknown])

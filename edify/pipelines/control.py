@@ -11,10 +11,11 @@
 Both are a `TextToImagePipeline` whose preconditioned denoiser is wrapped before guidance: by a
 `ControlledDenoiser` (`edify.core.control`: one or several ControlNets, each with its control image
 at full resolution, a weight and the sigma range where it acts) and, for `method="repaint"`, by a
-`RePaintDenoiser` (`edify.core.repaint`: the known pixels replace the network's estimate). The
-schedule, sampler, seeds and guidance are the text-to-image pipeline's, so with every control
-weight 0 the images are the text-to-image ones bit for bit, and the two inpainting methods cost the
-same network evaluations.
+`RePaintDenoiser` (`edify.core.repaint`: the known pixels replace the network's estimate), and for
+the default `method="controlnet+repaint"` by both (measured best on every task: docs/controls.md).
+The schedule, sampler, seeds and guidance are the text-to-image pipeline's, so with every control
+weight 0 the controlled images are the text-to-image ones bit for bit, and the three inpainting
+methods cost the same network evaluations.
 
 Sigmas are full-resolution units, as everywhere in `edify.core`: a control acts while sampling
 runs from `control_start` (the larger sigma, default infinity) down to `control_end` (default 0).
@@ -232,7 +233,7 @@ class InpaintPipeline(ControlNetPipeline):
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], image=None, mask=None, task: str = "inpaint",
-                 pad: Sequence[int] | None = None, method: str = "controlnet", feather_px: float = 2.0,
+                 pad: Sequence[int] | None = None, method: str = "controlnet+repaint", feather_px: float = 2.0,
                  negative_prompt: str | None = None, style: str | list[str] | None = None,
                  num_steps: int | None = None, guidance_scale: float | None = None,
                  seed: int | list[int] | None = None, sampler: str | None = None, num_images_per_prompt: int = 1,
@@ -243,9 +244,9 @@ class InpaintPipeline(ControlNetPipeline):
 
         task: "inpaint" (fill a region), "replace" (a new object where the mask covers the old one)
         or "outpaint" (extend the image: `pad=(left, top, right, bottom)` px instead of a mask).
-        method: "controlnet" (the pipeline's inpainting ControlNet), "repaint" (no ControlNet:
-        `edify.core.repaint`) or "controlnet+repaint" (the ControlNet's estimate, with the known
-        pixels put back into it at every step), all at the same base-network evaluations. feather_px: width of the blend on
+        method: "controlnet+repaint" (default: the ControlNet's estimate, with the known pixels put
+        back into it at every step), "controlnet" (the pipeline's inpainting ControlNet alone) or
+        "repaint" (no ControlNet: `edify.core.repaint`), all at the same base-network evaluations. feather_px: width of the blend on
         the generated side of the seam (0 = a hard paste). resize: resize a mask of another size
         to the image (nearest). The other arguments are those of `TextToImagePipeline.__call__`.
         """

@@ -56,10 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "mask covers the old one) or outpaint (extend the image by --pad)")
         parser.add_argument("--pad", default=None, metavar="L,T,R,B",
                             help="outpaint: pixels added on the left, top, right and bottom (instead of --mask)")
-        parser.add_argument("--method", default="controlnet", metavar="METHOD",
-                            help="controlnet (the inpainting ControlNet, default), repaint (no ControlNet: "
-                                 "the known pixels replace the model's estimate at every step; same cost) or "
-                                 "controlnet+repaint (both)")
+        parser.add_argument("--method", default="controlnet+repaint", metavar="METHOD",
+                            help="controlnet+repaint (default: the inpainting ControlNet, the known pixels put "
+                                 "back at every step), controlnet (the ControlNet alone) or repaint (no "
+                                 "ControlNet: the known pixels replace the model's estimate at every step); "
+                                 "all at the same cost")
         parser.add_argument("--feather", type=float, default=2.0, metavar="PX",
                             help="blend width in px on the generated side of the seam (default 2; 0 = hard)")
     else:
@@ -144,7 +145,7 @@ def check_args(args: argparse.Namespace) -> None:
         if args.feather < 0:
             raise EdifyError(f"--feather must be >= 0, got {args.feather}")
         if args.method == "repaint" and args.controlnet is not None:
-            raise EdifyError("--method repaint uses no ControlNet; drop --controlnet or use --method controlnet")
+            raise EdifyError("--method repaint uses no ControlNet; drop --controlnet or use another --method")
     if not 0 <= args.control_end <= args.control_start:
         raise EdifyError(f"the control acts from --control-start down to --control-end (full-resolution sigmas, "
                          f"start >= end >= 0), got start {args.control_start} and end {args.control_end}")
