@@ -41,10 +41,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._cli import run_bench  # noqa: E402
+from bench._cli import comma_list, run_bench  # noqa: E402
 from edify.errors import EdifyError  # noqa: E402
 
 SEED_OFFSET = 10_000  # eval masks: generators never used by training draws
+METHOD_TITLES = {"controlnet": "ControlNet", "repaint": "RePaint", "controlnet+repaint": "CN+RePaint"}  # figure
 
 
 def batched(n: int, size: int):
@@ -187,9 +188,6 @@ def run_inpaint(args, pipe, real, real_stats, extractor, log, emit):
     return figure_rows, ("input", "masked input", *(METHOD_TITLES[m] for m in args.methods))
 
 
-METHOD_TITLES = {"controlnet": "ControlNet", "repaint": "RePaint", "controlnet+repaint": "CN+RePaint"}
-
-
 def save_figure(path: str, rows, titles, scale: int = 2) -> None:
     """A grid: one row per example, one column per title (upscaled `scale`x, nearest)."""
     from PIL import Image, ImageDraw
@@ -238,10 +236,7 @@ def run(args) -> int:
     from edify.eval.features import InceptionFeatures
     from edify.pipelines.control import INPAINT_METHODS, ControlNetPipeline, InpaintPipeline
 
-    args.methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in args.methods if m not in INPAINT_METHODS]
-    if unknown or not args.methods:
-        raise EdifyError(f"--methods takes a comma list of {', '.join(INPAINT_METHODS)}; got {unknown or 'none'}")
+    args.methods = comma_list(args.methods, INPAINT_METHODS, "--methods")
     if args.smoke:
         return smoke(args)
     if args.control is None or args.controlnet is None:

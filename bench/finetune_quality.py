@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from control_quality import batched, metrics_of  # noqa: E402
 from recipe import knn_styles, style_reference, style_scores  # noqa: E402
 
-from bench._cli import run_bench  # noqa: E402
+from bench._cli import comma_list, run_bench  # noqa: E402
 from edify.errors import EdifyError  # noqa: E402
 
 
@@ -163,10 +163,7 @@ def run(args) -> int:
     from edify.pipelines.finetune import read_delta
     from edify.pipelines.text2image import TextToImagePipeline
 
-    args.measures = [m for m in args.measures.split(",") if m]
-    unknown = [m for m in args.measures if m not in MEASURES]
-    if unknown or not args.measures:
-        raise EdifyError(f"--measures takes a comma list of {', '.join(MEASURES)}; got {unknown or 'none'}")
+    args.measures = comma_list(args.measures, MEASURES, "--measures")
     if args.smoke:
         return smoke(args)
     needed = ("base", "delta", "style_data") + (("controlnet",) if "controlnet" in args.measures else ())

@@ -246,8 +246,8 @@ class InpaintPipeline(ControlNetPipeline):
         or "outpaint" (extend the image: `pad=(left, top, right, bottom)` px instead of a mask).
         method: "controlnet+repaint" (default: the ControlNet's estimate, with the known pixels put
         back into it at every step), "controlnet" (the pipeline's inpainting ControlNet alone) or
-        "repaint" (no ControlNet: `edify.core.repaint`), all at the same base-network evaluations. feather_px: width of the blend on
-        the generated side of the seam (0 = a hard paste). resize: resize a mask of another size
+        "repaint" (no ControlNet: `edify.core.repaint`), all at the same base-network evaluations.
+        feather_px: width of the blend on the generated side of the seam (0 = a hard paste). resize: resize a mask of another size
         to the image (nearest). The other arguments are those of `TextToImagePipeline.__call__`.
         """
         if method not in INPAINT_METHODS:
@@ -277,18 +277,19 @@ class InpaintPipeline(ControlNetPipeline):
             what = "the image plus pad" if pad is not None else "the image"
             raise EdifyError(f"{what} is {height}x{width}; this model needs sides that are multiples of {m}")
 
-        if method != "repaint":
+        # the method is which layers wrap the base denoiser: the ControlNet, then the replacement
+        controlled, replaced = method != "repaint", method != "controlnet"
+        if controlled:
             if not self.controlnets:
                 raise EdifyError(f"method {method!r} needs an inpainting ControlNet (from_pretrained(..., "
                                  "controlnet=FOLDER)); method 'repaint' needs none")
             controls = self.controls(control, (height, width), control_weight, control_start, control_end)
-        if method == "controlnet":
-            wrap = partial(ControlledDenoiser, controls=controls)
-        elif method == "repaint":
-            wrap = partial(RePaintDenoiser, known=canvas, mask=mask)
-        else:
-            def wrap(base, controls=controls):
-                return RePaintDenoiser(ControlledDenoiser(base, controls=controls), known=canvas, mask=mask)
+
+        def wrap(denoiser):
+            if controlled:
+                denoiser = ControlledDenoiser(denoiser, controls=controls)
+            return RePaintDenoiser(denoiser, known=canvas, mask=mask) if replaced else denoiser
+
         out = self._sample(wrap, prompt=prompt, negative_prompt=negative_prompt, style=style, num_steps=num_steps,
                            guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
                            num_images_per_prompt=num_images_per_prompt, output_type="tensor", callback=callback,
