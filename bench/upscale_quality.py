@@ -9,7 +9,8 @@ quality: the first --num validation images at 256 px (file order; image i with s
 4x (2x2 means twice, the process's `down`) to 64 px inputs, upscaled back to 256 px by each arm:
 bicubic (PIL's kernel through torch, a = -0.75), the cascade upsampler, the cascade with
 reconstruction guidance (--guidance-weight), and with --controlnet the ControlNet upsampler without
-and with guidance. Each arm gets the image's style and no caption (guidance scale 1). Printed per arm:
+and with guidance (--arms picks some). Each arm gets the image's style and no caption (guidance
+scale 1). Printed per arm:
 - psnr / ssim against the real 256 px image (images in [0, 1]; SSIM with an 11 px Gaussian window,
   sigma 1.5, averaged over channels);
 - consistency_psnr: PSNR of down^2(output) against the 64 px input (the consistency error
@@ -46,7 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from control_quality import batched, gradient_energy, metrics_of, save_figure  # noqa: E402
 
 from edify.core.laplacian import down, up  # noqa: E402
-from bench._cli import run_bench  # noqa: E402
+from bench._cli import comma_list, run_bench  # noqa: E402
 from edify.errors import EdifyError  # noqa: E402
 
 
@@ -100,6 +101,9 @@ def bicubic(y: torch.Tensor, scale: int) -> torch.Tensor:
     return F.interpolate(y, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
+ARMS = ("bicubic", "cascade", "cascade+guidance", "controlnet", "controlnet+guidance")
+
+
 def arms(args, pipe) -> dict:
     """name -> function (y [B, 3, h, w], styles, seeds) -> images [B, 3, 4h, 4w]."""
     def upsampler(weight: float, control: bool):
@@ -112,6 +116,12 @@ def arms(args, pipe) -> dict:
            "cascade": upsampler(0.0, False), "cascade+guidance": upsampler(args.guidance_weight, False)}
     if pipe.controlnets:
         out.update({"controlnet": upsampler(0.0, True), "controlnet+guidance": upsampler(args.guidance_weight, True)})
+    if args.arms:
+        names = comma_list(args.arms, ARMS, "--arms")
+        missing = [name for name in names if name not in out]
+        if missing:
+            raise EdifyError(f"--arms {','.join(missing)} need(s) --controlnet")
+        out = {name: out[name] for name in names}
     return out
 
 
@@ -221,6 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--controlnet", default=None, help="an upsample ControlNet folder for the upsampler")
     p.add_argument("--data", default="data/emoji")
     p.add_argument("--num", type=int, default=924)
+    p.add_argument("--arms", default=None,
+                   help=f"quality: a comma list of {', '.join(ARMS)} (default: all the model has)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--entry-sigma", type=float, default=None, help="default: the model's lowest")
     p.add_argument("--guidance-weight", type=float, default=1.0, help="reconstruction guidance of the +guidance arms")
