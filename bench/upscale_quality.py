@@ -5,7 +5,8 @@
     python bench/upscale_quality.py tiling --model weights/emoji-up-256 --data data/emoji --num 8
     python bench/upscale_quality.py --smoke        # < 1 min: tiny random networks, made-up data
 
-quality: the first --num validation images at 256 px (file order; image i with seed i), pooled
+quality: --num validation images at 256 px, evenly spread over the split (`spread`; image i with
+seed i; all 924 by default), pooled
 4x (2x2 means twice, the process's `down`) to 64 px inputs, upscaled back to 256 px by each arm:
 bicubic (PIL's kernel through torch, a = -0.75), the cascade upsampler, the cascade with
 reconstruction guidance (--guidance-weight), and with --controlnet the ControlNet upsampler without
@@ -97,6 +98,16 @@ def high_frequency(out: torch.Tensor, real: torch.Tensor, scale: int) -> dict:
     return {"hf_ratio": round(ratio, 4), "hf_lsd": round(lsd, 4)}
 
 
+def spread(num: int, total: int) -> list[int]:
+    """`num` indices evenly spread over `total` (all of them when num >= total): the split is stored
+    style by style, so its first images would all be of one or two styles."""
+    if num < 1:
+        raise EdifyError(f"--num must be >= 1, got {num}")
+    if num >= total:
+        return list(range(total))
+    return [(i * total) // num for i in range(num)]
+
+
 def bicubic(y: torch.Tensor, scale: int) -> torch.Tensor:
     return F.interpolate(y, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
 
@@ -126,14 +137,15 @@ def arms(args, pipe) -> dict:
 
 
 def run_quality(args, pipe, real, real_stats, extractor, log) -> tuple[list[dict], list, tuple]:
-    n = min(args.num, real.images.shape[0])
-    images, styles = real.images[:n], real.styles[:n]
+    picks = spread(args.num, real.images.shape[0])
+    n = len(picks)
+    images, styles = real.images[picks], [real.styles[i] for i in picks]
     y = down(images, 2)
     rows, outs = [], {}
     for name, fn in arms(args, pipe).items():
         started, parts = time.time(), []
         for sl in batched(n, args.batch_size):
-            parts.append(fn(y[sl], styles[sl], list(range(sl.start, sl.stop))).cpu())
+            parts.append(fn(y[sl], styles[sl], picks[sl]).cpu())
             log(f"{name}: {sl.stop}/{n} images")
         out = outs[name] = torch.cat(parts)
         rows.append({"bench": "upscale_quality", "arm": name, "num": n, "steps": args.steps,
@@ -163,8 +175,10 @@ def tile_border_band(size: int, tiles, width: int = 2) -> torch.Tensor:
 def run_tiling(args, pipe, real, log) -> list[dict]:
     from edify.core.tiling import make_tiles
 
-    n = min(args.num, real.images.shape[0])
-    y = down(real.images[:n], 1)  # 128 px inputs -> 512 px outputs (of a 256 px model)
+    picks = spread(args.num, real.images.shape[0])
+    n = len(picks)
+    y = down(real.images[picks], 1)  # 128 px inputs -> 512 px outputs (of a 256 px model)
+    styles = [real.styles[i] for i in picks]
     size = 4 * y.shape[-1]
     tiles = make_tiles(size, size, args.tile, args.overlap, pipe.size_multiple, 4 * 2 ** (pipe.process.levels - 1))
     band = tile_border_band(size, tiles)[None, None].expand(n, 1, -1, -1)
@@ -172,7 +186,7 @@ def run_tiling(args, pipe, real, log) -> list[dict]:
     for name, tile in (("tiled", args.tile), ("one pass", size)):
         started, parts = time.time(), []
         for sl in batched(n, args.batch_size):
-            parts.append(pipe.without_controlnet(y[sl], style=real.styles[sl], seed=list(range(sl.start, sl.stop)),
+            parts.append(pipe.without_controlnet(y[sl], style=styles[sl], seed=picks[sl],
                                                  num_steps=args.steps, tile=tile, overlap=args.overlap,
                                                  output_type="tensor").images)
             log(f"tiling {name}: {sl.stop}/{n}")

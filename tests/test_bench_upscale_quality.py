@@ -46,3 +46,12 @@ def test_smoke_run_prints_the_chosen_arms_and_the_tiling(capsys):
 def test_unknown_arm_is_one_line(capsys):
     assert uq.main(["--smoke", "--arms", "bicubic,nope"]) != 0
     assert "--arms takes a comma list" in capsys.readouterr().err
+
+
+def test_spread_covers_the_split_evenly():
+    assert uq.spread(4, 10) == [0, 2, 5, 7]
+    assert uq.spread(12, 10) == list(range(10))
+    picks = uq.spread(100, 924)
+    assert len(set(picks)) == 100 and picks[-1] >= 924 - 10  # reaches the last styles of the split
+    with pytest.raises(uq.EdifyError, match="--num must be >= 1"):
+        uq.spread(0, 10)
