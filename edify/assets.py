@@ -1,7 +1,8 @@
 """Where the shipped demo model lives: the source checkout's weights/ folder or the installed package.
 
 A source checkout (including `pip install -e .`) keeps the model in `weights/emoji-64` beside the
-`edify/` package, with the default ControlNets (`weights/controlnet-canny-64`, `weights/inpaint-64`);
+`edify/` package, with the default ControlNets (`weights/controlnet-canny-64`, `weights/inpaint-64`)
+and the upsampler (`weights/emoji-up-256`);
 a wheel (`pip install .`) carries the same files as package data in `edify/_weights/` (see
 `[tool.setuptools]` in pyproject.toml).
 """

@@ -127,11 +127,19 @@ def test_generate_with_upscale(upscaler, tmp_path):
                    "--steps", "3", "--quiet")
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size == (128, 128)
-    missing = edify("generate", "red heart", "--model", str(base), "--upscale", "-o", str(out))
-    from edify.assets import source_model_path
 
-    if not (source_model_path("emoji-up-256") / "config.json").is_file():
-        assert_one_line(missing, 2, "emoji-up-256", "missing")
+
+def test_a_missing_default_upscaler_says_how_to_train_one(tmp_path, monkeypatch, capsys):
+    from edify import assets
+    from edify.cli import main
+
+    base = save_tiny_model(tmp_path / "base")
+    monkeypatch.setattr(assets, "shipped_path", lambda name: tmp_path / "weights" / name)  # none shipped
+    out = tmp_path / "cascade.png"
+    assert main(["generate", "red heart", "--model", str(base), "--upscale", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "emoji-up-256" in err and "missing" in err and "edify train" in err, err
+    assert not out.exists()
 
 
 # ---- training -----------------------------------------------------------------------------------

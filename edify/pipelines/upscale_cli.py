@@ -24,10 +24,10 @@ UPSCALE_SEED_OFFSET = 2**32
 
 
 def default_upscaler() -> Path:
-    """The checkout's upsampler folder, or a one-line error saying how to make one."""
-    from edify.assets import source_model_path
+    """The shipped upsampler's folder (checkout or wheel), or a one-line error saying how to make one."""
+    from edify import assets
 
-    folder = source_model_path(DEFAULT_UPSCALER)
+    folder = assets.shipped_path(DEFAULT_UPSCALER)
     if not (folder / "config.json").is_file():
         raise EdifyError(f"no upsampler at {folder}: it is missing; train one with `edify train --preset "
                          f"emoji-up-64-256-cpu --data data/emoji --out runs/up --export {folder}`, or pass a "
