@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import zlib
+from pathlib import Path
 
 import torch
 
@@ -40,3 +42,12 @@ def tiny_config(**changes):
         batch_size=2, total_images=12, checkpoint_images=0, log_images=4, sample_images=0,
         text_cache=False, ema_halflife_images=8.0, data="synthetic:16", stage_sampling="round_robin")
     return base.replace(**changes)
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (the benches are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

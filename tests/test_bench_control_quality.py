@@ -1,16 +1,13 @@
 """bench/control_quality.py: its seam statistic against closed forms, and its smoke run."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("control_quality", ROOT / "bench" / "control_quality.py")
-cq = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cq)
+from _training_helpers import load_bench
+
+cq = load_bench("control_quality")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("finetune_quality", ROOT / "bench" / "finetune_quality.py")
-fq = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fq)
+from _training_helpers import load_bench
+
+fq = load_bench("finetune_quality")
 
 
 def test_smoke_run_prints_every_measure_and_scale_zero_is_the_base(capsys):

@@ -1,16 +1,13 @@
 """bench/upscale_quality.py: its measures against closed forms, and its smoke run."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("upscale_quality", ROOT / "bench" / "upscale_quality.py")
-uq = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(uq)
+from _training_helpers import load_bench
+
+uq = load_bench("upscale_quality")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
