@@ -297,7 +297,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FID below 2048 samples: the same counts for every candidate
         metrics = evaluate_pipeline(pipe, real, args.num_samples, sampler=args.sampler, steps=args.steps,
-                                    guidance=args.guidance, seed=args.seed, metrics=("fid", "kid", "retrieval"),
+                                    guidance=args.guidance, style_guidance=args.style_guidance, seed=args.seed, metrics=("fid", "kid", "retrieval"),
                                     batch_size=args.batch, extractor=recorder, real_stats=real_stats)
     fake = torch.cat(recorder.features)
     indices = draw_prompts(real, args.num_samples, args.seed)
@@ -316,7 +316,8 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["eval_wall_minutes"] = round((time.perf_counter() - wall0) / 60, 2)
     out["eval_cpu_minutes"] = round((time.process_time() - cpu0) / 60, 2)
     grid = torch.cat(recorder.images)[:GRID]
-    suffix = "" if args.guidance == 3.0 else f"-g{args.guidance:g}"
+    suffix = ("" if args.guidance == 3.0 else f"-g{args.guidance:g}") + \
+        ("" if args.style_guidance == 0 else f"-sg{args.style_guidance:g}")
     save_grid(grid, grid_dir / f"samples{suffix}.png", columns=7)
     torch.save({"features": fake, "indices": indices, "requested_styles": requested},
                grid_dir / f"eval-features{suffix}.pt")  # for later metrics without regenerating
@@ -331,20 +332,20 @@ def real_style_ceiling(real, real_stats, style_ref) -> dict:
 
 # ---- the table -----------------------------------------------------------------------------------
 
-COLUMNS = (("candidate", "{}"), ("guidance", "{:g}"), ("images", "{:,}"), ("train_cpu_minutes", "{:.1f}"),
+COLUMNS = (("candidate", "{}"), ("guidance", "{:g}"), ("style_guidance", "{:g}"), ("images", "{:,}"), ("train_cpu_minutes", "{:.1f}"),
            ("wall_minutes", "{:.1f}"), ("final_loss", "{:.4f}"), ("fid", "{:.1f}"), ("kid", "{:.4f}"),
            ("kid_std", "{:.4f}"), ("retrieval_top1", "{:.3f}"), ("retrieval_top5", "{:.3f}"),
            ("style_acc", "{:.3f}"), ("style_chance", "{:.3f}"))
 
 
 def table(rows: list[dict]) -> str:
-    head = ["candidate", "guidance", "images seen", "train CPU min", "wall min (all)", "final loss",
+    head = ["candidate", "guidance", "style guidance", "images seen", "train CPU min", "wall min (all)", "final loss",
             "FID", "KID", "KID std", "top-1", "top-5", "style acc", "style chance"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = []
         for key, fmt in COLUMNS:
-            v = r.get(key)
+            v = r.get(key, 0.0 if key == "style_guidance" else None)  # rows before the option: none
             if key == "candidate" and r.get("eval_only") and not v.startswith("model:"):
                 v += " (eval only)"
             cells.append("-" if v is None else fmt.format(v))
@@ -399,6 +400,8 @@ def main() -> None:
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--steps", type=int, default=24, help="sampler steps over all stages")
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--style-guidance", type=float, default=0.0,
+                        help="extra guidance along the style's direction (edify.core.guidance)")
     parser.add_argument("--num-samples", type=int, default=924, help="generated images (924 = the val split)")
     parser.add_argument("--max-real", type=int, default=None, help="first N real validation images only")
     parser.add_argument("--style-ref-per-style", type=int, default=200,
@@ -484,6 +487,7 @@ def main() -> None:
         row = {"candidate": name, "cpu_budget_minutes": None if args.model else args.cpu_minutes,
                "overrides": [] if args.model else candidate_overrides(name),
                **summary, "sampler": args.sampler, "sample_steps": args.steps, "guidance": args.guidance,
+               "style_guidance": args.style_guidance,
                "seed": args.seed, **metrics, **ceiling, "style_ref_per_style": args.style_ref_per_style,
                "threads": args.threads, "eval_only": args.eval_only,
                "wall_minutes": round((time.perf_counter() - wall0) / 60, 2),

@@ -182,6 +182,37 @@ def test_guidance_negative_prompt_and_one_batched_call():
         CFGDenoiser(D, 2.0, drop=("colour",))
 
 
+def test_guidance_terms_compose_in_one_batched_call():
+    """D_u + s (D_c - D_u) + w (D_c - D_{c without media}): one call of 3 B rows; weight 0 adds no branch
+    and leaves plain guidance bit for bit; with s = 1 only the term's branch is added."""
+    calls = []
+    D = EDMPrecond(TinyNet())
+
+    def counting(x, sigma, cond=None, stage=None):
+        calls.append(x.shape[0])
+        return D(x, sigma, cond, stage)
+
+    x, sigma, cond, stage = torch.randn(2, 3, 8, 8), torch.tensor([0.4, 2.0]), _cond(2), torch.tensor([0, 1])
+    D_c, D_u = D(x, sigma, cond, stage), D(x, sigma, cond.drop(("text", "media")), stage)
+    D_ns = D(x, sigma, cond.drop(("media",)), stage)
+    assert not torch.allclose(D_c, D_ns)
+    out = CFGDenoiser(counting, 3.0, drop=("text", "media"), terms=[(("media",), 2.0)])(x, sigma, cond, stage)
+    assert calls == [6]
+    assert torch.allclose(out, D_u + 3 * (D_c - D_u) + 2 * (D_c - D_ns), atol=1e-5)
+    calls.clear()
+    plain = CFGDenoiser(counting, 3.0, drop=("text", "media"))(x, sigma, cond, stage)
+    zero = CFGDenoiser(counting, 3.0, drop=("text", "media"), terms=[(("media",), 0.0)])(x, sigma, cond, stage)
+    assert calls == [4, 4] and torch.equal(plain, zero)
+    calls.clear()
+    only = CFGDenoiser(counting, 1.0, terms=[(("media",), 1.5)])(x, sigma, cond, stage)
+    assert calls == [4]
+    assert torch.allclose(only, D_c + 1.5 * (D_c - D_ns), atol=1e-5)
+    with pytest.raises(EdifyError, match="unknown condition"):
+        CFGDenoiser(D, 2.0, terms=[(("colour",), 1.0)])
+    with pytest.raises(EdifyError, match="finite weight"):
+        CFGDenoiser(D, 2.0, terms=[(("media",), float("nan"))])
+
+
 @pytest.mark.parametrize("bad", [
     lambda: EDMPrecond(TinyNet(), sigma_data=0.0),
     lambda: EDMPrecond(TinyNet(), dtype=torch.int8),

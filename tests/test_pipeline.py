@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import stat
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from edify.cli import main as cli_main
 from edify.errors import EdifyError
@@ -106,6 +109,35 @@ def test_guidance_and_negative_prompt_change_the_image():
     guided = pipe("red apple", seed=1, guidance_scale=4.0, output_type="tensor").images
     negative = pipe("red apple", seed=1, guidance_scale=4.0, negative_prompt="blue", output_type="tensor").images
     assert not torch.allclose(base, guided) and not torch.allclose(guided, negative)
+
+
+def test_style_guidance_acts_on_styled_images_only_and_defaults_to_the_model(tmp_path, monkeypatch):
+    pipe = tiny_pipeline()
+    kw = dict(seed=[4, 5], output_type="tensor")
+    plain = pipe(["red apple"] * 2, style="noto", **kw).images
+    assert torch.equal(pipe(["red apple"] * 2, style="noto", style_guidance=0.0, **kw).images, plain)
+    styled = pipe(["red apple"] * 2, style="noto", style_guidance=2.0, **kw).images
+    assert not torch.allclose(styled, plain)
+    unstyled = pipe(["red apple"] * 2, **kw).images  # no style: the term has nothing to steer
+    assert torch.equal(pipe(["red apple"] * 2, style_guidance=2.0, **kw).images, unstyled)
+    mixed = pipe(["red apple"] * 2, style=["noto", None], style_guidance=2.0, **kw).images
+    torch.testing.assert_close(mixed[:1], styled[:1], rtol=0, atol=1e-5)  # per image, whatever the batch
+    torch.testing.assert_close(mixed[1:], unstyled[1:], rtol=0, atol=1e-5)
+    with pytest.raises(EdifyError, match="style_guidance must be finite"):
+        pipe("red apple", style_guidance=float("inf"))
+    # the model's default, saved and read back; the CLI flag overrides it
+    d = pipe.config.defaults
+    pipe.config = dataclasses.replace(pipe.config, defaults=dataclasses.replace(d, style_guidance=2.0))
+    assert torch.equal(pipe(["red apple"] * 2, style="noto", **kw).images, styled)
+    pipe.save_pretrained(tmp_path / "m")
+    assert TextToImagePipeline.from_pretrained(tmp_path / "m", text_encoder=HashEncoder()).config == pipe.config
+    monkeypatch.setattr(TextToImagePipeline, "text_encoder", property(lambda self: HashEncoder()))
+    for flag, expected in (([], styled), (["--style-guidance", "0"], plain)):
+        out = tmp_path / f"img{len(flag)}.png"
+        assert cli_main(["generate", "red apple", "--model", str(tmp_path / "m"), "-o", str(out), "--seed", "4",
+                         "--style", "noto", "--threads", "1", "--quiet"] + flag) == 0
+        got = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1).float()
+        assert (got - ((expected[0] + 1) * 127.5).round()).abs().max() <= 1  # another batch size: 1/255
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=None, help="euler, heun or dpmpp_2m (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps over all stages (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--style-guidance", type=float, default=None,
+                        help="extra guidance along the style's direction (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="caption draw and first image seed")
     parser.add_argument("--metrics", default="fid,kid,swd,retrieval", help="comma-separated subset of "
                         "fid,kid,swd,retrieval")
@@ -107,6 +109,7 @@ def evaluate_command(args: argparse.Namespace, device, show_progress: bool) -> d
     d = pipe.config.defaults
     steps = d.num_steps if args.steps is None else args.steps
     guidance = d.guidance_scale if args.guidance is None else args.guidance
+    style_guidance = d.style_guidance if args.style_guidance is None else args.style_guidance
     sampler = d.sampler if args.sampler is None else args.sampler
     resolution = pipe.config.resolution
     pipe.check_inputs(["x"], None, resolution, resolution, steps, guidance, sampler)  # fail before any work
@@ -123,14 +126,14 @@ def evaluate_command(args: argparse.Namespace, device, show_progress: bool) -> d
     bar = Progress(args.num_samples, "generating", show_progress)
     try:
         result = evaluate_pipeline(pipe, real, args.num_samples, sampler=sampler, steps=steps, guidance=guidance,
-                                   seed=args.seed, metrics=metrics, batch_size=args.batch, extractor=extractor,
+                                   style_guidance=style_guidance, seed=args.seed, metrics=metrics, batch_size=args.batch, extractor=extractor,
                                    real_stats=real_stats, progress=bar.update,
                                    callback=lambda info: bar.note(f"step {info['i'] + 1}/{steps}"))
     finally:
         bar.close()
     return {
         **result, "num_samples": result["num_fake"], "real_missing": real.lost, "sampler": sampler, "steps": steps,
-        "guidance": guidance, "seed": args.seed, "model": str(model), "data": str(args.data),
+        "guidance": guidance, "style_guidance": style_guidance, "seed": args.seed, "model": str(model), "data": str(args.data),
         "split": args.split, "resolution": resolution, "metrics": list(metrics),
         "feature_extractor": extractor.id if extractor else None, "device": str(device),
     }

@@ -360,7 +360,8 @@ def _counted(batches: Iterable[Tensor], progress: Callable[[int], None] | None) 
 
 
 def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, steps: int, guidance: float,
-                      seed: int = 0, metrics: str | Sequence[str] = METRICS, batch_size: int = 32,
+                      style_guidance: float | None = None, seed: int = 0,
+                      metrics: str | Sequence[str] = METRICS, batch_size: int = 32,
                       extractor: InceptionFeatures | None = None, real_stats: FeatureStats | None = None,
                       warn: bool = True, progress: Callable[[int], None] | None = None,
                       callback: Callable[[dict], None] | None = None) -> dict:
@@ -370,7 +371,8 @@ def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, 
     image of the same caption (in any style) ranks within the top k.
 
     `callback(info)` sees every sampler step (the pipeline's callback), `progress(n)` every batch
-    of n images generated and measured. A sampler step that produces NaN or infinity raises
+    of n images generated and measured; style_guidance is the pipeline's (None: the model's
+    default). A sampler step that produces NaN or infinity raises
     EdifyError: metrics of a broken model are not numbers to report."""
     if batch_size < 1:
         raise EdifyError(f"batch size must be >= 1, got {batch_size}")
@@ -385,7 +387,8 @@ def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, 
             seeds = [seed + i + k for k in range(len(chunk))]
             out = pipe([real.captions[j] for j in chunk],
                        style=[real.styles[j] if real.styles[j] in known else None for j in chunk],
-                       num_steps=steps, guidance_scale=guidance, sampler=sampler, seed=seeds,
+                       num_steps=steps, guidance_scale=guidance, style_guidance=style_guidance,
+                       sampler=sampler, seed=seeds,
                        output_type="tensor", callback=_finite_steps(seeds, callback))
             nfe[0] = out.nfe
             yield out.images

@@ -118,6 +118,9 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps over all stages")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--style-guidance", type=float, default=None, metavar="W",
+                        help="extra guidance along the style's own direction, with --style (one more "
+                             "network branch per step; default: the model's)")
     parser.add_argument("--sampler", default=None,
                         help="dpmpp_2m (default), dpmpp_3m, euler, heun (EDM's) or exp_trapezoid")
     parser.add_argument("--num", type=int, default=1, help="number of images")
@@ -157,6 +160,12 @@ def finite_guard(seeds: list[int], progress=None, steps: int | None = None):
     return on_step
 
 
+def style_guidance_kwargs(args: argparse.Namespace) -> dict:
+    """`style_guidance` for the pipeline call where the command takes --style-guidance and it was given."""
+    w = getattr(args, "style_guidance", None)
+    return {} if w is None else {"style_guidance": w}
+
+
 def generate_batch(pipe, args: argparse.Namespace, seeds: list[int], progress=None):
     """(PIL images, network evaluations per image) for one batch of seeds; EdifyError instead of
     images when any value is NaN or infinite (they would be written as black pixels)."""
@@ -167,7 +176,8 @@ def generate_batch(pipe, args: argparse.Namespace, seeds: list[int], progress=No
     out = pipe(args.prompt, negative_prompt=args.negative, style=args.style, num_steps=args.steps,
                guidance_scale=args.guidance, seed=seeds, height=args.height, width=args.width,
                sampler=args.sampler, num_images_per_prompt=len(seeds), output_type="tensor", callback=guard,
-               final_stage=args.final_stage, steps_per_stage=parse_stage_steps(args.steps_per_stage))
+               final_stage=args.final_stage, steps_per_stage=parse_stage_steps(args.steps_per_stage),
+               **style_guidance_kwargs(args))
     if not all_finite(out.images):
         raise EdifyError(f"the images of seeds {seeds[0]}..{seeds[-1]} hold non-finite values (NaN or infinity): "
                          f"the model is unusable; no image of this batch was written")

@@ -44,6 +44,8 @@ class SamplingDefaults:
 
     num_steps: int = 24
     guidance_scale: float = 3.0
+    # extra guidance along the style's own direction (edify.core.guidance; 0 = plain guidance)
+    style_guidance: float = 0.0
     sampler: str = SAMPLING.sampler
     sigma_min: float = SAMPLING.sigma_min
     sigma_max: float = SAMPLING.sigma_max
@@ -246,12 +248,16 @@ class TextToImagePipeline:
                  height: int | None = None, width: int | None = None, sampler: str | None = None,
                  num_images_per_prompt: int = 1, output_type: str = "pil",
                  callback=None, final_stage: int = 0,
-                 steps_per_stage: tuple[int, ...] | None = None, denoiser_wrapper=None) -> TextToImageOutput:
+                 steps_per_stage: tuple[int, ...] | None = None, denoiser_wrapper=None,
+                 style_guidance: float | None = None) -> TextToImageOutput:
         """Images for the prompts. num_steps: sampler steps over all stages, split by the model's
         `defaults.stage_weights` (or give `steps_per_stage`, finest first). final_stage = j returns
         the finished image at (height / 2^j, width / 2^j) for a model with nested expert ranges
         (section 2.2.3): a preview at a fraction of the cost. denoiser_wrapper(denoiser) -> denoiser
-        wraps the preconditioned network before guidance (ControlNets, inpainting constraints)."""
+        wraps the preconditioned network before guidance (ControlNets, inpainting constraints).
+        style_guidance: extra guidance along the style's own direction, w (D_c - D_{c without style}),
+        on top of guidance_scale (one more network branch per step where it is not 0; default: the
+        model's `defaults.style_guidance`); it acts on the images given a style."""
         d = self.config.defaults
         if self.config.max_sigma and d.sigma_max > self.config.max_sigma:
             raise EdifyError(f"this model is an upsampler, trained only up to sigma {self.config.max_sigma:g}: "
@@ -260,6 +266,9 @@ class TextToImagePipeline:
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         num_steps = d.num_steps if num_steps is None else num_steps
         guidance_scale = d.guidance_scale if guidance_scale is None else float(guidance_scale)
+        style_guidance = d.style_guidance if style_guidance is None else float(style_guidance)
+        if not math.isfinite(style_guidance):
+            raise EdifyError(f"style_guidance must be finite, got {style_guidance}")
         sampler = d.sampler if sampler is None else sampler
         height = self.config.resolution if height is None else height
         width = self.config.resolution if width is None else width
@@ -277,7 +286,9 @@ class TextToImagePipeline:
         denoiser = EDMPrecond(self.network, self.config.sigma_data, dtype=self.dtype)
         if denoiser_wrapper is not None:
             denoiser = denoiser_wrapper(denoiser)
-        guided = CFGDenoiser(denoiser, guidance_scale, negative=negative)
+        styled = style_guidance != 0 and any(s is not None for s in styles) and len(self.vocab) > 0
+        guided = CFGDenoiser(denoiser, guidance_scale, negative=negative,
+                             terms=[(("media",), style_guidance)] if styled else ())
         sigmas = laplacian_sigmas(self.process, self.stage_steps(num_steps, final_stage, steps_per_stage),
                                   d.sigma_min, d.sigma_max, d.rho, d.ramp_weight, final_stage)
         gens = generators(seeds, device="cpu")
