@@ -53,7 +53,7 @@ def generate(pipe, captions, styles, args, control=None) -> torch.Tensor:
     parts = []
     for sl in batched(len(captions), args.batch_size):
         kw = dict(style=styles[sl], seed=list(range(sl.start, sl.stop)), num_steps=args.steps,
-                  guidance_scale=args.guidance, output_type="tensor")
+                  guidance_scale=args.guidance, style_guidance=args.style_guidance, output_type="tensor")
         if control is not None:
             kw.update(control_image=control[sl], control_weight=args.control_weight)
         parts.append(pipe(captions[sl], **kw).images)
@@ -196,6 +196,7 @@ def run(args) -> int:
     defaults = base.config.defaults
     args.steps = defaults.num_steps if args.steps is None else args.steps
     args.guidance = defaults.guidance_scale if args.guidance is None else args.guidance
+    args.style_guidance = defaults.style_guidance if args.style_guidance is None else args.style_guidance
     rows = measure(args, base, tuned, cn_base, cn_tuned, real, style_real, real_stats, style_stats, extractor,
                    reference, name, log)
     return report(args, rows, started)
@@ -285,6 +286,8 @@ def main(argv=None) -> int:
     p.add_argument("--style-ref-per-style", type=int, default=200)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--style-guidance", type=float, default=None,
+                   help="extra guidance along the style's direction (default: the base's)")
     p.add_argument("--control-weight", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)

@@ -184,7 +184,8 @@ class ControlNetPipeline(TextToImagePipeline):
                  final_stage: int = 0, steps_per_stage: tuple[int, ...] | None = None,
                  control_weight: float | Sequence[float] = 1.0,
                  control_start: float | Sequence[float] = math.inf,
-                 control_end: float | Sequence[float] = 0.0, resize: bool = False) -> TextToImageOutput:
+                 control_end: float | Sequence[float] = 0.0, resize: bool = False,
+                 style_guidance: float | None = None) -> TextToImageOutput:
         """Images for the prompts, steered by one control image per ControlNet (a list for several).
 
         control_weight, control_start, control_end: a number for every ControlNet or a list of one
@@ -197,17 +198,19 @@ class ControlNetPipeline(TextToImagePipeline):
         return self._sample(wrap, prompt=prompt, negative_prompt=negative_prompt, style=style, num_steps=num_steps,
                             guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
                             num_images_per_prompt=num_images_per_prompt, output_type=output_type,
-                            callback=callback, final_stage=final_stage, steps_per_stage=steps_per_stage)
+                            callback=callback, final_stage=final_stage, steps_per_stage=steps_per_stage,
+                            style_guidance=style_guidance)
 
     def _sample(self, denoiser_wrapper: DenoiserWrapper | None, *, prompt, negative_prompt, style, num_steps,
                 guidance_scale, seed, height, width, sampler, num_images_per_prompt, output_type, callback,
-                final_stage, steps_per_stage) -> TextToImageOutput:
+                final_stage, steps_per_stage, style_guidance=None) -> TextToImageOutput:
         """`TextToImagePipeline.__call__` with the preconditioned denoiser wrapped before guidance."""
         return TextToImagePipeline.__call__(
             self, prompt, negative_prompt=negative_prompt, style=style, num_steps=num_steps,
             guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
             num_images_per_prompt=num_images_per_prompt, output_type=output_type, callback=callback,
-            final_stage=final_stage, steps_per_stage=steps_per_stage, denoiser_wrapper=denoiser_wrapper)
+            final_stage=final_stage, steps_per_stage=steps_per_stage, denoiser_wrapper=denoiser_wrapper,
+            style_guidance=style_guidance)
 
 
 # ---- inpainting, outpainting, object replacement -----------------------------------------------
