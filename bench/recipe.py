@@ -292,12 +292,16 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     from edify.training.monitor import save_grid
 
     pipe = TextToImagePipeline.from_pretrained(model_dir).to("cpu")
+    if args.sigma_min is not None:  # end the schedule elsewhere than the model's default
+        pipe.config = dataclasses.replace(
+            pipe.config, defaults=dataclasses.replace(pipe.config.defaults, sigma_min=args.sigma_min))
+    sigma_min = pipe.config.defaults.sigma_min
     recorder = RecordingExtractor(extractor)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FID below 2048 samples: the same counts for every candidate
         metrics = evaluate_pipeline(pipe, real, args.num_samples, sampler=args.sampler, steps=args.steps,
-                                    guidance=args.guidance, style_guidance=args.style_guidance, seed=args.seed, metrics=("fid", "kid", "retrieval"),
+                                    guidance=args.guidance, style_guidance=args.style_guidance, seed=args.seed, metrics=("fid", "kid", "swd", "retrieval"),
                                     batch_size=args.batch, extractor=recorder, real_stats=real_stats)
     fake = torch.cat(recorder.features)
     indices = draw_prompts(real, args.num_samples, args.seed)
@@ -313,11 +317,13 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     captions = [real.captions[j] for j in indices]
     out["retrieval_top1_chance"] = retrieval_chance(captions, real.captions, 1)
     out["retrieval_top5_chance"] = retrieval_chance(captions, real.captions, 5)
+    out["sigma_min"] = sigma_min
     out["eval_wall_minutes"] = round((time.perf_counter() - wall0) / 60, 2)
     out["eval_cpu_minutes"] = round((time.process_time() - cpu0) / 60, 2)
     grid = torch.cat(recorder.images)[:GRID]
     suffix = ("" if args.guidance == 3.0 else f"-g{args.guidance:g}") + \
-        ("" if args.style_guidance == 0 else f"-sg{args.style_guidance:g}")
+        ("" if args.style_guidance == 0 else f"-sg{args.style_guidance:g}") + \
+        ("" if args.sigma_min is None else f"-smin{args.sigma_min:g}")
     save_grid(grid, grid_dir / f"samples{suffix}.png", columns=7)
     torch.save({"features": fake, "indices": indices, "requested_styles": requested},
                grid_dir / f"eval-features{suffix}.pt")  # for later metrics without regenerating
@@ -332,15 +338,17 @@ def real_style_ceiling(real, real_stats, style_ref) -> dict:
 
 # ---- the table -----------------------------------------------------------------------------------
 
-COLUMNS = (("candidate", "{}"), ("guidance", "{:g}"), ("style_guidance", "{:g}"), ("images", "{:,}"), ("train_cpu_minutes", "{:.1f}"),
+COLUMNS = (("candidate", "{}"), ("guidance", "{:g}"), ("style_guidance", "{:g}"), ("sigma_min", "{:g}"), ("images", "{:,}"), ("train_cpu_minutes", "{:.1f}"),
            ("wall_minutes", "{:.1f}"), ("final_loss", "{:.4f}"), ("fid", "{:.1f}"), ("kid", "{:.4f}"),
            ("kid_std", "{:.4f}"), ("retrieval_top1", "{:.3f}"), ("retrieval_top5", "{:.3f}"),
-           ("style_acc", "{:.3f}"), ("style_chance", "{:.3f}"))
+           ("style_acc", "{:.3f}"), ("style_chance", "{:.3f}"), ("swd_64", "{:.1f}"), ("swd_32", "{:.1f}"),
+           ("swd_16", "{:.1f}"))
 
 
 def table(rows: list[dict]) -> str:
-    head = ["candidate", "guidance", "style guidance", "images seen", "train CPU min", "wall min (all)", "final loss",
-            "FID", "KID", "KID std", "top-1", "top-5", "style acc", "style chance"]
+    head = ["candidate", "guidance", "style guidance", "last sigma", "images seen", "train CPU min", "wall min (all)", "final loss",
+            "FID", "KID", "KID std", "top-1", "top-5", "style acc", "style chance",
+            "SWD 64", "SWD 32", "SWD 16"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = []
@@ -383,7 +391,7 @@ def smoke_dataset(folder: Path, n: int = 16, resolution: int = 64) -> Path:
 
 # ---- main ----------------------------------------------------------------------------------------
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/emoji", help="dataset folder with train/ and val/ (emoji layout)")
@@ -402,6 +410,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--style-guidance", type=float, default=0.0,
                         help="extra guidance along the style's direction (edify.core.guidance)")
+    parser.add_argument("--sigma-min", type=float, default=None,
+                        help="end the sampling schedule at this sigma (default: the model's defaults.sigma_min)")
     parser.add_argument("--num-samples", type=int, default=924, help="generated images (924 = the val split)")
     parser.add_argument("--max-real", type=int, default=None, help="first N real validation images only")
     parser.add_argument("--style-ref-per-style", type=int, default=200,
@@ -412,7 +422,7 @@ def main() -> None:
     parser.add_argument("--cache", default=None, help="real-feature cache folder (default: edify eval's)")
     parser.add_argument("--smoke", action="store_true",
                         help="seconds-long check: tiny random network, made-up data, 3 CPU s of training, 8 samples")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     names = [n.strip() for item in args.candidate for n in item.split(",") if n.strip()]
 
