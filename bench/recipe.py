@@ -338,21 +338,23 @@ def real_style_ceiling(real, real_stats, style_ref) -> dict:
 
 # ---- the table -----------------------------------------------------------------------------------
 
-COLUMNS = (("candidate", "{}"), ("guidance", "{:g}"), ("style_guidance", "{:g}"), ("sigma_min", "{:g}"), ("images", "{:,}"), ("train_cpu_minutes", "{:.1f}"),
-           ("wall_minutes", "{:.1f}"), ("final_loss", "{:.4f}"), ("fid", "{:.1f}"), ("kid", "{:.4f}"),
-           ("kid_std", "{:.4f}"), ("retrieval_top1", "{:.3f}"), ("retrieval_top5", "{:.3f}"),
-           ("style_acc", "{:.3f}"), ("style_chance", "{:.3f}"), ("swd_64", "{:.1f}"), ("swd_32", "{:.1f}"),
-           ("swd_16", "{:.1f}"))
+# (row key, table heading, format); rows written before a column existed show "-"
+COLUMNS = (("candidate", "candidate", "{}"), ("guidance", "guidance", "{:g}"),
+           ("style_guidance", "style guidance", "{:g}"), ("sigma_min", "last sigma", "{:g}"),
+           ("images", "images seen", "{:,}"), ("train_cpu_minutes", "train CPU min", "{:.1f}"),
+           ("wall_minutes", "wall min (all)", "{:.1f}"), ("final_loss", "final loss", "{:.4f}"),
+           ("fid", "FID", "{:.1f}"), ("kid", "KID", "{:.4f}"), ("kid_std", "KID std", "{:.4f}"),
+           ("retrieval_top1", "top-1", "{:.3f}"), ("retrieval_top5", "top-5", "{:.3f}"),
+           ("style_acc", "style acc", "{:.3f}"), ("style_chance", "style chance", "{:.3f}"),
+           ("swd_64", "SWD 64", "{:.1f}"), ("swd_32", "SWD 32", "{:.1f}"), ("swd_16", "SWD 16", "{:.1f}"))
 
 
 def table(rows: list[dict]) -> str:
-    head = ["candidate", "guidance", "style guidance", "last sigma", "images seen", "train CPU min", "wall min (all)", "final loss",
-            "FID", "KID", "KID std", "top-1", "top-5", "style acc", "style chance",
-            "SWD 64", "SWD 32", "SWD 16"]
+    head = [label for _, label, _ in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = []
-        for key, fmt in COLUMNS:
+        for key, _, fmt in COLUMNS:
             v = r.get(key, 0.0 if key == "style_guidance" else None)  # rows before the option: none
             if key == "candidate" and r.get("eval_only") and not v.startswith("model:"):
                 v += " (eval only)"
