@@ -300,6 +300,26 @@ def test_training_resumes_exactly_and_keeps_the_base_frozen(base_folder, tmp_pat
     assert "trains another ControlNet" in one_line(err)
 
 
+def test_a_run_warm_starts_from_an_exported_controlnet_of_the_same_config(base_folder, tmp_path):
+    first = trainer(base_folder, tmp_path / "a")
+    first.run(max_steps=2)
+    exported = export_controlnet(tmp_path / "a", tmp_path / "exported")
+    saved = ControlNet.from_pretrained(exported).state_dict()
+    warm = trainer(base_folder, tmp_path / "warm", init_from=str(exported))
+    assert warm.state.images == 0  # counts, optimizer and data start afresh
+    assert all(torch.equal(v, saved[k]) for k, v in warm.net.state_dict().items())
+    ema = warm.ema.state_dict(warm.model)
+    assert all(torch.equal(v, saved[k]) for k, v in ema.items())
+    assert len(warm.run(max_steps=1).losses) == 1
+    resumed = trainer(base_folder, tmp_path / "warm", init_from=str(exported))  # the checkpoint wins
+    assert resumed.state.images > 0
+    assert not all(torch.equal(v, saved[k]) for k, v in resumed.net.state_dict().items())
+    with pytest.raises(EdifyError) as err:  # a ControlNet of other hint widths
+        make_trainer(tiny_config(init_from=str(exported)), base_folder, tmp_path / "other", "canny", resume=True,
+                     make_control=blurred_grey, hint_widths=(16,), text_encoder=WordHashEncoder())
+    assert "another config" in one_line(err)
+
+
 def test_training_with_the_real_inpainting_controls(base_folder, tmp_path):
     pytest.importorskip("edify.data.controls")
     t = make_trainer(tiny_config(), base_folder, tmp_path / "inpaint", "inpaint", hint_widths=(8,),

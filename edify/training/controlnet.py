@@ -160,8 +160,10 @@ def make_trainer(config, base, out_dir, kind: str, *, resume: bool = False, make
         channels = control_channels(kind)
     else:
         channels = probe_channels(kind, make_control, config.resolution)
-    t = Trainer(config, out_dir, resume=False, stream=stream, text_encoder=text_encoder, device=device,
-                command=command)
+    init_from = config.init_from  # a ControlNet folder here, loaded below (not a base model folder)
+    t = Trainer(config.replace(init_from=""), out_dir, resume=False, stream=stream, text_encoder=text_encoder,
+                device=device, command=command)
+    t.config = config
     c = t.config
     t.base = pipe.network.to(t.device).eval().requires_grad_(False)  # frozen: no gradients, no dropout
     cn_config = ControlNetConfig.for_base(t.base.config, channels, tuple(hint_widths), kind)
@@ -183,7 +185,25 @@ def make_trainer(config, base, out_dir, kind: str, *, resume: bool = False, make
         return None
 
     resume_or_record(t, resume, RUN_FILE, record, conflict)
+    if init_from and t.state.images == 0:
+        warm_start(t, init_from, cn_config)
     return t
+
+
+def warm_start(t, folder: str, cn_config) -> None:
+    """Start the ControlNet and its EMA from an exported ControlNet folder of the same config, e.g.
+    one trained on an earlier version of the base (the optimizer, data position and counts start
+    afresh); a checkpoint being resumed wins over it."""
+    from edify.networks.controlnet import ControlNet
+    from edify.training import distributed
+
+    source = ControlNet.from_pretrained(folder)
+    if source.config.to_dict() != cn_config.to_dict():
+        raise EdifyError(f"init_from {folder!r} is a ControlNet of another config than this run's "
+                         f"({source.config.kind}, hint widths {list(source.config.hint_widths)}) "
+                         f"vs ({cn_config.kind}, hint widths {list(cn_config.hint_widths)})")
+    t.load_start_weights(source.state_dict())
+    distributed.print0(f"warm start: ControlNet and EMA from {folder}")
 
 
 def read_run_file(run: Path) -> dict:

@@ -203,10 +203,15 @@ class Trainer:
         if saved != json.loads(json.dumps(self.net.config.to_dict())):
             raise EdifyError(f"init_from {folder!r} holds a network of another config than this run's: "
                              f"{saved} vs {self.net.config.to_dict()}")
-        module = distributed.unwrap(self.model)
         full = type(self.net)(self.net.config)  # a full copy: the wrapped model may be sharded
         scan_weights(path).load_into(full)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in full.state_dict().items()}
+        self.load_start_weights(full.state_dict())
+        distributed.print0(f"warm start: network and EMA from {path}")
+
+    def load_start_weights(self, weights: dict) -> None:
+        """Copy a full state dict of `self.net` into the (possibly sharded) model and the EMA."""
+        module = distributed.unwrap(self.model)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
         with torch.no_grad():
             for name, p in module.named_parameters():
                 p.copy_(distributed.shard_like(state[name].to(p.device), p))
@@ -214,7 +219,6 @@ class Trainer:
                 if name in state:
                     b.copy_(state[name].to(b.device))
         self.ema.load_state_dict(state)
-        distributed.print0(f"warm start: network and EMA from {path}")
 
     # ---- pieces of a step ----------------------------------------------------------------------
 
