@@ -220,7 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="controlnet,repaint,controlnet+repaint",
                    help="inpainting methods compared (edify.pipelines.control.INPAINT_METHODS)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale of every arm (default: the ControlNet's, else the model's)")
     p.add_argument("--control-weight", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--threads", type=int, default=None)
@@ -256,7 +257,9 @@ def run(args) -> int:
 def report(args, pipe, real, real_stats, extractor, started) -> int:
     defaults = pipe.config.defaults
     args.steps = defaults.num_steps if args.steps is None else args.steps
-    args.guidance = defaults.guidance_scale if args.guidance is None else args.guidance
+    if args.guidance is None:  # the pipeline's own default (the ControlNet's, if it carries one), for every arm
+        measured = pipe.control_guidance()
+        args.guidance = defaults.guidance_scale if measured is None else measured
     log = lambda message: print(f"[{time.time() - started:6.0f} s] {message}", file=sys.stderr)  # noqa: E731
     runner = run_canny if args.control == "canny" else run_inpaint
     out = Path(args.out)

@@ -5,6 +5,7 @@ random weights, as after training."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from functools import partial
@@ -124,6 +125,35 @@ def test_from_pretrained_loads_controlnets_and_refuses_another_base(tmp_path):
     with pytest.raises(EdifyError) as err:
         ControlNetPipeline.from_pretrained(tmp_path / "base", controlnets=[tmp_path / "other"])
     assert "made for another base network" in one_line(err)
+
+
+def test_a_controlnets_measured_guidance_is_the_default_and_a_given_one_wins(tmp_path):
+    plain = tiny_pipeline()
+    plain.save_pretrained(tmp_path / "base")
+    net = trained_controlnet(plain.network, 1, "canny", seed=3)
+    net.defaults = {"guidance_scale": 1.5}
+    net.save_pretrained(tmp_path / "canny")
+    assert json.loads((tmp_path / "canny" / "config.json").read_text())["defaults"] == {"guidance_scale": 1.5}
+    pipe = ControlNetPipeline.from_pretrained(tmp_path / "base", controlnets=[tmp_path / "canny"],
+                                              text_encoder=HashEncoder())
+    assert pipe.controlnets[0].defaults == {"guidance_scale": 1.5} and pipe.control_guidance() == 1.5
+    assert plain.config.defaults.guidance_scale != 1.5
+    edges = canny_edges(image_tensor(picture()))
+    kwargs = dict(control_image=edges, seed=2, output_type="tensor")
+    assert torch.equal(pipe("red apple", **kwargs).images, pipe("red apple", guidance_scale=1.5, **kwargs).images)
+    assert not torch.equal(pipe("red apple", **kwargs).images,
+                           pipe("red apple", guidance_scale=plain.config.defaults.guidance_scale, **kwargs).images)
+    other = trained_controlnet(plain.network, 1, "depth", seed=4)  # one ControlNet without a default: the base's
+    assert controlled(plain, pipe.controlnets[0], other).control_guidance() is None
+    other.defaults = {"guidance_scale": 1.2}
+    assert controlled(plain, pipe.controlnets[0], other).control_guidance() == 1.2  # the smallest
+    for bad in ({"guidance_scale": -1}, {"guidance_scale": "3"}, {"steps": 3}, [3]):
+        config = json.loads((tmp_path / "canny" / "config.json").read_text())
+        config["defaults"] = bad
+        (tmp_path / "canny" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(EdifyError) as err:
+            ControlNet.from_pretrained(tmp_path / "canny")
+        assert "defaults" in one_line(err)
 
 
 # ---- inpainting ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -193,6 +194,9 @@ class ControlNet(nn.Module):
     def __init__(self, config: ControlNetConfig):
         super().__init__()
         self.config = config
+        # Sampling settings measured best with this ControlNet (e.g. {"guidance_scale": 3.0}), kept in
+        # its config.json; pipelines use them where the caller gives none (edify.pipelines.control).
+        self.defaults: dict = {}
         self.base_config = cfg = config.base
         self._check = SimpleNamespace(config=cfg)  # for UNet.check_inputs, which reads only `config`
         w = cfg.widths
@@ -279,8 +283,9 @@ class ControlNet(nn.Module):
         atomically."""
         state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
                  for k, v in self.state_dict().items()}
-        return save_model(path, {"format": FORMAT, "version": FORMAT_VERSION, **self.config.to_dict()}, state,
-                          max_shard_bytes)
+        extra = {"defaults": dict(self.defaults)} if self.defaults else {}
+        return save_model(path, {"format": FORMAT, "version": FORMAT_VERSION, **self.config.to_dict(), **extra},
+                          state, max_shard_bytes)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, base: UNetConfig | None = None) -> ControlNet:
@@ -296,6 +301,7 @@ class ControlNet(nn.Module):
         weights.check_count(needed)
         net = cls(config)
         weights.load_into(net)
+        net.defaults = load_controlnet_defaults(folder)
         return net
 
 
@@ -321,7 +327,26 @@ def load_controlnet_config(path: str | Path) -> ControlNetConfig:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise EdifyError(f"not an {FORMAT} config (missing or wrong 'format' field)")
         check_version(data.get("version", 1))
-        return ControlNetConfig.from_dict({k: v for k, v in data.items() if k not in ("format", "version")})
+        return ControlNetConfig.from_dict({k: v for k, v in data.items() if k not in ("format", "version", "defaults")})
+
+
+DEFAULT_KEYS = ("guidance_scale",)
+
+
+def load_controlnet_defaults(path: str | Path) -> dict:
+    """The optional "defaults" of a ControlNet folder's config.json, checked: {} when absent;
+    {"guidance_scale": G} with a finite G >= 0."""
+    file = inside(model_folder(path), CONFIG_NAME, "ControlNet folder")
+    data = read_json(file)
+    defaults = data.get("defaults", {}) if isinstance(data, dict) else {}
+    with naming(file):
+        if not isinstance(defaults, dict) or set(defaults) - set(DEFAULT_KEYS):
+            raise EdifyError(f"'defaults' must be an object with the keys {', '.join(DEFAULT_KEYS)} only, "
+                             f"got {brief(defaults)}")
+        g = defaults.get("guidance_scale", 0.0)
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise EdifyError(f"defaults.guidance_scale must be a finite number >= 0, got {brief(g)}")
+    return {k: float(v) for k, v in defaults.items()}
 
 
 def check_version(version) -> None:

@@ -14,8 +14,11 @@ at full resolution, a weight and the sigma range where it acts) and, for `method
 `RePaintDenoiser` (`edify.core.repaint`: the known pixels replace the network's estimate), and for
 the default `method="controlnet+repaint"` by both (measured best on every task: docs/controls.md).
 The schedule, sampler, seeds and guidance are the text-to-image pipeline's, so with every control
-weight 0 the controlled images are the text-to-image ones bit for bit, and the three inpainting
-methods cost the same network evaluations.
+weight 0 the controlled images are the text-to-image ones bit for bit (at the same guidance scale),
+and the three inpainting methods cost the same network evaluations. One exception: a ControlNet
+folder may carry its own measured guidance scale (`"defaults": {"guidance_scale": G}` in its
+config.json); where the call gives none and every ControlNet in use has one, the smallest of them
+replaces the base model's default.
 
 Sigmas are full-resolution units, as everywhere in `edify.core`: a control acts while sampling
 runs from `control_start` (the larger sigma, default infinity) down to `control_end` (default 0).
@@ -157,6 +160,15 @@ class ControlNetPipeline(TextToImagePipeline):
         return [Control(net, self.control_tensor(net, image, size, resize), weight, end, start)
                 for net, image, weight, start, end in zip(self.controlnets, images, weights, starts, ends)]
 
+    def control_guidance(self) -> float | None:
+        """The guidance scale to use when the caller gives none: the smallest of the ControlNets'
+        measured defaults (`ControlNet.defaults["guidance_scale"]`) when every ControlNet of the
+        pipeline has one, else None (the base model's default)."""
+        values = [net.defaults.get("guidance_scale") for net in self.controlnets]
+        if not values or any(v is None for v in values):
+            return None
+        return min(values)
+
     @staticmethod
     def control_tensor(net: ControlNet, image, size: tuple[int, int], resize: bool = False) -> Tensor:
         """A control image for `net` at `size` (H, W): a tensor [1|B, Cc, H, W] in the control's range,
@@ -195,6 +207,8 @@ class ControlNetPipeline(TextToImagePipeline):
         controls = self.controls(control_image, (height, width), control_weight, control_start, control_end,
                                  resize)
         wrap = partial(ControlledDenoiser, controls=controls) if controls else None
+        if guidance_scale is None and controls:
+            guidance_scale = self.control_guidance()
         return self._sample(wrap, prompt=prompt, negative_prompt=negative_prompt, style=style, num_steps=num_steps,
                             guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
                             num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -287,6 +301,8 @@ class InpaintPipeline(ControlNetPipeline):
                 raise EdifyError(f"method {method!r} needs an inpainting ControlNet (from_pretrained(..., "
                                  "controlnet=FOLDER)); method 'repaint' needs none")
             controls = self.controls(control, (height, width), control_weight, control_start, control_end)
+            if guidance_scale is None:
+                guidance_scale = self.control_guidance()
 
         def wrap(denoiser):
             if controlled:
