@@ -6,7 +6,8 @@
         --controlnet weights/inpaint-64 --data data/emoji --num 200 --tasks replace,inpaint,outpaint
     python bench/control_quality.py --smoke        # ~1 min: tiny random networks, made-up data
 
-canny: for `--num` validation images (the first N in file order, image i with seed i), the Canny
+canny: for `--num` validation images (the first N in file order from `--first`, default 0, image i
+with seed i), the Canny
 edges of the real image steer the ControlNet at `--control-weight`; the base model alone gets the
 same captions, styles and seeds. Printed per arm: edge F1 (edify.data.controls.edge_f1, 1 px
 tolerance) between Canny(output) and the control edges, and FID/KID of the outputs against all
@@ -126,22 +127,26 @@ def run_canny(args, pipe, real, real_stats, extractor, log, emit):
     from edify.data.controls import edge_f1
     from edify.pipelines.text2image import TextToImagePipeline
 
-    n = min(args.num, real.images.shape[0])
-    images = real.images[:n]
+    first = args.first
+    if not 0 <= first < real.images.shape[0]:
+        raise EdifyError(f"--first must be in [0, {real.images.shape[0]}), got {first}")
+    n = min(args.num, real.images.shape[0] - first)
+    images = real.images[first:first + n]
     control = canny_edges(images)
     arms = {"controlnet": [], "base": []}
     for sl in batched(n, args.batch_size):
-        kw = dict(style=real.styles[sl], seed=list(range(sl.start, sl.stop)), num_steps=args.steps,
+        at = slice(first + sl.start, first + sl.stop)  # validation image i gets seed i
+        kw = dict(style=real.styles[at], seed=list(range(at.start, at.stop)), num_steps=args.steps,
                   guidance_scale=args.guidance, output_type="tensor")
-        arms["controlnet"].append(pipe(real.captions[sl], control_image=control[sl],
+        arms["controlnet"].append(pipe(real.captions[at], control_image=control[sl],
                                        control_weight=args.control_weight, **kw).images)
-        arms["base"].append(TextToImagePipeline.__call__(pipe, real.captions[sl], **kw).images)
+        arms["base"].append(TextToImagePipeline.__call__(pipe, real.captions[at], **kw).images)
         log(f"canny: {sl.stop}/{n} images")
     outs = {}
     for arm, parts in arms.items():
         out = outs[arm] = torch.cat(parts)
         f1 = edge_f1(canny_edges(out), control)
-        emit({"bench": "control_quality", "control": "canny", "arm": arm, "num": n,
+        emit({"bench": "control_quality", "control": "canny", "arm": arm, "num": n, "first": first,
                      "control_weight": args.control_weight if arm == "controlnet" else 0.0,
                      "steps": args.steps, "guidance": args.guidance, "edge_f1": round(float(f1.mean()), 4),
                      "edge_f1_std": round(float(f1.std()), 4), **metrics_of(out, real_stats, extractor)})
@@ -216,6 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--controlnet", default=None, help="the ControlNet folder")
     p.add_argument("--data", default="data/emoji")
     p.add_argument("--num", type=int, default=200)
+    p.add_argument("--first", type=int, default=0,
+                   help="canny: start at this validation image (e.g. 200 for a second, held-out set of --num)")
     p.add_argument("--tasks", default="replace,inpaint,outpaint")
     p.add_argument("--methods", default="controlnet,repaint,controlnet+repaint",
                    help="inpainting methods compared (edify.pipelines.control.INPAINT_METHODS)")
