@@ -327,7 +327,8 @@ def load_controlnet_config(path: str | Path) -> ControlNetConfig:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise EdifyError(f"not an {FORMAT} config (missing or wrong 'format' field)")
         check_version(data.get("version", 1))
-        return ControlNetConfig.from_dict({k: v for k, v in data.items() if k not in ("format", "version", "defaults")})
+        fields = {k: v for k, v in data.items() if k not in ("format", "version", "defaults")}
+        return ControlNetConfig.from_dict(fields)
 
 
 DEFAULT_KEYS = ("guidance_scale",)
