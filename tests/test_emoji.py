@@ -163,6 +163,18 @@ def test_build_writes_expected_shards(tarballs: Path, tmp_path: Path):
     assert json.loads(samples["twemoji__grapes"]["json"])["split"] == "val"
 
 
+def test_a_missing_naming_set_is_said_and_recorded(tarballs: Path, tmp_path: Path, capsys):
+    manifest = build(tarballs, tmp_path / "out")
+    assert manifest["naming_sets"] == ["twemoji"]
+    err = capsys.readouterr().err
+    assert "naming set(s) noto, fluent-emoji-flat, openmoji" in err and "other captions and splits" in err
+    for name in ("noto", "fluent-emoji-flat", "openmoji"):
+        write_package(tarballs, name, {}, {})
+    manifest = build(tarballs, tmp_path / "all")
+    assert set(manifest["naming_sets"]) == {"twemoji", "noto", "fluent-emoji-flat", "openmoji"}
+    assert "naming set" not in capsys.readouterr().err
+
+
 def test_rerun_skips_finished_shards_and_resumes_after_error(tarballs: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setattr(emoji_data, "SHARD_SIZE", 1)  # one icon per shard
     out = tmp_path / "out"

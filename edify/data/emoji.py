@@ -40,6 +40,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -331,6 +332,10 @@ def build_emoji_dataset(
             chars[name] = built[name].chars
         elif (other := find_tarball(folder, name)) is not None:
             chars[name] = read_icon_set(other, name).chars
+    missing = [n for n in NAMING_SETS if n not in chars]
+    if missing:  # captions, and with them the split, would differ from a build that has them
+        print(f"warning: no tarball of the naming set(s) {', '.join(missing)} in {folder}: some icons may get "
+              "other captions and splits than in a build that has them", file=sys.stderr)
     namer = EmojiNamer(chars)
     out = Path(out)
     remove_stale_temps(out, out / "train", out / "val")  # left by a build that was killed
@@ -344,6 +349,7 @@ def build_emoji_dataset(
         for shard in pending:
             _write_shard(shard, sizes, results, bar)
     manifest = summarize(out, shards, icon_sets, sizes, total, time.perf_counter() - started)
+    manifest["naming_sets"] = [n for n in KNOWN_SETS if n in chars]  # whose chars.json named the icons
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
 
