@@ -164,15 +164,18 @@ def test_build_writes_expected_shards(tarballs: Path, tmp_path: Path):
 
 
 def test_a_missing_naming_set_is_said_and_recorded(tarballs: Path, tmp_path: Path, capsys):
-    manifest = build(tarballs, tmp_path / "out")
-    assert manifest["naming_sets"] == ["twemoji"]
-    err = capsys.readouterr().err
-    assert "naming set(s) noto, fluent-emoji-flat, openmoji" in err and "other captions and splits" in err
+    assert build(tarballs, tmp_path / "out")["naming_sets"] == ["twemoji"]
+    assert main(["data", "emoji", "--tarballs", str(tarballs), "--sets", "twemoji", "--sizes", "16", "--workers", "1",
+                 "--quiet", "--out", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "naming set(s) noto, fluent-emoji-flat, openmoji" in out and "other captions and splits" in out
     for name in ("noto", "fluent-emoji-flat", "openmoji"):
         write_package(tarballs, name, {}, {})
     manifest = build(tarballs, tmp_path / "all")
     assert set(manifest["naming_sets"]) == {"twemoji", "noto", "fluent-emoji-flat", "openmoji"}
-    assert "naming set" not in capsys.readouterr().err
+    assert main(["data", "emoji", "--tarballs", str(tarballs), "--sets", "twemoji", "--sizes", "16", "--workers", "1",
+                 "--quiet", "--out", str(tmp_path / "cli-all")]) == 0
+    assert "naming set" not in capsys.readouterr().out
 
 
 def test_rerun_skips_finished_shards_and_resumes_after_error(tarballs: Path, tmp_path: Path, monkeypatch):

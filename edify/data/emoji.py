@@ -40,7 +40,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -332,10 +331,6 @@ def build_emoji_dataset(
             chars[name] = built[name].chars
         elif (other := find_tarball(folder, name)) is not None:
             chars[name] = read_icon_set(other, name).chars
-    missing = [n for n in NAMING_SETS if n not in chars]
-    if missing:  # captions, and with them the split, would differ from a build that has them
-        print(f"warning: no tarball of the naming set(s) {', '.join(missing)} in {folder}: some icons may get "
-              "other captions and splits than in a build that has them", file=sys.stderr)
     namer = EmojiNamer(chars)
     out = Path(out)
     remove_stale_temps(out, out / "train", out / "val")  # left by a build that was killed
@@ -349,7 +344,9 @@ def build_emoji_dataset(
         for shard in pending:
             _write_shard(shard, sizes, results, bar)
     manifest = summarize(out, shards, icon_sets, sizes, total, time.perf_counter() - started)
-    manifest["naming_sets"] = [n for n in KNOWN_SETS if n in chars]  # whose chars.json named the icons
+    # whose chars.json named the icons; without one of NAMING_SETS some captions, and with them
+    # the split, differ from a build that has it (the command says so)
+    manifest["naming_sets"] = [n for n in KNOWN_SETS if n in chars]
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
 
@@ -414,4 +411,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {counts.get('train', 0)} train + {counts.get('val', 0)} val samples "
           f"({len(manifest['sets'])} sets, sizes {manifest['sizes']}) to {args.out} "
           f"in {manifest['seconds']} s")
+    missing = [n for n in NAMING_SETS if n not in manifest["naming_sets"]]
+    if missing:
+        print(f"note: no tarball of the naming set(s) {', '.join(missing)}: some icons may have other captions "
+              "and splits than in a build that has them (docs/data.md)")
     return 0
