@@ -137,7 +137,7 @@ def run_canny(args, pipe, real, real_stats, extractor, log, emit):
     for sl in batched(n, args.batch_size):
         at = slice(first + sl.start, first + sl.stop)  # validation image i gets seed i
         kw = dict(style=real.styles[at], seed=list(range(at.start, at.stop)), num_steps=args.steps,
-                  guidance_scale=args.guidance, output_type="tensor")
+                  guidance_scale=args.guidance, sigma_min=args.sigma_min, output_type="tensor")
         arms["controlnet"].append(pipe(real.captions[at], control_image=control[sl],
                                        control_weight=args.control_weight, **kw).images)
         arms["base"].append(TextToImagePipeline.__call__(pipe, real.captions[at], **kw).images)
@@ -148,7 +148,8 @@ def run_canny(args, pipe, real, real_stats, extractor, log, emit):
         f1 = edge_f1(canny_edges(out), control)
         emit({"bench": "control_quality", "control": "canny", "arm": arm, "num": n, "first": first,
                      "control_weight": args.control_weight if arm == "controlnet" else 0.0,
-                     "steps": args.steps, "guidance": args.guidance, "edge_f1": round(float(f1.mean()), 4),
+                     "steps": args.steps, "guidance": args.guidance, "sigma_min": args.sigma_min,
+                     "edge_f1": round(float(f1.mean()), 4),
                      "edge_f1_std": round(float(f1.std()), 4), **metrics_of(out, real_stats, extractor)})
     figure_rows = [(images[i], control[i].expand(3, -1, -1), outs["controlnet"][i], outs["base"][i])
                    for i in range(min(6, n))]
@@ -173,7 +174,8 @@ def run_inpaint(args, pipe, real, real_stats, extractor, log, emit):
             for sl in batched(len(chosen), args.batch_size):
                 parts.append(pipe(captions[sl], image=images[sl], mask=masks[sl], task=task, method=method,
                                   style=styles[sl], seed=list(range(sl.start, sl.stop)), num_steps=args.steps,
-                                  guidance_scale=args.guidance, output_type="tensor").images)
+                                  guidance_scale=args.guidance, sigma_min=args.sigma_min,
+                                  output_type="tensor").images)
                 log(f"{task} {method}: {sl.stop}/{len(chosen)} images")
             out = outs[method] = torch.cat(parts)
             kept = (masks < 0.5).expand_as(out)
@@ -181,7 +183,7 @@ def run_inpaint(args, pipe, real, real_stats, extractor, log, emit):
             energy = gradient_energy(out, band)
             emit({"bench": "control_quality", "control": "inpaint", "task": task, "arm": method,
                          "num": len(chosen), "steps": args.steps, "guidance": args.guidance,
-                         "mask_cover": round(float(masks.mean()), 3),
+                         "sigma_min": args.sigma_min, "mask_cover": round(float(masks.mean()), 3),
                          "kept_max_err_255": round(kept_err, 3),
                          "seam_energy": round(float(energy.mean()), 5),
                          "seam_energy_real": round(float(real_energy.mean()), 5),
@@ -229,6 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale of every arm (default: the ControlNet's, else the model's)")
+    p.add_argument("--sigma-min", type=float, default=None,
+                   help="where every arm's schedule ends (default: the ControlNet's, else the model's)")
     p.add_argument("--control-weight", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--threads", type=int, default=None)
@@ -267,6 +271,9 @@ def report(args, pipe, real, real_stats, extractor, started) -> int:
     if args.guidance is None:  # the pipeline's own default (the ControlNet's, if it carries one), for every arm
         measured = pipe.control_guidance()
         args.guidance = defaults.guidance_scale if measured is None else measured
+    if args.sigma_min is None:  # likewise where the schedule ends
+        measured = pipe.control_sigma_min()
+        args.sigma_min = defaults.sigma_min if measured is None else measured
     log = lambda message: print(f"[{time.time() - started:6.0f} s] {message}", file=sys.stderr)  # noqa: E731
     runner = run_canny if args.control == "canny" else run_inpaint
     out = Path(args.out)

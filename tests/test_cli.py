@@ -114,6 +114,7 @@ def test_generate_help_lists_the_styles_and_states_reproducibility():
     (["generate", "apple", "--num", "0"], ["--num must be >= 1"]),
     (["generate", "apple", "--batch-size", "0"], ["--batch-size must be >= 1"]),
     (["generate", "apple", "--threads", "0"], ["--threads must be >= 1, got 0"]),
+    (["generate", "apple", "--sigma-min", "0"], ["sigma_min must be a number in (0, 80), got 0.0"]),
     (["generate", "apple", "-o", "/nonexistent-folder/x.png"], ["output folder", "does not exist"]),
     (["train", "--preset", "nope"], ["argument --preset: invalid choice: 'nope'"]),
     (["eval", "--data", "/nonexistent", "--batch", "0"], ["--batch must be >= 1"]),

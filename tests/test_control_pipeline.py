@@ -147,13 +147,42 @@ def test_a_controlnets_measured_guidance_is_the_default_and_a_given_one_wins(tmp
     assert controlled(plain, pipe.controlnets[0], other).control_guidance() is None
     other.defaults = {"guidance_scale": 1.2}
     assert controlled(plain, pipe.controlnets[0], other).control_guidance() == 1.2  # the smallest
-    for bad in ({"guidance_scale": -1}, {"guidance_scale": "3"}, {"steps": 3}, [3]):
+    for bad in ({"guidance_scale": -1}, {"guidance_scale": "3"}, {"steps": 3}, [3], {"sigma_min": 0},
+                {"sigma_min": float("nan")}, {"sigma_min": True}):
         config = json.loads((tmp_path / "canny" / "config.json").read_text())
         config["defaults"] = bad
         (tmp_path / "canny" / "config.json").write_text(json.dumps(config))
         with pytest.raises(EdifyError) as err:
             ControlNet.from_pretrained(tmp_path / "canny")
         assert "defaults" in one_line(err)
+
+
+def test_a_controlnets_measured_schedule_end_is_the_default_and_a_given_one_wins(tmp_path):
+    plain = tiny_pipeline()
+    plain.save_pretrained(tmp_path / "base")
+    net = trained_controlnet(plain.network, 1, "canny", seed=3)
+    end = plain.config.defaults.sigma_min * 40
+    net.defaults = {"guidance_scale": 1.5, "sigma_min": end}
+    net.save_pretrained(tmp_path / "canny")
+    pipe = ControlNetPipeline.from_pretrained(tmp_path / "base", controlnets=[tmp_path / "canny"],
+                                              text_encoder=HashEncoder())
+    assert pipe.control_sigma_min() == end
+    edges = canny_edges(image_tensor(picture()))
+    kwargs = dict(control_image=edges, seed=2, output_type="tensor")
+    default = pipe("red apple", **kwargs).images
+    assert torch.equal(default, pipe("red apple", sigma_min=end, **kwargs).images)
+    assert not torch.equal(default, pipe("red apple", sigma_min=plain.config.defaults.sigma_min, **kwargs).images)
+    # the text-to-image pipeline takes the same argument; without controls the model's default holds
+    assert torch.equal(TextToImagePipeline.__call__(pipe, "red apple", seed=2, output_type="tensor").images,
+                       plain("red apple", seed=2, output_type="tensor").images)
+    other = trained_controlnet(plain.network, 1, "depth", seed=4)
+    assert controlled(plain, pipe.controlnets[0], other).control_sigma_min() is None
+    other.defaults = {"sigma_min": end / 2}
+    assert controlled(plain, pipe.controlnets[0], other).control_sigma_min() == end  # the largest
+    for bad in (0.0, -1.0, float("inf"), plain.config.defaults.sigma_max):
+        with pytest.raises(EdifyError) as err:
+            pipe("red apple", sigma_min=bad, **kwargs)
+        assert "sigma_min must be" in one_line(err)
 
 
 # ---- inpainting ---------------------------------------------------------------------------------

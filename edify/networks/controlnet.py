@@ -331,12 +331,13 @@ def load_controlnet_config(path: str | Path) -> ControlNetConfig:
         return ControlNetConfig.from_dict(fields)
 
 
-DEFAULT_KEYS = ("guidance_scale",)
+DEFAULT_KEYS = ("guidance_scale", "sigma_min")
 
 
 def load_controlnet_defaults(path: str | Path) -> dict:
     """The optional "defaults" of a ControlNet folder's config.json, checked: {} when absent;
-    {"guidance_scale": G} with a finite G >= 0."""
+    "guidance_scale": a finite number >= 0, "sigma_min" (where the sampler's schedule ends): a finite
+    number > 0."""
     file = inside(model_folder(path), CONFIG_NAME, "ControlNet folder")
     data = read_json(file)
     defaults = data.get("defaults", {}) if isinstance(data, dict) else {}
@@ -344,9 +345,12 @@ def load_controlnet_defaults(path: str | Path) -> dict:
         if not isinstance(defaults, dict) or set(defaults) - set(DEFAULT_KEYS):
             raise EdifyError(f"'defaults' must be an object with the keys {', '.join(DEFAULT_KEYS)} only, "
                              f"got {brief(defaults)}")
-        g = defaults.get("guidance_scale", 0.0)
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
-            raise EdifyError(f"defaults.guidance_scale must be a finite number >= 0, got {brief(g)}")
+        for key, positive in (("guidance_scale", False), ("sigma_min", True)):
+            v = defaults.get(key, 1.0)
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                    or v < 0 or (positive and v == 0)):
+                bound = "> 0" if positive else ">= 0"
+                raise EdifyError(f"defaults.{key} must be a finite number {bound}, got {brief(v)}")
     return {k: float(v) for k, v in defaults.items()}
 
 

@@ -16,9 +16,10 @@ the default `method="controlnet+repaint"` by both (measured best on every task: 
 The schedule, sampler, seeds and guidance are the text-to-image pipeline's, so with every control
 weight 0 the controlled images are the text-to-image ones bit for bit (at the same guidance scale),
 and the three inpainting methods cost the same network evaluations. One exception: a ControlNet
-folder may carry its own measured guidance scale (`"defaults": {"guidance_scale": G}` in its
-config.json); where the call gives none and every ControlNet in use has one, the smallest of them
-replaces the base model's default.
+folder may carry its own measured sampling defaults (`"defaults": {"guidance_scale": G,
+"sigma_min": S}` in its config.json); where the call gives none and every ControlNet in use has
+one, the smallest guidance scale and the largest schedule end among them replace the base model's
+defaults.
 
 Sigmas are full-resolution units, as everywhere in `edify.core`: a control acts while sampling
 runs from `control_start` (the larger sigma, default infinity) down to `control_end` (default 0).
@@ -164,10 +165,19 @@ class ControlNetPipeline(TextToImagePipeline):
         """The guidance scale to use when the caller gives none: the smallest of the ControlNets'
         measured defaults (`ControlNet.defaults["guidance_scale"]`) when every ControlNet of the
         pipeline has one, else None (the base model's default)."""
-        values = [net.defaults.get("guidance_scale") for net in self.controlnets]
+        return self._control_default("guidance_scale", min)
+
+    def control_sigma_min(self) -> float | None:
+        """Where the schedule ends when the caller gives no sigma_min: the largest of the
+        ControlNets' measured `defaults["sigma_min"]` when every ControlNet has one, else None (the
+        base model's default)."""
+        return self._control_default("sigma_min", max)
+
+    def _control_default(self, key: str, reduce) -> float | None:
+        values = [net.defaults.get(key) for net in self.controlnets]
         if not values or any(v is None for v in values):
             return None
-        return min(values)
+        return reduce(values)
 
     @staticmethod
     def control_tensor(net: ControlNet, image, size: tuple[int, int], resize: bool = False) -> Tensor:
@@ -197,7 +207,7 @@ class ControlNetPipeline(TextToImagePipeline):
                  control_weight: float | Sequence[float] = 1.0,
                  control_start: float | Sequence[float] = math.inf,
                  control_end: float | Sequence[float] = 0.0, resize: bool = False,
-                 style_guidance: float | None = None) -> TextToImageOutput:
+                 style_guidance: float | None = None, sigma_min: float | None = None) -> TextToImageOutput:
         """Images for the prompts, steered by one control image per ControlNet (a list for several).
 
         control_weight, control_start, control_end: a number for every ControlNet or a list of one
@@ -209,22 +219,24 @@ class ControlNetPipeline(TextToImagePipeline):
         wrap = partial(ControlledDenoiser, controls=controls) if controls else None
         if guidance_scale is None and controls:
             guidance_scale = self.control_guidance()
+        if sigma_min is None and controls:
+            sigma_min = self.control_sigma_min()
         return self._sample(wrap, prompt=prompt, negative_prompt=negative_prompt, style=style, num_steps=num_steps,
                             guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
                             num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                             callback=callback, final_stage=final_stage, steps_per_stage=steps_per_stage,
-                            style_guidance=style_guidance)
+                            style_guidance=style_guidance, sigma_min=sigma_min)
 
     def _sample(self, denoiser_wrapper: DenoiserWrapper | None, *, prompt, negative_prompt, style, num_steps,
                 guidance_scale, seed, height, width, sampler, num_images_per_prompt, output_type, callback,
-                final_stage, steps_per_stage, style_guidance=None) -> TextToImageOutput:
+                final_stage, steps_per_stage, style_guidance=None, sigma_min=None) -> TextToImageOutput:
         """`TextToImagePipeline.__call__` with the preconditioned denoiser wrapped before guidance."""
         return TextToImagePipeline.__call__(
             self, prompt, negative_prompt=negative_prompt, style=style, num_steps=num_steps,
             guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
             num_images_per_prompt=num_images_per_prompt, output_type=output_type, callback=callback,
             final_stage=final_stage, steps_per_stage=steps_per_stage, denoiser_wrapper=denoiser_wrapper,
-            style_guidance=style_guidance)
+            style_guidance=style_guidance, sigma_min=sigma_min)
 
 
 # ---- inpainting, outpainting, object replacement -----------------------------------------------
@@ -256,7 +268,7 @@ class InpaintPipeline(ControlNetPipeline):
                  seed: int | list[int] | None = None, sampler: str | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", callback=None, steps_per_stage: tuple[int, ...] | None = None,
                  control_weight: float = 1.0, control_start: float = math.inf, control_end: float = 0.0,
-                 resize: bool = False) -> TextToImageOutput:
+                 resize: bool = False, sigma_min: float | None = None) -> TextToImageOutput:
         """Regenerate the white part of `mask` in `image` (1 = generate, 0 = keep).
 
         task: "inpaint" (fill a region), "replace" (a new object where the mask covers the old one)
@@ -303,6 +315,8 @@ class InpaintPipeline(ControlNetPipeline):
             controls = self.controls(control, (height, width), control_weight, control_start, control_end)
             if guidance_scale is None:
                 guidance_scale = self.control_guidance()
+            if sigma_min is None:
+                sigma_min = self.control_sigma_min()
 
         def wrap(denoiser):
             if controlled:
@@ -312,7 +326,7 @@ class InpaintPipeline(ControlNetPipeline):
         out = self._sample(wrap, prompt=prompt, negative_prompt=negative_prompt, style=style, num_steps=num_steps,
                            guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
                            num_images_per_prompt=num_images_per_prompt, output_type="tensor", callback=callback,
-                           final_stage=0, steps_per_stage=steps_per_stage)
+                           final_stage=0, steps_per_stage=steps_per_stage, sigma_min=sigma_min)
         B = out.images.shape[0]
         if canvas.shape[0] not in (1, B):
             raise EdifyError(f"the image batch must be 1 or the number of images ({B}), got {canvas.shape[0]}")

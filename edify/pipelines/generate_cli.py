@@ -123,6 +123,9 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
                              "network branch per step; default: the model's)")
     parser.add_argument("--sampler", default=None,
                         help="dpmpp_2m (default), dpmpp_3m, euler, heun (EDM's) or exp_trapezoid")
+    parser.add_argument("--sigma-min", type=float, default=None, metavar="S",
+                        help="the noise level where the schedule ends (default: the model's, or a "
+                             "ControlNet's measured one)")
     parser.add_argument("--num", type=int, default=1, help="number of images")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
                         help="images generated together; each batch is written as it finishes "
@@ -160,10 +163,10 @@ def finite_guard(seeds: list[int], progress=None, steps: int | None = None):
     return on_step
 
 
-def style_guidance_kwargs(args: argparse.Namespace) -> dict:
-    """`style_guidance` for the pipeline call where the command takes --style-guidance and it was given."""
-    w = getattr(args, "style_guidance", None)
-    return {} if w is None else {"style_guidance": w}
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """`style_guidance` and `sigma_min` for the pipeline call, those of them the command was given."""
+    given = {"style_guidance": getattr(args, "style_guidance", None), "sigma_min": getattr(args, "sigma_min", None)}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def generate_batch(pipe, args: argparse.Namespace, seeds: list[int], progress=None):
@@ -177,7 +180,7 @@ def generate_batch(pipe, args: argparse.Namespace, seeds: list[int], progress=No
                guidance_scale=args.guidance, seed=seeds, height=args.height, width=args.width,
                sampler=args.sampler, num_images_per_prompt=len(seeds), output_type="tensor", callback=guard,
                final_stage=args.final_stage, steps_per_stage=parse_stage_steps(args.steps_per_stage),
-               **style_guidance_kwargs(args))
+               **sampling_kwargs(args))
     if not all_finite(out.images):
         raise EdifyError(f"the images of seeds {seeds[0]}..{seeds[-1]} hold non-finite values (NaN or infinity): "
                          f"the model is unusable; no image of this batch was written")

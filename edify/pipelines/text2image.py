@@ -249,7 +249,7 @@ class TextToImagePipeline:
                  num_images_per_prompt: int = 1, output_type: str = "pil",
                  callback=None, final_stage: int = 0,
                  steps_per_stage: tuple[int, ...] | None = None, denoiser_wrapper=None,
-                 style_guidance: float | None = None) -> TextToImageOutput:
+                 style_guidance: float | None = None, sigma_min: float | None = None) -> TextToImageOutput:
         """Images for the prompts. num_steps: sampler steps over all stages, split by the model's
         `defaults.stage_weights` (or give `steps_per_stage`, finest first). final_stage = j returns
         the finished image at (height / 2^j, width / 2^j) for a model with nested expert ranges
@@ -257,7 +257,9 @@ class TextToImagePipeline:
         wraps the preconditioned network before guidance (ControlNets, inpainting constraints).
         style_guidance: extra guidance along the style's own direction, w (D_c - D_{c without style}),
         on top of guidance_scale (one more network branch per step where it is not 0; default: the
-        model's `defaults.style_guidance`); it acts on the images given a style."""
+        model's `defaults.style_guidance`); it acts on the images given a style. sigma_min: the
+        full-resolution noise level where the schedule ends and the last denoised estimate is
+        returned (default: the model's `defaults.sigma_min`)."""
         d = self.config.defaults
         if self.config.max_sigma and d.sigma_max > self.config.max_sigma:
             raise EdifyError(f"this model is an upsampler, trained only up to sigma {self.config.max_sigma:g}: "
@@ -269,6 +271,9 @@ class TextToImagePipeline:
         style_guidance = d.style_guidance if style_guidance is None else float(style_guidance)
         if not math.isfinite(style_guidance):
             raise EdifyError(f"style_guidance must be finite, got {style_guidance}")
+        sigma_min = d.sigma_min if sigma_min is None else float(sigma_min)
+        if not (math.isfinite(sigma_min) and 0 < sigma_min < d.sigma_max):
+            raise EdifyError(f"sigma_min must be a number in (0, {d.sigma_max:g}), got {sigma_min}")
         sampler = d.sampler if sampler is None else sampler
         height = self.config.resolution if height is None else height
         width = self.config.resolution if width is None else width
@@ -290,7 +295,7 @@ class TextToImagePipeline:
         guided = CFGDenoiser(denoiser, guidance_scale, negative=negative,
                              terms=[(("media",), style_guidance)] if styled else ())
         sigmas = laplacian_sigmas(self.process, self.stage_steps(num_steps, final_stage, steps_per_stage),
-                                  d.sigma_min, d.sigma_max, d.rho, d.ramp_weight, final_stage)
+                                  sigma_min, d.sigma_max, d.rho, d.ramp_weight, final_stage)
         gens = generators(seeds, device="cpu")
         x = initial_state(self.process, d.sigma_max, (len(prompts), 3, height, width), gens).to(self.device)
         x = SAMPLERS[sampler](guided, x, sigmas, self.process, cond, gens, callback, final_stage=final_stage)
