@@ -24,6 +24,12 @@ Printed as one JSON line per measurement, each as soon as it is measured (also a
 4. ControlNet (`--num-control` validation images of --data, their Canny edges as the control, the
    ControlNet unchanged): the base with the images' own styles against the finetune with the new
    style; edge F1 (edify.data.controls.edge_f1) and the new-style rate of the finetuned arm.
+5. loss (seconds, no sampling): the held-out denoising loss, the training objective on images no
+   arm trained on: every validation image of the new style (base with the closest style against the
+   finetune with the new style) and of --data (own styles; base against the finetune at scale 1),
+   for each Laplacian stage at the same sigmas and noise in every arm (`--loss-repeats` draws per
+   image and stage, seeded). Lower is a better fit of that split's distribution, whatever the
+   sampler makes of it.
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ def cost_row(delta: Path) -> dict:
             "wall_minutes": t.get("wall_minutes"), "threads": t.get("threads")}
 
 
-MEASURES = ("cost", "style", "forgetting", "controlnet")
+MEASURES = ("cost", "style", "forgetting", "controlnet", "loss")
 
 
 def measure(args, base, tuned, cn_base, cn_tuned, real, style_real, real_stats, style_stats, extractor,
@@ -102,6 +108,8 @@ def measure(args, base, tuned, cn_base, cn_tuned, real, style_real, real_stats, 
         yield from measure_forgetting(args, base, tuned, real, real_stats, extractor, reference, log)
     if "controlnet" in measures:
         yield from measure_controlnet(args, cn_base, cn_tuned, real, extractor, reference, name, log)
+    if "loss" in measures:
+        yield from measure_loss(args, base, tuned, real, style_real, reference, name, log)
 
 
 def measure_style(args, base, tuned, style_real, style_stats, extractor, reference, name, log):
@@ -153,6 +161,45 @@ def measure_controlnet(args, cn_base, cn_tuned, real, extractor, reference, name
                 "edge_f1": round(float(f1.mean()), 4), "edge_f1_std": round(float(f1.std()), 4),
                 "new_style_rate": new_style_rate(images, name, extractor, reference)})
         log(f"controlnet: {arm} done")
+
+
+@torch.no_grad()
+def heldout_loss(pipe, images: torch.Tensor, captions: list[str], styles: list, repeats: int, seed: int,
+                 batch: int = 64) -> dict:
+    """The mean EDM training loss of `pipe`'s network per Laplacian stage (edify.core.losses) on
+    images [N, 3, R, R] in [-1, 1]: `repeats` draws of sigma and noise per image and stage, seeded so
+    that every pipeline sees the same draws."""
+    from edify.core.losses import LaplacianEDMLoss
+    from edify.core.precond import EDMPrecond
+
+    c = pipe.config
+    loss_fn = LaplacianEDMLoss(pipe.process, sigma_data=c.sigma_data, expert_ranges=c.expert_ranges)
+    denoiser = EDMPrecond(pipe.network, c.sigma_data)
+    cond = pipe.encode(captions, styles)
+    row = {}
+    for stage in range(pipe.process.levels):
+        losses = []
+        for r in range(repeats):
+            gen = torch.Generator().manual_seed(seed + 1000 * stage + r)
+            for sl in batched(images.shape[0], batch):
+                losses.append(loss_fn(denoiser, images[sl].to(pipe.device), cond.index(sl), stage, generator=gen))
+        row[f"loss_stage{stage}"] = round(float(torch.cat(losses).mean()), 4)
+    row["loss"] = round(sum(row.values()) / len(row), 4)
+    return row
+
+
+def measure_loss(args, base, tuned, real, style_real, reference, name, log):
+    closest = args.closest_style or closest_style(reference, base.config.styles, name)
+    tuned.unload_finetune().load_finetune(args.delta, 1.0)
+    n = style_real.images.shape[0]
+    for arm, pipe, style in (("base", base, closest), ("finetune", tuned, name)):
+        yield {"measure": "loss", "split": "new style val", "arm": arm, "style": style, "num": n,
+               **heldout_loss(pipe, style_real.images, style_real.captions, [style] * n, args.loss_repeats,
+                              args.seed)}
+    for arm, pipe in (("base", base), ("scale 1", tuned)):
+        yield {"measure": "loss", "split": "base val", "arm": arm, "num": real.images.shape[0],
+               **heldout_loss(pipe, real.images, real.captions, real.styles, args.loss_repeats, args.seed)}
+    log("loss done")
 
 
 def run(args) -> int:
@@ -262,7 +309,7 @@ def smoke(args) -> int:
         stats = FeatureStats.from_features(extractor(images))
         reference = (extractor(images).repeat(2, 1), ["noto", "twemoji"] * (n // 2) + ["pixel"] * n)
         args.delta, args.num, args.num_control, args.steps, args.batch_size = str(delta), n, n, 3, 2
-        args.guidance, args.out = 2.0, str(tmp / "out")
+        args.guidance, args.out, args.loss_repeats = 2.0, str(tmp / "out"), 1
         rows = list(measure(args, base, tuned, cn_base, cn_tuned, real, real, stats, stats, extractor, reference,
                             "pixel", lambda message: None))
         exact = [r for r in rows if r.get("arm") == "scale 0"]
@@ -290,11 +337,13 @@ def main(argv=None) -> int:
                    help="extra guidance along the style's direction (default: the base's)")
     p.add_argument("--control-weight", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss-repeats", type=int, default=2,
+                   help="loss: sigma and noise draws per image and stage (default 2)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/finetune-quality")
     p.add_argument("--measures", default=",".join(MEASURES),
-                   help="which measurements, a comma list (default: all of cost,style,forgetting,controlnet)")
+                   help="which measurements, a comma list (default: all of cost,style,forgetting,controlnet,loss)")
     p.add_argument("--smoke", action="store_true")
     return run_bench("finetune_quality", p.parse_args(argv), run)
 
