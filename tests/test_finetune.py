@@ -301,6 +301,71 @@ def test_data_without_images_or_captions_is_one_line(setup, tmp_path):
     assert data.images.shape == (4, 3, 32, 32) and set(data.captions) == {"my thing"}
 
 
+# ---- prior preservation --------------------------------------------------------------------------
+
+def tiny_data(n: int, style: str | None, caption: str = "thing") -> training.FinetuneData:
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+    return training.FinetuneData(images, [f"{caption} {i}" for i in range(n)], [style] * n)
+
+
+@pytest.mark.parametrize("share", [0.5, 0.25, 0.3])
+def test_prior_share_of_the_stream_is_exact_and_each_source_runs_through_epochs(share):
+    data, prior = tiny_data(5, "pixel"), tiny_data(7, "noto", "prior")
+    stream = training.images_stream(data, 4, seed=1, rank=0, world=1, prior=prior, prior_share=share)
+    batches = [stream.next() for _ in range(50)]
+    captions = [c for b in batches for c in b.caption]
+    from_prior = [c.startswith("prior") for c in captions]
+    assert sum(from_prior) == int(len(captions) * share)  # floor((i + 1) p) - floor(i p) summed over i < 200
+    assert all(abs(sum(from_prior[:k]) - k * share) < 1 for k in range(len(captions)))  # spread evenly
+    ours = [c for c, f in zip(captions, from_prior) if not f]
+    theirs = [c for c, f in zip(captions, from_prior) if f]
+    for seen, n in ((ours, 5), (theirs, 7)):  # every epoch of each source is a permutation of it
+        for e in range(len(seen) // n):
+            assert len(set(seen[e * n:(e + 1) * n])) == n
+    assert all(st == "noto" for b in batches for c, st in zip(b.caption, b.style) if c.startswith("prior"))
+    assert float(batches[0].image.min()) >= -1 and float(batches[0].image.max()) <= 1
+    # resumable: a stream restored at a position continues with the same samples
+    again = training.images_stream(data, 4, seed=1, rank=0, world=1, prior=prior, prior_share=share)
+    again.load_state_dict({"kind": "synthetic", "consumed": 4 * 30})
+    assert [again.next().caption for _ in range(20)] == [b.caption for b in batches[30:]]
+    # without a prior, the stream is the plain one
+    plain = training.images_stream(data, 4, seed=1, rank=0, world=1)
+    assert all(not c.startswith("prior") for _ in range(5) for c in plain.next().caption)
+
+
+def test_a_finetune_with_prior_data_trains_and_records_it(setup, tmp_path):
+    root, _, _ = setup
+    prior = image_folder(tmp_path / "prior", n=6)
+    (prior / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "caption": f"an old thing {i}", "style": "noto"}) + "\n"
+        for i in range(6)))
+    for f in prior.glob("*.txt"):
+        f.unlink()
+    args = finetune_args("--base", str(root / "base"), "--data", str(root / "images"), "--out",
+                         str(tmp_path / "delta"), "--steps", "3", "--batch-size", "4", "--style", "pixel",
+                         "--prior-data", str(prior), "--prior-share", "0.5", "--preset", "tiny-cpu",
+                         "--run", str(tmp_path / "run"), "--set", "text_cache=false", "--threads", "1")
+    assert training.run(args, text_encoder=HashEncoder()) == 0
+    info, _ = ft.read_delta(tmp_path / "delta")
+    assert info.trained["prior_share"] == 0.5 and info.trained["prior_data"] == str(prior)
+    assert "--prior-data" in info.trained["command"]
+
+
+def test_bad_prior_data_is_one_line(setup, tmp_path):
+    root, _, _ = setup
+    common = ("finetune", "--base", str(root / "base"), "--data", str(root / "images"), "--out", str(tmp_path / "d"),
+              "--style", "pixel", "--steps", "2", "--preset", "tiny-cpu", "--run", str(tmp_path / "run"))
+    assert_one_line(edify(*common, "--prior-data", str(tmp_path / "nope")), 2, "--prior-data", "does not exist")
+    assert_one_line(edify(*common, "--prior-data", str(root / "images"), "--prior-share", "1"), 2,
+                    "--prior-share must be in (0, 1), got 1.0")
+    odd = image_folder(tmp_path / "odd", n=2)
+    (odd / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "caption": "x", "style": "watercolor"}) + "\n" for i in range(2)))
+    assert_one_line(edify(*common, "--prior-data", str(odd)), 2, "the prior data's styles must be the base's",
+                    "watercolor")
+    assert not (tmp_path / "d").exists()
+
+
 def test_generate_refuses_bad_finetunes_in_one_line(setup, tmp_path):
     root, deltas, _ = setup
     other = load_base(root)

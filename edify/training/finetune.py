@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import shlex
 from pathlib import Path
 
@@ -111,18 +112,46 @@ def read_data(spec: str, resolution: int, caption: str | None = None, style: str
     return FinetuneData(images, captions, styles)
 
 
-def images_stream(data: FinetuneData, micro_batch: int, seed: int, rank: int, world: int):
-    """A resumable stream over in-memory images (a seeded permutation per epoch)."""
+def images_stream(data: FinetuneData, micro_batch: int, seed: int, rank: int, world: int,
+                  prior: FinetuneData | None = None, prior_share: float = 0.0):
+    """A resumable stream over in-memory images (a seeded permutation per epoch).
+
+    With `prior` (prior preservation, as DreamBooth's class images and Custom Diffusion's
+    regularisation images), a fixed share of the stream's samples comes from it: sample i is a prior
+    sample when floor((i + 1) p) > floor(i p), so every batch holds the share up to rounding; each
+    source runs through its own seeded permutation per epoch."""
     import torch
 
     from edify.training.batches import SyntheticStream
 
+    sources = [data] + ([prior] if prior is not None else [])
+    p = prior_share if prior is not None else 0.0
+
     class ImagesStream(SyntheticStream):
         def __init__(self):
-            self.images, self.captions, self.styles = data.images, data.captions, data.styles
-            self.weights = torch.ones(len(data.captions))
+            self.images = torch.cat([d.images for d in sources])
+            self.captions = [c for d in sources for c in d.captions]
+            self.styles = [st for d in sources for st in d.styles]
+            self.weights = torch.ones(len(self.captions))
             self.size, self.micro_batch, self.seed = len(data.captions), micro_batch, seed
             self.rank, self.world_size, self.consumed = rank, world, 0
+            self._perms: dict = {}
+
+        def _perm(self, source: int, epoch: int):
+            """Source `source`'s permutation of epoch `epoch` (the latest epoch of each is kept)."""
+            if self._perms.get(source, (None,))[0] != epoch:
+                n = len(sources[source].captions)
+                g = torch.Generator().manual_seed(self.seed * 7919 + epoch + 104729 * source)
+                self._perms[source] = (epoch, torch.randperm(n, generator=g))
+            return self._perms[source][1]
+
+        def _index(self, i: int) -> int:
+            before = math.floor(i * p)
+            if math.floor((i + 1) * p) > before:  # a prior sample: the before-th of the prior stream
+                epoch, offset = divmod(before, len(prior.captions))
+                return len(data.captions) + int(self._perm(1, epoch)[offset])
+            epoch, offset = divmod(i - before, len(data.captions))
+            return int(self._perm(0, epoch)[offset])
 
         def next(self):
             batch = super().next()
@@ -211,8 +240,10 @@ def init_style_rows(table, styles, base_styles, init_style: str | None) -> None:
 
 def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "crossattn", rank: int = 4,
                  alpha: float | None = None, init_style: str | None = None, resume: bool = False,
-                 text_encoder=None, device=None, command: str | None = None, log=print):
-    """A `Trainer` that trains `mode`'s parameters (and any new style rows) of the base model folder."""
+                 text_encoder=None, device=None, command: str | None = None, log=print,
+                 prior: FinetuneData | None = None, prior_share: float = 0.0):
+    """A `Trainer` that trains `mode`'s parameters (and any new style rows) of the base model folder;
+    with `prior`, `prior_share` of every batch comes from it (`images_stream`)."""
     import torch
 
     from edify.core.precond import EDMPrecond
@@ -238,6 +269,11 @@ def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "cros
     net = pipe.network
     total = sum(p.numel() for p in net.parameters())
     styles = plan_styles(data.styles, pipe.config.styles, net.config.num_media_types)
+    if prior is not None:
+        unknown = sorted({st for st in prior.styles if st and st not in pipe.config.styles})
+        if unknown:
+            raise EdifyError(f"the prior data's styles must be the base's ({', '.join(pipe.config.styles)}); "
+                             f"it has {', '.join(unknown)}")
     names, recorded = select(net, mode, rank, alpha)
     table = dict(net.named_parameters())[ft.MEDIA_TABLE]
     if styles:
@@ -249,8 +285,9 @@ def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "cros
         table.register_hook(lambda g: g * rows.to(g.device, g.dtype))  # only the new rows learn
 
     micro = config.batch_size // config.grad_accum // distributed.world_size()
-    t = Trainer(config, out_dir, resume=False, stream=images_stream(data, micro, config.seed, distributed.rank(),
-                distributed.world_size()), text_encoder=text_encoder, device=device, command=command)
+    stream = images_stream(data, micro, config.seed, distributed.rank(), distributed.world_size(), prior, prior_share)
+    t = Trainer(config, out_dir, resume=False, stream=stream, text_encoder=text_encoder, device=device,
+                command=command)
     c = t.config
     t.vocab = ft.StyleSlots(t.vocab, {s.name: s.slot for s in styles}) if styles else t.vocab
     t.net = net.to(t.device).train()
@@ -271,10 +308,12 @@ def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "cros
     record = {"base": str(base), "fingerprint": dataclasses.asdict(fingerprint), "mode": mode,
               "rank": rank if mode == "lora" else 0, "alpha": alpha if mode == "lora" else 0.0,
               "parameters": recorded, "styles": [dataclasses.asdict(s) for s in styles],
-              "trained_values": trained, "network_values": total}
+              "trained_values": trained, "network_values": total,
+              "prior_share": prior_share if prior is not None else 0.0}
     new = ", ".join(f"{s.name!r} in media slot {s.slot}" for s in styles)
     log(f"finetune ({mode}{f', rank {rank}' if mode == 'lora' else ''}): trains {trained:,} of the base's "
-        f"{total:,} parameters ({100 * trained / total:.2f}%)" + (f"; new style {new}" if styles else ""))
+        f"{total:,} parameters ({100 * trained / total:.2f}%)" + (f"; new style {new}" if styles else "")
+        + (f"; {100 * prior_share:g}% of each batch from {len(prior.captions)} prior images" if prior else ""))
     _resume_or_start(t, record, resume)
     t.finetune_record = record
     return t
@@ -287,7 +326,7 @@ def _resume_or_start(t, record: dict, resume: bool) -> None:
     def conflict():
         saved = read_run_file(t.out_dir)
         keys = ("fingerprint", "mode", "rank", "alpha", "parameters", "styles")
-        if any(saved.get(k) != record[k] for k in keys):
+        if any(saved.get(k) != record[k] for k in keys) or saved.get("prior_share", 0.0) != record["prior_share"]:
             return (f"{t.out_dir} holds another finetune ({saved.get('mode')} of {saved.get('base')}); "
                     f"choose another --run")
         return None
@@ -355,6 +394,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one style for every image; a name the base lacks becomes a new style")
     parser.add_argument("--init-style", default=None, metavar="NAME",
                         help="a new style starts from this base style's embedding (default: their mean)")
+    parser.add_argument("--prior-data", default=None, metavar="DIR_OR_SHARDS",
+                        help="prior preservation: images in the base's own styles (e.g. its training data) "
+                             "mixed into every batch, so the base's styles and concepts are kept and the "
+                             "new style is what tells the data apart")
+    parser.add_argument("--prior-share", type=float, default=0.5, metavar="P",
+                        help="with --prior-data: the share of every batch it makes up (default 0.5)")
     parser.add_argument("--preset", default="emoji-64-cpu", choices=sorted(PRESETS),
                         help="training preset for the optimisation (its network and process come from --base)")
     parser.add_argument("--run", default=None, metavar="DIR",
@@ -373,6 +418,8 @@ def command_line(args: argparse.Namespace) -> str:
              "--params", args.params, "--steps", str(args.steps), "--lr", f"{args.lr:g}", "--preset", args.preset]
     words += ["--rank", str(args.rank)] + (["--alpha", f"{args.alpha:g}"] if args.alpha else []) \
         if args.params == "lora" else []
+    if args.prior_data is not None:
+        words += ["--prior-data", args.prior_data, "--prior-share", f"{args.prior_share:g}"]
     for flag in ("batch_size", "caption", "style", "init_style", "run", "max_minutes"):
         value = getattr(args, flag)
         words += [f"--{flag.replace('_', '-')}", str(value)] if value is not None else []
@@ -397,8 +444,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise EdifyError("--style must not be empty")
     if not Path(args.base).is_dir():
         raise EdifyError(f"no model folder at {args.base!r}")
-    if not Path(args.data).exists() and not any(c in args.data for c in "*?[{"):
-        raise EdifyError(f"--data {args.data!r} does not exist")
+    for flag in ("data", "prior_data"):
+        spec = getattr(args, flag)
+        if spec is not None and not Path(spec).exists() and not any(c in spec for c in "*?[{"):
+            raise EdifyError(f"--{flag.replace('_', '-')} {spec!r} does not exist")
+    if args.prior_data is not None and not (math.isfinite(args.prior_share) and 0 < args.prior_share < 1):
+        raise EdifyError(f"--prior-share must be in (0, 1), got {args.prior_share}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EdifyError(f"--out {args.out!r} exists and is not a folder")
@@ -436,10 +487,15 @@ def run(args: argparse.Namespace, text_encoder=None) -> int:
         resolution = read_json(Path(args.base) / "config.json").get("resolution", 64)
         data = read_data(args.data, int(resolution), args.caption, args.style)
         distributed.print0(f"data: {len(data.captions)} images from {args.data}")
+        prior = None
+        if args.prior_data is not None:
+            prior = read_data(args.prior_data, int(resolution))
+            distributed.print0(f"prior data: {len(prior.captions)} images from {args.prior_data}")
         started, cpu_started = time.perf_counter(), time.process_time()
         trainer = make_trainer(config, args.base, run_dir, data, mode=args.params, rank=args.rank, alpha=args.alpha,
                                init_style=args.init_style, resume=args.resume, text_encoder=text_encoder,
-                               device=device, command=command_line(args), log=distributed.print0)
+                               device=device, command=command_line(args), log=distributed.print0,
+                               prior=prior, prior_share=args.prior_share if prior is not None else 0.0)
         result = trainer.run()
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         used_threads = torch.get_num_threads()
@@ -447,6 +503,7 @@ def run(args: argparse.Namespace, text_encoder=None) -> int:
                        f"{seconds / 60:.1f} min ({cpu / 60:.1f} CPU min); checkpoint: {result.checkpoint}")
     if distributed.is_main():
         trained = {"steps": result.step, "images": result.images, "data": args.data, "command": command_line(args),
+                   "prior_data": args.prior_data, "prior_share": args.prior_share if args.prior_data else 0.0,
                    "wall_minutes": round(seconds / 60, 2), "cpu_minutes": round(cpu / 60, 2),
                    "threads": used_threads,
                    "trained_values": trainer.finetune_record["trained_values"],
