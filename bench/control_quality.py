@@ -268,12 +268,10 @@ def run(args) -> int:
 def report(args, pipe, real, real_stats, extractor, started) -> int:
     defaults = pipe.config.defaults
     args.steps = defaults.num_steps if args.steps is None else args.steps
-    if args.guidance is None:  # the pipeline's own default (the ControlNet's, if it carries one), for every arm
-        measured = pipe.control_guidance()
-        args.guidance = defaults.guidance_scale if measured is None else measured
-    if args.sigma_min is None:  # likewise where the schedule ends
-        measured = pipe.control_sigma_min()
-        args.sigma_min = defaults.sigma_min if measured is None else measured
+    # the pipeline's own defaults (the ControlNet's, where it carries them, else the model's), for every arm
+    guidance, sigma_min = pipe.with_control_defaults(args.guidance, args.sigma_min)
+    args.guidance = defaults.guidance_scale if guidance is None else guidance
+    args.sigma_min = defaults.sigma_min if sigma_min is None else sigma_min
     log = lambda message: print(f"[{time.time() - started:6.0f} s] {message}", file=sys.stderr)  # noqa: E731
     runner = run_canny if args.control == "canny" else run_inpaint
     out = Path(args.out)

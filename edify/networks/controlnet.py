@@ -345,12 +345,12 @@ def load_controlnet_defaults(path: str | Path) -> dict:
         if not isinstance(defaults, dict) or set(defaults) - set(DEFAULT_KEYS):
             raise EdifyError(f"'defaults' must be an object with the keys {', '.join(DEFAULT_KEYS)} only, "
                              f"got {brief(defaults)}")
-        for key, positive in (("guidance_scale", False), ("sigma_min", True)):
-            v = defaults.get(key, 1.0)
+        for key, v in defaults.items():
+            positive = key == "sigma_min"
             if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                     or v < 0 or (positive and v == 0)):
-                bound = "> 0" if positive else ">= 0"
-                raise EdifyError(f"defaults.{key} must be a finite number {bound}, got {brief(v)}")
+                raise EdifyError(f"defaults.{key} must be a finite number {'> 0' if positive else '>= 0'}, "
+                                 f"got {brief(v)}")
     return {k: float(v) for k, v in defaults.items()}
 
 

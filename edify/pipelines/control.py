@@ -173,6 +173,15 @@ class ControlNetPipeline(TextToImagePipeline):
         base model's default)."""
         return self._control_default("sigma_min", max)
 
+    def with_control_defaults(self, guidance_scale: float | None, sigma_min: float | None):
+        """(guidance_scale, sigma_min) with each one the caller left None replaced by the
+        ControlNets' measured default, where they carry one (else still None: the model's)."""
+        if guidance_scale is None:
+            guidance_scale = self.control_guidance()
+        if sigma_min is None:
+            sigma_min = self.control_sigma_min()
+        return guidance_scale, sigma_min
+
     def _control_default(self, key: str, reduce) -> float | None:
         values = [net.defaults.get(key) for net in self.controlnets]
         if not values or any(v is None for v in values):
@@ -217,10 +226,8 @@ class ControlNetPipeline(TextToImagePipeline):
         controls = self.controls(control_image, (height, width), control_weight, control_start, control_end,
                                  resize)
         wrap = partial(ControlledDenoiser, controls=controls) if controls else None
-        if guidance_scale is None and controls:
-            guidance_scale = self.control_guidance()
-        if sigma_min is None and controls:
-            sigma_min = self.control_sigma_min()
+        if controls:
+            guidance_scale, sigma_min = self.with_control_defaults(guidance_scale, sigma_min)
         return self._sample(wrap, prompt=prompt, negative_prompt=negative_prompt, style=style, num_steps=num_steps,
                             guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
                             num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -313,10 +320,7 @@ class InpaintPipeline(ControlNetPipeline):
                 raise EdifyError(f"method {method!r} needs an inpainting ControlNet (from_pretrained(..., "
                                  "controlnet=FOLDER)); method 'repaint' needs none")
             controls = self.controls(control, (height, width), control_weight, control_start, control_end)
-            if guidance_scale is None:
-                guidance_scale = self.control_guidance()
-            if sigma_min is None:
-                sigma_min = self.control_sigma_min()
+            guidance_scale, sigma_min = self.with_control_defaults(guidance_scale, sigma_min)
 
         def wrap(denoiser):
             if controlled:

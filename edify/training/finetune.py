@@ -269,6 +269,7 @@ def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "cros
     net = pipe.network
     total = sum(p.numel() for p in net.parameters())
     styles = plan_styles(data.styles, pipe.config.styles, net.config.num_media_types)
+    prior_share = prior_share if prior is not None else 0.0
     if prior is not None:
         unknown = sorted({st for st in prior.styles if st and st not in pipe.config.styles})
         if unknown:
@@ -309,7 +310,7 @@ def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "cros
               "rank": rank if mode == "lora" else 0, "alpha": alpha if mode == "lora" else 0.0,
               "parameters": recorded, "styles": [dataclasses.asdict(s) for s in styles],
               "trained_values": trained, "network_values": total,
-              "prior_share": prior_share if prior is not None else 0.0}
+              "prior_share": prior_share}
     new = ", ".join(f"{s.name!r} in media slot {s.slot}" for s in styles)
     log(f"finetune ({mode}{f', rank {rank}' if mode == 'lora' else ''}): trains {trained:,} of the base's "
         f"{total:,} parameters ({100 * trained / total:.2f}%)" + (f"; new style {new}" if styles else "")
@@ -495,7 +496,7 @@ def run(args: argparse.Namespace, text_encoder=None) -> int:
         trainer = make_trainer(config, args.base, run_dir, data, mode=args.params, rank=args.rank, alpha=args.alpha,
                                init_style=args.init_style, resume=args.resume, text_encoder=text_encoder,
                                device=device, command=command_line(args), log=distributed.print0,
-                               prior=prior, prior_share=args.prior_share if prior is not None else 0.0)
+                               prior=prior, prior_share=args.prior_share)
         result = trainer.run()
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         used_threads = torch.get_num_threads()
@@ -503,7 +504,7 @@ def run(args: argparse.Namespace, text_encoder=None) -> int:
                        f"{seconds / 60:.1f} min ({cpu / 60:.1f} CPU min); checkpoint: {result.checkpoint}")
     if distributed.is_main():
         trained = {"steps": result.step, "images": result.images, "data": args.data, "command": command_line(args),
-                   "prior_data": args.prior_data, "prior_share": args.prior_share if args.prior_data else 0.0,
+                   "prior_data": args.prior_data, "prior_share": trainer.finetune_record["prior_share"],
                    "wall_minutes": round(seconds / 60, 2), "cpu_minutes": round(cpu / 60, 2),
                    "threads": used_threads,
                    "trained_values": trainer.finetune_record["trained_values"],
