@@ -73,6 +73,28 @@ def test_fresh_controlnet_changes_nothing_and_guidance_pulls_toward_the_input(pi
         controlled.add_controlnet(ControlNet.from_base(controlled.network, control_channels=1, kind="canny"))
 
 
+def test_the_models_reconstruction_guidance_is_the_default_and_a_given_weight_wins(pipe, upscaler, tmp_path):
+    y = low_res(16)
+    folder = tmp_path / "guided-up"
+    folder.mkdir()
+    for f in upscaler.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["defaults"]["reconstruction_guidance"] = 1.0
+    (folder / "config.json").write_text(json.dumps(config))
+    guided = UpscalePipeline.from_pretrained(folder, text_encoder=WordHashEncoder())
+    assert guided.config.defaults.reconstruction_guidance == 1.0
+    assert pipe.config.defaults.reconstruction_guidance == 0.0  # folders without the key: off
+    by_default = guided(y, seed=0, output_type="tensor").images
+    assert torch.equal(by_default, pipe(y, seed=0, guidance_weight=1.0, output_type="tensor").images)
+    assert torch.equal(guided(y, seed=0, guidance_weight=0.0, output_type="tensor").images,
+                       pipe(y, seed=0, output_type="tensor").images)
+    config["defaults"]["reconstruction_guidance"] = float("nan")
+    (folder / "config.json").write_text(json.dumps(config))  # NaN
+    with pytest.raises(EdifyError, match="finite"):
+        UpscalePipeline.from_pretrained(folder, text_encoder=WordHashEncoder())
+
+
 def test_tiled_output_larger_than_the_training_size(upscaler, tmp_path):
     pipe = UpscalePipeline.from_pretrained(save_tiny_upscaler(tmp_path / "crop", train_size=32),
                                            text_encoder=WordHashEncoder())

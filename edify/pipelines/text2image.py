@@ -52,6 +52,9 @@ class SamplingDefaults:
     rho: float = SAMPLING.rho
     ramp_weight: float = SAMPLING.ramp_weight
     stage_weights: tuple[float, ...] = SAMPLING.stage_weights
+    # a cascade upsampler's reconstruction guidance weight when a call gives none (edify.core.reconstruction;
+    # 0 = off); a text-to-image model ignores it
+    reconstruction_guidance: float = 0.0
 
 
 @dataclass(frozen=True)

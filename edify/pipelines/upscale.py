@@ -58,6 +58,7 @@ class UpscaleOutput:
     nfe: int  # network evaluations per image and tile (reconstruction guidance adds a backward pass each)
     tiles: int  # tiles per evaluation (1 = untiled)
     entry_sigma: float
+    guidance_weight: float = 0.0  # the reconstruction guidance weight used
 
 
 class UpscalePipeline(ControlNetPipeline):
@@ -111,7 +112,7 @@ class UpscalePipeline(ControlNetPipeline):
     def __call__(self, image, prompt: str | list[str] | None = None, negative_prompt: str | None = None,
                  style: str | list[str] | None = None,
                  scale: int | None = None, entry_sigma: float | None = None, num_steps: int | None = None,
-                 guidance_scale: float | None = None, guidance_weight: float = 0.0, control_weight: float = 1.0,
+                 guidance_scale: float | None = None, guidance_weight: float | None = None, control_weight: float = 1.0,
                  tile: int | None = None, overlap: int | None = None, feather: bool = True, max_tiles: int | None = None,
                  seed: int | list[int] | None = None, sampler: str | None = None, output_type: str = "pil",
                  callback=None) -> UpscaleOutput:
@@ -119,7 +120,7 @@ class UpscalePipeline(ControlNetPipeline):
 
         entry_sigma: full-resolution sigma where sampling enters (default s_k*, the lowest: keeps the
         most of the input; higher lets the model repaint). guidance_weight: reconstruction guidance w
-        (0 = off). control_weight: the ControlNet's weight, if the pipeline has one. tile / overlap:
+        (0 = off; default: the model's `defaults.reconstruction_guidance`). control_weight: the ControlNet's weight, if the pipeline has one. tile / overlap:
         tile side and overlap in output pixels (default: tiles of the model's training size when the
         output is larger, overlapping by a quarter of it, at most 32 px). guidance_scale: classifier-free guidance (default 1 without a prompt).
         """
@@ -130,6 +131,7 @@ class UpscalePipeline(ControlNetPipeline):
         entry = self.default_entry(scale) if entry_sigma is None else check_entry_sigma(
             self.process, k, entry_sigma, self.max_sigma)
         num_steps = d.num_steps if num_steps is None else num_steps
+        guidance_weight = d.reconstruction_guidance if guidance_weight is None else guidance_weight
         guidance_scale = (d.guidance_scale if prompt is not None else 1.0) if guidance_scale is None else guidance_scale
         sampler = d.sampler if sampler is None else sampler
         self.check_inputs(["-"] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt), style, self.size_multiple, self.size_multiple, num_steps,
@@ -153,7 +155,7 @@ class UpscalePipeline(ControlNetPipeline):
                      generators(seeds, device="cpu"), callback)
         x = x[..., :h * scale, :w * scale].clamp(-1, 1)
         images = x.cpu() if output_type == "tensor" else to_pil(x)
-        return UpscaleOutput(images, seeds, sampler_nfe(sampler, len(sigmas) - 1), len(tiles), entry)
+        return UpscaleOutput(images, seeds, sampler_nfe(sampler, len(sigmas) - 1), len(tiles), entry, guidance_weight)
 
     def condition(self, prompt: str | list[str] | None, style: str | list[str] | None, batch: int) -> Cond:
         """The prompts' condition (one for all or one per image), or the null prompt (no text encoder

@@ -62,9 +62,9 @@ def add_upscale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entry-sigma", type=float, default=None, metavar="S",
                         help="full-resolution sigma where sampling enters (default: the model's lowest, which keeps "
                              "the most of the input; higher lets the model repaint)")
-    parser.add_argument("--guidance-weight", type=float, default=0.0, metavar="W",
-                        help="reconstruction guidance toward the input (Ho et al. 2022; default 0 = off, 1 = a full "
-                             "projection where the denoiser is locally the identity)")
+    parser.add_argument("--guidance-weight", type=float, default=None, metavar="W",
+                        help="reconstruction guidance toward the input (Ho et al. 2022; 0 = off, 1 = a full "
+                             "projection where the denoiser is locally the identity; default: the model's)")
     parser.add_argument("--tile", type=int, default=None, metavar="PX",
                         help="tile side in output pixels (default: the model's training size, when the output is larger)")
     parser.add_argument("--overlap", type=int, default=None, metavar="PX",
@@ -79,7 +79,7 @@ def check_upscale_args(args: argparse.Namespace) -> None:
         raise EdifyError(f"--scale must be a power of 2 (2, 4, ...), got {args.scale}")
     if args.entry_sigma is not None and not (math.isfinite(args.entry_sigma) and args.entry_sigma > 0):
         raise EdifyError(f"--entry-sigma must be a positive number, got {args.entry_sigma}")
-    if not (math.isfinite(args.guidance_weight) and args.guidance_weight >= 0):
+    if args.guidance_weight is not None and not (math.isfinite(args.guidance_weight) and args.guidance_weight >= 0):
         raise EdifyError(f"--guidance-weight must be finite and >= 0, got {args.guidance_weight}")
     if args.overlap is not None and args.overlap < 0:
         raise EdifyError(f"--overlap must be >= 0 px, got {args.overlap}")
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         result = to_pil(out.images)[0]
         save_png(result, path)
     print(f"{path}  ({image.width}x{image.height} -> {result.width}x{result.height}, entry sigma "
-          f"{out.entry_sigma:g}, {out.nfe} steps x {out.tiles} tile(s))")
+          f"{out.entry_sigma:g}, reconstruction guidance {out.guidance_weight:g}, {out.nfe} steps x {out.tiles} tile(s))")
     return 0
 
 
