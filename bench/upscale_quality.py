@@ -53,14 +53,20 @@ from bench._cli import comma_list, run_bench  # noqa: E402
 from edify.errors import EdifyError  # noqa: E402
 
 
+CHUNK = 32  # images per chunk in the per-image measures: 924 images at 256 px at once need gigabytes
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per image PSNR in dB of images in [-1, 1], measured on [0, 1]."""
-    mse = ((a.float() - b.float()) / 2).square().flatten(1).mean(1)
+    mse = torch.cat([((a[i:i + CHUNK].float() - b[i:i + CHUNK].float()) / 2).square().flatten(1).mean(1)
+                     for i in range(0, a.shape[0], CHUNK)])
     return 10 * torch.log10(1 / mse.clamp_min(1e-12))
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per image SSIM (Wang et al. 2004: 11 px Gaussian window, sigma 1.5, K1 0.01, K2 0.03) on [0, 1]."""
+    if a.shape[0] > CHUNK:
+        return torch.cat([ssim(a[i:i + CHUNK], b[i:i + CHUNK]) for i in range(0, a.shape[0], CHUNK)])
     x, y = (a.float() + 1) / 2, (b.float() + 1) / 2
     g = torch.exp(-(torch.arange(11) - 5.0).square() / (2 * 1.5**2))
     g = (g / g.sum())
@@ -77,10 +83,13 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def radial_spectrum(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(frequencies in cycles per px, mean power per radial bin) of the images' luminance."""
-    x = (images.float() + 1) / 2
-    lum = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
-    n = lum.shape[-1]
-    power = torch.fft.fft2(lum - lum.mean((-2, -1), keepdim=True)).abs().square().mean(0) / n**2
+    n = images.shape[-1]
+    power = torch.zeros(n, n)
+    for i in range(0, images.shape[0], CHUNK):
+        x = (images[i:i + CHUNK].float() + 1) / 2
+        lum = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+        power += torch.fft.fft2(lum - lum.mean((-2, -1), keepdim=True)).abs().square().sum(0)
+    power = power / (images.shape[0] * n**2)
     f = torch.fft.fftfreq(n)
     radius = (f[:, None] ** 2 + f[None, :] ** 2).sqrt()
     bins = (radius * n).round().long().clamp(max=n // 2)
@@ -137,7 +146,8 @@ def arms(args, pipe) -> dict:
     return out
 
 
-def run_quality(args, pipe, real, real_stats, extractor, log) -> tuple[list[dict], list, tuple]:
+def run_quality(args, pipe, real, real_stats, extractor, log, emit=None) -> tuple[list[dict], list, tuple]:
+    """Every arm on the picked images; each arm's row goes to `emit` as soon as it is measured."""
     picks = spread(args.num, real.images.shape[0])
     n = len(picks)
     images, styles = real.images[picks], [real.styles[i] for i in picks]
@@ -148,7 +158,8 @@ def run_quality(args, pipe, real, real_stats, extractor, log) -> tuple[list[dict
         for sl in batched(n, args.batch_size):
             parts.append(fn(y[sl], styles[sl], picks[sl]).cpu())
             log(f"{name}: {sl.stop}/{n} images")
-        out = outs[name] = torch.cat(parts)
+        out = torch.cat(parts)
+        outs[name] = out[:8]  # the figure's images; the rest is freed after this arm's measures
         rows.append({"bench": "upscale_quality", "arm": name, "num": n, "steps": args.steps,
                      "entry_sigma": args.entry_sigma, "guidance_weight": args.guidance_weight if "guidance" in name
                      else 0.0, "psnr": round(float(psnr(out, images).mean()), 3),
@@ -156,6 +167,8 @@ def run_quality(args, pipe, real, real_stats, extractor, log) -> tuple[list[dict
                      "consistency_psnr": round(float(psnr(down(out, 2), y).mean()), 3),
                      **high_frequency(out, images, 4), **metrics_of(out, real_stats, extractor),
                      "seconds_per_image": round((time.time() - started) / n, 3)})
+        if emit is not None:
+            emit(rows[-1])
     figure = [(up(y[i], 2), *(outs[a][i] for a in outs), images[i]) for i in range(min(8, n))]
     return rows, figure, ("input (64 px)", *outs, "real 256 px")
 
@@ -230,8 +243,8 @@ def report(args, pipe, real, real_stats, extractor, started) -> int:
     args.steps = pipe.config.defaults.num_steps if args.steps is None else args.steps
     log = lambda message: print(f"[{time.time() - started:6.0f} s] {message}", file=sys.stderr)  # noqa: E731
     if args.bench in ("quality", None):
-        rows, figure, titles = run_quality(args, pipe, real, real_stats, extractor, log)
-        write(rows, args.out, started)
+        _, figure, titles = run_quality(args, pipe, real, real_stats, extractor, log,
+                                        emit=lambda row: write([row], args.out, started))
         if args.figure:
             save_figure(args.figure, figure, titles, scale=1)
     if args.bench in ("tiling", None):
