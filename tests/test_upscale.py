@@ -201,3 +201,20 @@ def test_upsample_controlnet_trains_on_the_upsampler(upscaler, tmp_path):
     t = make_trainer(config, upscaler, tmp_path / "cn", "upsample", text_encoder=WordHashEncoder())
     assert t.config.max_sigma == 3.0 and t.stages == (0, 1, 2)
     assert all(np.isfinite(t.run(max_steps=2).losses))
+
+
+def test_the_shipped_upsample_controlnet_fits_the_shipped_upsampler():
+    """weights/controlnet-up-256 was trained on weights/emoji-up-256: same network fingerprint, an
+    upsample control of 3 channels; the upsampler turns reconstruction guidance on by default."""
+    from edify.assets import source_model_path
+    from edify.networks.controlnet import base_fingerprint
+    from edify.networks.unet import UNetConfig
+
+    up, cn = source_model_path("emoji-up-256"), source_model_path("controlnet-up-256")
+    if not (up / "config.json").is_file() or not (cn / "config.json").is_file():
+        pytest.skip("the shipped upsampler folders are not in this checkout")
+    up_config = PipelineConfig.from_dict(json.loads((up / "config.json").read_text()))
+    cn_config = json.loads((cn / "config.json").read_text())
+    assert cn_config["kind"] == "upsample" and cn_config["control_channels"] == 3
+    assert cn_config["base_fingerprint"] == base_fingerprint(UNetConfig.from_dict(up_config.network))
+    assert up_config.defaults.reconstruction_guidance == 1.0
