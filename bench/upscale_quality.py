@@ -56,17 +56,24 @@ from edify.errors import EdifyError  # noqa: E402
 CHUNK = 32  # images per chunk in the per-image measures: 924 images at 256 px at once need gigabytes
 
 
+def per_chunk(measure):
+    """A per-image measure of two image batches, run CHUNK images at a time."""
+    def chunked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([measure(a[i:i + CHUNK], b[i:i + CHUNK]) for i in range(0, a.shape[0], CHUNK)])
+    chunked.__doc__ = measure.__doc__
+    return chunked
+
+
+@per_chunk
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per image PSNR in dB of images in [-1, 1], measured on [0, 1]."""
-    mse = torch.cat([((a[i:i + CHUNK].float() - b[i:i + CHUNK].float()) / 2).square().flatten(1).mean(1)
-                     for i in range(0, a.shape[0], CHUNK)])
+    mse = ((a.float() - b.float()) / 2).square().flatten(1).mean(1)
     return 10 * torch.log10(1 / mse.clamp_min(1e-12))
 
 
+@per_chunk
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per image SSIM (Wang et al. 2004: 11 px Gaussian window, sigma 1.5, K1 0.01, K2 0.03) on [0, 1]."""
-    if a.shape[0] > CHUNK:
-        return torch.cat([ssim(a[i:i + CHUNK], b[i:i + CHUNK]) for i in range(0, a.shape[0], CHUNK)])
     x, y = (a.float() + 1) / 2, (b.float() + 1) / 2
     g = torch.exp(-(torch.arange(11) - 5.0).square() / (2 * 1.5**2))
     g = (g / g.sum())
