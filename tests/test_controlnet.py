@@ -82,6 +82,28 @@ def test_zero_initialised_controlnet_leaves_the_base_unchanged():
             assert torch.equal(v, base_state[k]), k
 
 
+def test_the_copy_of_a_pooled_condition_base_computes_the_bases_encoder_features():
+    torch.manual_seed(0)
+    base = build_network(dataclasses.replace(get_config("tiny"), pooled_cond=True)).eval()
+    with torch.no_grad():
+        base.cond_embed.to_emb.weight.normal_(0, 0.1)  # as after training
+    net = ControlNet.from_base(base, control_channels=1, hint_widths=(8,)).eval()
+    with torch.no_grad():  # identity projections: the residuals are the copy's features themselves
+        for conv in [*net.zero_convs, net.zero_mid]:
+            conv.weight.copy_(torch.eye(conv.weight.shape[0])[:, :, None, None])
+    x, control, cond = inputs()
+    c_noise, stage = torch.tensor([0.2, -0.5]), torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        residuals = net(x, c_noise, cond, stage, control)
+        emb = base.embed(c_noise, stage)
+        ctx, mask = base.cond_embed(cond, 2, x.device)
+        emb = emb + base.cond_embed.pooled(ctx, mask)
+        h, skips = base.encode(x, emb, ctx, mask)
+        h = base.mid_res2(base.mid_attn(base.mid_res1(h, emb), ctx, mask), emb)
+    for got, want in zip(residuals, [*skips, h]):
+        torch.testing.assert_close(got, want)
+
+
 def test_residual_shapes_fit_every_stage_and_are_the_unets_skips():
     base = base_net()
     net = trained_like(ControlNet.from_base(base, control_channels=1, hint_widths=(8, 8)), 3)

@@ -213,7 +213,7 @@ def test_config_arrays_load_as_tuples_and_round_trip(tmp_path):
 
 def test_weight_count_of_the_config_matches_the_network():
     for name, cfg in PRESETS.items():
-        for variant in (cfg, UNetConfig(**{**cfg.to_dict(), "widths": tuple(cfg.widths), "band_skip": True,
+        for variant in (cfg, UNetConfig(**{**cfg.to_dict(), "widths": tuple(cfg.widths), "band_skip": True, "pooled_cond": True,
                                             "self_attention_levels": (), "num_res_blocks": 3,
                                             "cross_attention_levels": tuple(cfg.cross_attention_levels)})):
             real = sum(t.numel() for t in build_network(variant).state_dict().values())

@@ -213,6 +213,43 @@ def test_controlnet_residuals(net):
             net(x, c, residuals=zeros[:2])
 
 
+def test_pooled_condition_is_the_masked_text_mean_and_the_extra_tokens_through_one_map():
+    torch.manual_seed(0)
+    plain = build_network("tiny").eval()
+    pooled = build_network(dataclasses.replace(PRESETS["tiny"], pooled_cond=True)).eval()
+    missing, unexpected = pooled.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["cond_embed.to_emb.bias", "cond_embed.to_emb.weight"] and not unexpected
+    x, cond = torch.randn(2, 3, 32, 32), make_cond(2, seed=3)
+    torch.testing.assert_close(run(pooled, x, cond), run(plain, x, cond))  # zero at init
+    ce = pooled.cond_embed
+    with torch.no_grad():
+        ce.to_emb.weight.normal_(0, 0.05)
+        ce.to_emb.bias.normal_(0, 0.05)
+        tokens, mask = ce(cond, 2, x.device)
+        # closed form: mean over the 3 unmasked text tokens, then pitch, depth of field, media
+        mean = tokens[:, :3].mean(1)
+        expect = mean @ ce.to_emb.weight[:, :32].T + tokens[:, 5:].flatten(1) @ ce.to_emb.weight[:, 32:].T
+        torch.testing.assert_close(ce.pooled(tokens, mask), expect + ce.to_emb.bias, rtol=1e-5, atol=1e-6)
+        null = cond.drop(["text"], torch.ones(2, dtype=torch.bool))
+        tokens, mask = ce(null, 2, x.device)
+        torch.testing.assert_close(ce.pooled(tokens, mask), tokens[:, -3:].flatten(1) @ ce.to_emb.weight[:, 32:].T
+                                   + ce.to_emb.bias)  # a null text adds nothing, and no NaN
+        # with every attention block's output at zero the condition reaches the output only this way
+        for name, p in pooled.named_parameters():
+            if "proj_out" in name:
+                p.zero_()
+    other = Cond(text=cond.text, text_mask=cond.text_mask, media=cond.media + 1, pitch=cond.pitch, dof=cond.dof)
+    assert (run(pooled, x, other) - run(pooled, x, cond)).abs().max() > 1e-4
+    padded = cond.text.clone()
+    padded[:, 3:] = 100.0  # masked positions change nothing
+    same = Cond(text=padded, text_mask=cond.text_mask, media=cond.media, pitch=cond.pitch, dof=cond.dof)
+    torch.testing.assert_close(run(pooled, x, same), run(pooled, x, cond))
+    with torch.no_grad():
+        ce.to_emb.weight.zero_()
+        ce.to_emb.bias.zero_()
+    torch.testing.assert_close(run(pooled, x, other), run(pooled, x, cond))
+
+
 def test_band_skip_is_a_per_subband_gain_on_the_input():
     torch.manual_seed(0)
     plain = build_network("tiny").eval()

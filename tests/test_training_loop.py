@@ -13,6 +13,7 @@ from torch import nn
 
 from _training_helpers import WordHashEncoder, tiny_config
 from edify.cli import main as edify_main
+from edify.conditioning import Cond
 from edify.errors import EdifyError
 from edify.pipelines.text2image import TextToImagePipeline
 from edify.training import checkpoint as ckpt
@@ -256,6 +257,35 @@ def test_warm_start_from_an_exported_model_and_checkpoints_win_on_resume(tmp_pat
     with pytest.raises(EdifyError, match="another config"):
         trainer(tmp_path / "other", init_from=str(folder),
                 model={**w.net.config.to_dict(), "num_res_blocks": 2})
+
+
+def test_a_warm_start_may_grow_the_saved_network_keeping_its_function(tmp_path):
+    trainer(tmp_path / "run").run(max_steps=2)
+    folder = export_pipeline(tmp_path / "run", tmp_path / "model")
+    saved = TextToImagePipeline.from_pretrained(folder, text_encoder=WordHashEncoder()).network.eval()
+    cfg = saved.config.to_dict()
+    assert 0 not in cfg["cross_attention_levels"] and not cfg["pooled_cond"]
+    grown_cfg = {**cfg, "cross_attention_levels": [0, *cfg["cross_attention_levels"]], "pooled_cond": True}
+    w = trainer(tmp_path / "grow", init_from=str(folder), model=grown_cfg)
+    grown = w.net.eval()
+    added = set(grown.state_dict()) - set(saved.state_dict())
+    assert "cond_embed.to_emb.weight" in added and any(k.startswith("down.0.attn.") for k in added)
+    for k, v in saved.state_dict().items():
+        assert torch.equal(grown.state_dict()[k], v)
+    torch.manual_seed(0)
+    side = cfg["reference_resolution"]
+    x, c_noise = torch.randn(2, 3, side, side), torch.tensor([0.3, -1.0])
+    cond = Cond(text=torch.randn(2, 4, cfg["text_dim"]), text_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]).bool(),
+                media=torch.tensor([0, -1]))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, c_noise, cond), saved(x, c_noise, cond))  # the same function
+    w.run(max_steps=2)
+    assert any(w.net.state_dict()[k].abs().sum() > 0 for k in added if "proj_out" in k)  # the new blocks train
+    export_pipeline(tmp_path / "grow", tmp_path / "grown")
+    with pytest.raises(EdifyError, match="does not grow"):  # a saved network is never shrunk
+        trainer(tmp_path / "shrink", init_from=str(tmp_path / "grown"))
+    with pytest.raises(EdifyError, match="does not grow"):
+        trainer(tmp_path / "wider", init_from=str(folder), model={**cfg, "mlp_ratio": cfg["mlp_ratio"] + 1})
 
 
 def test_export_records_the_training_history_across_warm_starts(tmp_path):

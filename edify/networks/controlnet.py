@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 from edify.conditioning import Cond
 from edify.errors import EdifyError
-from edify.networks.embedders import ConditionEmbedder, NoiseStageEmbedding, PositionEncoding
+from edify.networks.embedders import ConditionEmbedder, NoiseStageEmbedding, PositionEncoding, embed_inputs
 from edify.networks.layers import HAAR_FACTOR, Downsample, HaarDWT
 from edify.networks.unet import UNet, UNetConfig, build_encoder, build_middle
 from edify.pipelines.model_io import (CONFIG_NAME, SavedModel, brief, from_json, inside, model_folder, naming,
@@ -202,7 +202,8 @@ class ControlNet(nn.Module):
         w = cfg.widths
         self.dwt = HaarDWT(cfg.in_channels)
         self.embed = NoiseStageEmbedding(cfg.fourier_dim, cfg.emb_dim, cfg.num_stages)
-        self.cond_embed = ConditionEmbedder(cfg.text_dim, cfg.context_dim, cfg.num_media_types)
+        self.cond_embed = ConditionEmbedder(cfg.text_dim, cfg.context_dim, cfg.num_media_types,
+                                            cfg.emb_dim if cfg.pooled_cond else None)
         self.stem = nn.Conv2d(16 * cfg.in_channels, w[0], 3, padding=1)
         self.pos = PositionEncoding(w[0], cfg.reference_resolution // HAAR_FACTOR)
         self.hint = HintEncoder(config.control_channels, config.hint_widths, w[0], cfg.num_stages)
@@ -243,8 +244,7 @@ class ControlNet(nn.Module):
         UNet.check_inputs(self._check, x, c_noise, stage)
         j, stage = self.control_stage(x, control, stage)
         b = x.shape[0]
-        emb = self.embed(c_noise, stage)
-        ctx, mask = self.cond_embed(cond, b, x.device)
+        emb, ctx, mask = embed_inputs(self.embed, self.cond_embed, c_noise, stage, cond, b, x.device)
 
         h = self.stem(self.dwt(x)) + self.hint(control.to(x.dtype), j)  # h_0 = stem + Z_h(hint), section 5
         h = h + self.pos(h.shape[2], h.shape[3]).to(h.dtype)

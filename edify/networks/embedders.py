@@ -70,14 +70,22 @@ class CategoricalToken(nn.Module):
         return self.table(idx)[:, None]  # [B, 1, dim]
 
 
+EXTRA_TOKENS = 3  # pitch, depth of field, media type: always present, after the text tokens
+POOLED_TOKENS = 1 + EXTRA_TOKENS  # the pooled vector: mean text token, then the three extra tokens
+
+
 class ConditionEmbedder(nn.Module):
     """Cond -> (tokens [B, L + 3, context_dim], mask [B, L + 3] bool) for cross-attention (section 3.1).
 
     Token order: text tokens (L of them, masked by Cond.text_mask), pitch, depth of field, media type.
     A Cond with no text gives L = 0; a null text row (all-False mask) attends only to the last three.
+
+    With `emb_dim` set, `pooled(tokens, mask)` also maps the condition to one [B, emb_dim] vector for
+    the noise embedding: the masked mean of the text tokens (zero for a null text) and the three
+    extra tokens, concatenated, through a zero-initialised linear map.
     """
 
-    def __init__(self, text_dim: int, context_dim: int, num_media_types: int):
+    def __init__(self, text_dim: int, context_dim: int, num_media_types: int, emb_dim: int | None = None):
         super().__init__()
         self.text_dim = text_dim
         self.text_proj = nn.Linear(text_dim, context_dim)
@@ -85,6 +93,18 @@ class ConditionEmbedder(nn.Module):
         self.dof = CategoricalToken(len(DOF_NAMES), context_dim)
         self.media = CategoricalToken(num_media_types, context_dim)
         self.norm = nn.LayerNorm(context_dim)
+        self.to_emb = None
+        if emb_dim is not None:
+            self.to_emb = nn.Linear(POOLED_TOKENS * context_dim, emb_dim)
+            nn.init.zeros_(self.to_emb.weight)
+            nn.init.zeros_(self.to_emb.bias)
+
+    def pooled(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """[B, emb_dim]: the vector of the condition (tokens and mask as `forward` returns them)."""
+        text, extra = tokens[:, :-EXTRA_TOKENS], tokens[:, -EXTRA_TOKENS:]
+        keep = mask[:, :-EXTRA_TOKENS, None].to(tokens.dtype)
+        mean = (text * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        return self.to_emb(torch.cat([mean, extra.flatten(1)], dim=1))
 
     def forward(self, cond: Cond | None, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
         cond = Cond() if cond is None else cond
@@ -104,6 +124,17 @@ class ConditionEmbedder(nn.Module):
         tokens = torch.cat(parts + [e.to(parts[0].dtype) if parts else e for e in extra], dim=1)
         masks.append(torch.ones(batch, len(extra), dtype=torch.bool, device=device))
         return self.norm(tokens), torch.cat(masks, dim=1)
+
+
+def embed_inputs(embed: NoiseStageEmbedding, cond_embed: ConditionEmbedder, c_noise: Tensor, stage: Tensor,
+                 cond: Cond | None, batch: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(emb [B, emb_dim], tokens, mask): the noise/stage embedding, plus the pooled condition where the
+    network has that path, and the cross-attention tokens. The U-Net and its ControlNet copy share it."""
+    emb = embed(c_noise, stage)
+    ctx, mask = cond_embed(cond, batch, device)
+    if cond_embed.to_emb is not None:
+        emb = emb + cond_embed.pooled(ctx, mask).to(emb.dtype)
+    return emb, ctx, mask
 
 
 class PositionEncoding(nn.Module):

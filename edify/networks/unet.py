@@ -22,7 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from edify.conditioning import DOF_NAMES, PITCH_NAMES, Cond
 from edify.errors import EdifyError
 from edify.networks.attention import TransformerBlock
-from edify.networks.embedders import ConditionEmbedder, NoiseStageEmbedding, PositionEncoding
+from edify.networks.embedders import (POOLED_TOKENS, ConditionEmbedder, NoiseStageEmbedding, PositionEncoding,
+                                      embed_inputs)
 from edify.networks.layers import HAAR_FACTOR, Downsample, HaarDWT, HaarIDWT, ResBlock, Upsample
 from edify.pipelines.model_io import from_json
 
@@ -63,6 +64,12 @@ class UNetConfig:
     # (zero at init): per-subband shrinkage of the noise, the part of denoising that is linear,
     # without routing every coefficient through the whole U-Net.
     band_skip: bool = False
+    # The condition as one vector added to the noise/stage embedding that scales and shifts every
+    # residual block (zero at init): the masked mean of the text tokens with the camera and media
+    # tokens, through one linear map. Cross-attention reads the condition only at the attention
+    # levels; this path reaches every level, the finest included (Imagen's pooled text embedding,
+    # Saharia et al. 2022; class embeddings in adaptive group norm, Dhariwal & Nichol 2021).
+    pooled_cond: bool = False
 
     def __post_init__(self):
         self._check_ranges()
@@ -114,6 +121,7 @@ class UNetConfig:
         n = 2 * self.fourier_dim + _linear(self.fourier_dim, e) + _linear(e, e) + self.num_stages * e
         tokens = len(PITCH_NAMES) + len(DOF_NAMES) + self.num_media_types + 3  # each table has a null row
         n += _linear(self.text_dim, c) + tokens * c + 2 * c
+        n += _linear(POOLED_TOKENS * c, e) if self.pooled_cond else 0
         n += _conv(16 * self.in_channels, w[0]) + w[0] * (self.reference_resolution // HAAR_FACTOR) ** 2
         skips, ch = [w[0]], w[0]
         for i, wi in enumerate(w):  # encoder
@@ -226,7 +234,8 @@ class UNet(nn.Module):
         self.dwt = HaarDWT(cfg.in_channels)
         self.idwt = HaarIDWT(cfg.out_channels)
         self.embed = NoiseStageEmbedding(cfg.fourier_dim, cfg.emb_dim, cfg.num_stages)
-        self.cond_embed = ConditionEmbedder(cfg.text_dim, cfg.context_dim, cfg.num_media_types)
+        self.cond_embed = ConditionEmbedder(cfg.text_dim, cfg.context_dim, cfg.num_media_types,
+                                            cfg.emb_dim if cfg.pooled_cond else None)
         self.stem = nn.Conv2d(16 * cfg.in_channels, w[0], 3, padding=1)
         self.pos = PositionEncoding(w[0], cfg.reference_resolution // HAAR_FACTOR)
 
@@ -298,8 +307,7 @@ class UNet(nn.Module):
         b = x.shape[0]
         if stage is None:
             stage = torch.zeros(b, dtype=torch.long, device=x.device)
-        emb = self.embed(c_noise, stage)
-        ctx, mask = self.cond_embed(cond, b, x.device)
+        emb, ctx, mask = embed_inputs(self.embed, self.cond_embed, c_noise, stage, cond, b, x.device)
 
         coef = self.dwt(x)
         h, skips = self.encode(x, emb, ctx, mask, coef)

@@ -39,6 +39,7 @@ from edify.core.losses import LaplacianEDMLoss
 from edify.core.precond import EDMPrecond
 from edify.data.vocab import StyleVocab, make_cond
 from edify.errors import EdifyError
+from edify.networks.attention import TransformerBlock
 from edify.pipelines.text2image import TextToImagePipeline
 from edify.training import checkpoint, distributed, monitor
 from edify.training.batches import Batch, open_stream
@@ -98,6 +99,10 @@ class TrainResult:
     nonfinite_total: int = 0
     checkpoint: Path | None = None
     stop: str = ""  # "total_images", "max_steps", "max_minutes" or "max_cpu_minutes"
+
+
+# Network config fields a warm start may change, growing the saved network (Trainer.warm_start).
+GROWABLE = frozenset({"self_attention_levels", "cross_attention_levels", "pooled_cond"})
 
 
 class Trainer:
@@ -194,19 +199,53 @@ class Trainer:
             distributed.print0(f"resumed from {checkpoint.latest_checkpoint(self.out_dir)} at {loaded.images} images")
 
     def warm_start(self, folder: str) -> None:
-        """Network and EMA from the weights of an exported model folder of the same network config
-        (the optimizer state, the data position and the image count start afresh)."""
+        """Network and EMA from the weights of an exported model folder (the optimizer state, the data
+        position and the image count start afresh).
+
+        The saved network must be this run's, or one this run's network grows: every saved tensor
+        has a tensor of the same name and shape here (e.g. attention added at another level, or the
+        pooled condition path). Each added attention block's output projection starts at zero (the
+        block is then the identity) and the pooled map is zero at init, so the grown network starts
+        computing what the saved one did."""
         from edify.pipelines.model_io import inside, model_folder, read_json, scan_weights
 
         path = model_folder(folder)
         saved = read_json(inside(path, "config.json", "model folder")).get("network")
-        if saved != json.loads(json.dumps(self.net.config.to_dict())):
-            raise EdifyError(f"init_from {folder!r} holds a network of another config than this run's: "
-                             f"{saved} vs {self.net.config.to_dict()}")
+        try:
+            saved_config = type(self.net.config).from_dict(saved)
+        except EdifyError as e:
+            raise EdifyError(f"init_from {folder!r}: {e}") from None
+        mine = self.net.config.to_dict()
         full = type(self.net)(self.net.config)  # a full copy: the wrapped model may be sharded
-        scan_weights(path).load_into(full)
-        self.load_start_weights(full.state_dict())
-        distributed.print0(f"warm start: network and EMA from {path}")
+        if saved_config.to_dict() == mine:
+            scan_weights(path).load_into(full)
+            self.load_start_weights(full.state_dict())
+            distributed.print0(f"warm start: network and EMA from {path}")
+            return
+        grows = {k for k in mine if mine[k] != saved_config.to_dict()[k]}
+        old_cfg = saved_config.to_dict()
+        if not grows <= GROWABLE or (not mine["pooled_cond"] and old_cfg["pooled_cond"]) or any(
+                not set(old_cfg[k]) <= set(mine[k]) for k in ("self_attention_levels", "cross_attention_levels")):
+            raise EdifyError(f"init_from {folder!r} holds a network of another config than this run's, one "
+                             f"it does not grow (it may only add attention levels and the pooled condition): "
+                             f"{ {k: old_cfg[k] for k in sorted(grows)} } vs { {k: mine[k] for k in sorted(grows)} }")
+        old = type(self.net)(saved_config)
+        scan_weights(path).load_into(old)
+        state, grown = full.state_dict(), old.state_dict()
+        misfit = [k for k, v in grown.items() if k not in state or state[k].shape != v.shape]
+        if misfit:  # pragma: no cover - growing only adds modules
+            raise EdifyError(f"init_from {folder!r}: {len(misfit)} of its tensors have no match here, "
+                             f"e.g. {misfit[0]!r}")
+        added = [k for k in state if k not in grown]
+        for name, module in full.named_modules():  # a new attention block starts as the identity
+            if isinstance(module, TransformerBlock) and f"{name}.proj_out.weight" in added:
+                state[f"{name}.proj_out.weight"].zero_()
+                state[f"{name}.proj_out.bias"].zero_()
+        state.update(grown)
+        self.load_start_weights(state)
+        n_added = sum(state[k].numel() for k in added)
+        distributed.print0(f"warm start: network and EMA from {path}, grown by {len(added)} tensors "
+                           f"({n_added:,} values) whose outputs start at zero")
 
     def load_start_weights(self, weights: dict) -> None:
         """Copy a full state dict of `self.net` into the (possibly sharded) model and the EMA."""
