@@ -92,6 +92,10 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "nested": ("expert ranges nested (coarse expert on all sigmas, next on sigma < s2*, finest on "
                "sigma < s1*) instead of truncated", ("expert_ranges=nested",)),
     "wide128": ("finest U-Net level 128 channels (widths 128,128,256)", ("model=widths:128,128,256",)),
+    "pooled": ("the pooled condition (mean text token, camera and media tokens) added to the noise embedding "
+               "of every residual block", ("model=pooled",)),
+    "xattn0": ("cross-attention also at U-Net level 0 (the 16 x 16 Haar grid of a 64 px image)", ("model=xattn0",)),
+    "grow": ("pooled and xattn0 together; with --init-from, the saved network grown by both", ("model=pooled+xattn0",)),
 }
 
 
@@ -99,12 +103,27 @@ def candidate_overrides(name: str) -> list[str]:
     """The `--set` strings of a candidate, with network shorthands ("model=widths:a,b,c") expanded."""
     if name not in CANDIDATES:
         raise SystemExit(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
+    from edify.networks.presets import get_config
+
     out = []
     for item in CANDIDATES[name][1]:
         if item.startswith("model=widths:"):
             item = "model=" + _network(widths=tuple(int(w) for w in item.split(":", 1)[1].split(",")))
+        elif item.startswith("model="):
+            changes = {}
+            for part in item.split("=", 1)[1].split("+"):
+                if part == "pooled":
+                    changes["pooled_cond"] = True
+                elif part == "xattn0":
+                    changes["cross_attention_levels"] = (0, *get_config("emoji-64").cross_attention_levels)
+            item = "model=" + _network(**changes)
         out.append(item)
     return out
+
+
+# A continuation (--init-from MODEL): the recipe that continued the shipped model, the same for
+# every candidate; a candidate's network change must grow the saved network (Trainer.warm_start).
+CONTINUATION = ("lr_decay_images=40000", "stage_weights=0.2,0.3,0.5")
 
 
 def train_config(args, name: str):
@@ -121,6 +140,8 @@ def train_config(args, name: str):
     overrides = candidate_overrides(name)
     if args.smoke:  # the tiny network stays tiny
         overrides = [o for o in overrides if not o.startswith("model=")]
+    if args.init_from:
+        overrides = [f"init_from={args.init_from}", *CONTINUATION, *overrides]
     return apply_overrides(base, overrides)
 
 
@@ -235,7 +256,8 @@ def cpu_probe() -> float:
 
 
 def run_dir_of(args, name: str) -> Path:
-    return Path(args.out) / f"{name}-cpu{args.cpu_minutes:g}m"
+    start = f"-from-{Path(args.init_from).name}" if args.init_from else ""
+    return Path(args.out) / f"{name}{start}-cpu{args.cpu_minutes:g}m"
 
 
 def train_candidate(args, name: str, run_dir: Path) -> dict:
@@ -401,6 +423,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu-minutes", type=float, default=None, help="training budget in CPU minutes")
     parser.add_argument("--candidate", action="append", default=[],
                         help="candidate name (repeatable or comma-separated; run in order); see --list")
+    parser.add_argument("--init-from", default=None, metavar="MODEL",
+                        help="continue this model folder instead of training from scratch (the continuation "
+                             "recipe: " + ", ".join(CONTINUATION) + ")")
     parser.add_argument("--list", action="store_true", help="print the candidates and exit")
     parser.add_argument("--table", action="store_true", help="print <out>/results.jsonl as a markdown table")
     parser.add_argument("--eval-only", action="store_true",
@@ -497,6 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         grid_dir = Path(args.out) / name.replace(":", "-") if args.model else run_dir
         metrics = evaluate_candidate(args, model_dir, grid_dir, real, extractor, real_stats, style_ref)
         row = {"candidate": name, "cpu_budget_minutes": None if args.model else args.cpu_minutes,
+               "init_from": None if args.model else args.init_from,
                "overrides": [] if args.model else candidate_overrides(name),
                **summary, "sampler": args.sampler, "sample_steps": args.steps, "guidance": args.guidance,
                "style_guidance": args.style_guidance,

@@ -28,3 +28,17 @@ def test_table_marks_rows_without_a_figure():
     header, _, row = text.splitlines()
     assert "SWD 64" in header and "last sigma" in header
     assert row.startswith("| old | 3 | 0 | - |") and "| 300.0 |" in row
+
+
+def test_network_candidates_and_a_continuation_build_the_configs_they_name():
+    from argparse import Namespace
+
+    args = Namespace(data="data/emoji", cpu_minutes=5.0, smoke=False, init_from="weights/emoji-64", out="runs")
+    grow = recipe.train_config(args, "grow")
+    assert grow.model["pooled_cond"] and grow.model["cross_attention_levels"] == [0, 1, 2]
+    assert grow.init_from == "weights/emoji-64" and grow.lr_decay_images == 40000
+    assert grow.stage_weights == (0.2, 0.3, 0.5) and grow.max_cpu_minutes == 5.0
+    assert recipe.run_dir_of(args, "grow").name == "grow-from-emoji-64-cpu5m"
+    scratch = recipe.train_config(Namespace(**{**vars(args), "init_from": None}), "pooled")
+    assert scratch.model["pooled_cond"] and scratch.model["cross_attention_levels"] == [1, 2]
+    assert scratch.init_from == "" and scratch.lr_decay_images == 0
