@@ -342,6 +342,33 @@ def test_a_run_warm_starts_from_an_exported_controlnet_of_the_same_config(base_f
     assert "another config" in one_line(err)
 
 
+def test_a_controlnet_warm_starts_onto_a_base_that_grew(base_folder, tmp_path):
+    first = trainer(base_folder, tmp_path / "a")
+    first.run(max_steps=2)
+    exported = export_controlnet(tmp_path / "a", tmp_path / "exported")
+    saved = ControlNet.from_pretrained(exported).state_dict()
+    old = TextToImagePipeline.from_pretrained(base_folder, text_encoder=WordHashEncoder())
+    torch.manual_seed(1)
+    grown_cfg = dataclasses.replace(old.network.config, cross_attention_levels=(0, 1), pooled_cond=True)
+    grown = build_network(grown_cfg)
+    state = grown.state_dict()
+    state.update(old.network.state_dict())
+    grown.load_state_dict(state)
+    grown_folder = tmp_path / "grown-base"
+    TextToImagePipeline(grown, old.config.__class__(**{**old.config.__dict__, "network": grown_cfg.to_dict()})
+                        ).save_pretrained(grown_folder)
+    warm = trainer(grown_folder, tmp_path / "warm", init_from=str(exported))
+    mine, base_state = warm.net.state_dict(), warm.base.state_dict()
+    added = set(mine) - set(saved)
+    assert "cond_embed.to_emb.weight" in added and any(k.startswith("down.0.attn.") for k in added)
+    assert all(torch.equal(mine[k], v) for k, v in saved.items())  # the trained ControlNet is kept
+    assert all(torch.equal(mine[k], base_state[k]) for k in added)  # what grew starts as the new base's
+    assert len(warm.run(max_steps=1).losses) == 1
+    with pytest.raises(EdifyError) as err:  # the grown ControlNet onto the smaller base: refused
+        trainer(base_folder, tmp_path / "shrink", init_from=str(export_controlnet(tmp_path / "warm", tmp_path / "g")))
+    assert "does not grow" in one_line(err)
+
+
 def test_training_with_the_real_inpainting_controls(base_folder, tmp_path):
     pytest.importorskip("edify.data.controls")
     t = make_trainer(tiny_config(), base_folder, tmp_path / "inpaint", "inpaint", hint_widths=(8,),

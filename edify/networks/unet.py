@@ -159,6 +159,33 @@ class UNetConfig:
         return from_json(cls, d, "U-Net config")
 
 
+# Config fields that may differ between a saved network and one that grows it (a warm start keeps the
+# saved weights and adds modules whose outputs start at zero): more attention levels, the pooled path.
+GROWABLE = frozenset({"self_attention_levels", "cross_attention_levels", "pooled_cond"})
+
+
+def growth_refusal(saved: UNetConfig, grown: UNetConfig) -> str | None:
+    """None when `grown` is `saved` or grows it (every saved module kept, only GROWABLE fields changed,
+    attention levels only added, the pooled path only added); else what differs, in one line."""
+    old, new = saved.to_dict(), grown.to_dict()
+    changed = sorted(k for k in new if new[k] != old[k])
+    ok = (set(changed) <= GROWABLE and (new["pooled_cond"] or not old["pooled_cond"])
+          and all(set(old[k]) <= set(new[k]) for k in ("self_attention_levels", "cross_attention_levels")))
+    if ok:
+        return None
+    return (f"a network that does not grow the saved one (it may only add attention levels and the pooled "
+            f"condition): {({k: old[k] for k in changed})} vs {({k: new[k] for k in changed})}")
+
+
+def zero_new_attention_outputs(network: nn.Module, state: dict[str, Tensor], added: list[str]) -> None:
+    """In `state` (the network's), zero the output projection of every attention block whose weights
+    are among `added`: a block added to a trained network then starts as the identity."""
+    for name, module in network.named_modules():
+        if isinstance(module, TransformerBlock) and f"{name}.proj_out.weight" in added:
+            state[f"{name}.proj_out.weight"].zero_()
+            state[f"{name}.proj_out.bias"].zero_()
+
+
 # Values in the state dicts of the layers, for UNetConfig.num_weights.
 def _conv(in_ch: int, out_ch: int, k: int = 3) -> int:
     return in_ch * out_ch * k * k + out_ch

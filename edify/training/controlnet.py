@@ -193,17 +193,28 @@ def make_trainer(config, base, out_dir, kind: str, *, resume: bool = False, make
 def warm_start(t, folder: str, cn_config) -> None:
     """Start the ControlNet and its EMA from an exported ControlNet folder of the same config, e.g.
     one trained on an earlier version of the base (the optimizer, data position and counts start
-    afresh); a checkpoint being resumed wins over it."""
+    afresh); a checkpoint being resumed wins over it. A base that grew the ControlNet's base
+    (`growth_refusal`) is accepted: the copy's added modules start as the new base's."""
     from edify.networks.controlnet import ControlNet
+    from edify.networks.unet import growth_refusal
     from edify.training import distributed
 
     source = ControlNet.from_pretrained(folder)
-    if source.config.to_dict() != cn_config.to_dict():
+    old, new = source.config.to_dict(), cn_config.to_dict()
+    mirrored = ("network", "base_fingerprint")  # the base's part, compared next
+    if {k: v for k, v in old.items() if k not in mirrored} != {k: v for k, v in new.items() if k not in mirrored}:
         raise EdifyError(f"init_from {folder!r} is a ControlNet of another config than this run's "
                          f"({source.config.kind}, hint widths {list(source.config.hint_widths)}) "
                          f"vs ({cn_config.kind}, hint widths {list(cn_config.hint_widths)})")
-    t.load_start_weights(source.state_dict())
-    distributed.print0(f"warm start: ControlNet and EMA from {folder}")
+    refusal = growth_refusal(source.config.base, cn_config.base)
+    if refusal:
+        raise EdifyError(f"init_from {folder!r} is a ControlNet of another base network than this run's, {refusal}")
+    state = t.net.state_dict()  # the copy of this run's base: where the base grew, the copy starts from it
+    added = sorted(set(state) - set(source.state_dict()))
+    state.update(source.state_dict())
+    t.load_start_weights(state)
+    grown = f", grown by {len(added)} tensors copied from the base" if added else ""
+    distributed.print0(f"warm start: ControlNet and EMA from {folder}{grown}")
 
 
 def read_run_file(run: Path) -> dict:

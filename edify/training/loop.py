@@ -39,7 +39,7 @@ from edify.core.losses import LaplacianEDMLoss
 from edify.core.precond import EDMPrecond
 from edify.data.vocab import StyleVocab, make_cond
 from edify.errors import EdifyError
-from edify.networks.attention import TransformerBlock
+from edify.networks.unet import growth_refusal, zero_new_attention_outputs
 from edify.pipelines.text2image import TextToImagePipeline
 from edify.training import checkpoint, distributed, monitor
 from edify.training.batches import Batch, open_stream
@@ -99,10 +99,6 @@ class TrainResult:
     nonfinite_total: int = 0
     checkpoint: Path | None = None
     stop: str = ""  # "total_images", "max_steps", "max_minutes" or "max_cpu_minutes"
-
-
-# Network config fields a warm start may change, growing the saved network (Trainer.warm_start).
-GROWABLE = frozenset({"self_attention_levels", "cross_attention_levels", "pooled_cond"})
 
 
 class Trainer:
@@ -222,13 +218,9 @@ class Trainer:
             self.load_start_weights(full.state_dict())
             distributed.print0(f"warm start: network and EMA from {path}")
             return
-        grows = {k for k in mine if mine[k] != saved_config.to_dict()[k]}
-        old_cfg = saved_config.to_dict()
-        if not grows <= GROWABLE or (not mine["pooled_cond"] and old_cfg["pooled_cond"]) or any(
-                not set(old_cfg[k]) <= set(mine[k]) for k in ("self_attention_levels", "cross_attention_levels")):
-            raise EdifyError(f"init_from {folder!r} holds a network of another config than this run's, one "
-                             f"it does not grow (it may only add attention levels and the pooled condition): "
-                             f"{ {k: old_cfg[k] for k in sorted(grows)} } vs { {k: mine[k] for k in sorted(grows)} }")
+        refusal = growth_refusal(saved_config, self.net.config)
+        if refusal:
+            raise EdifyError(f"init_from {folder!r} holds a network of another config than this run's, {refusal}")
         old = type(self.net)(saved_config)
         scan_weights(path).load_into(old)
         state, grown = full.state_dict(), old.state_dict()
@@ -237,10 +229,7 @@ class Trainer:
             raise EdifyError(f"init_from {folder!r}: {len(misfit)} of its tensors have no match here, "
                              f"e.g. {misfit[0]!r}")
         added = [k for k in state if k not in grown]
-        for name, module in full.named_modules():  # a new attention block starts as the identity
-            if isinstance(module, TransformerBlock) and f"{name}.proj_out.weight" in added:
-                state[f"{name}.proj_out.weight"].zero_()
-                state[f"{name}.proj_out.bias"].zero_()
+        zero_new_attention_outputs(full, state, added)
         state.update(grown)
         self.load_start_weights(state)
         n_added = sum(state[k].numel() for k in added)
