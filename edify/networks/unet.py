@@ -34,6 +34,10 @@ MAX_RES_BLOCKS = 64
 MAX_WEIGHTS = 4 * 10**9
 
 
+# Fields added after networks were shipped, with their defaults (UNetConfig.to_dict omits them there).
+LATER_FIELDS = {"pooled_cond": False}
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Hyper-parameters of a U-Net; JSON-able through `to_dict` / `from_dict`.
@@ -150,7 +154,10 @@ class UNetConfig:
         return HAAR_FACTOR * 2 ** (len(self.widths) - 1)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-able fields. A field added after networks were shipped is written only when it
+        differs from its default, so the configs (and fingerprints) of those networks stay as they were."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+                if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
@@ -167,7 +174,7 @@ GROWABLE = frozenset({"self_attention_levels", "cross_attention_levels", "pooled
 def growth_refusal(saved: UNetConfig, grown: UNetConfig) -> str | None:
     """None when `grown` is `saved` or grows it (every saved module kept, only GROWABLE fields changed,
     attention levels only added, the pooled path only added); else what differs, in one line."""
-    old, new = saved.to_dict(), grown.to_dict()
+    old, new = asdict(saved), asdict(grown)
     changed = sorted(k for k in new if new[k] != old[k])
     ok = (set(changed) <= GROWABLE and (new["pooled_cond"] or not old["pooled_cond"])
           and all(set(old[k]) <= set(new[k]) for k in ("self_attention_levels", "cross_attention_levels")))
