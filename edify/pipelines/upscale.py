@@ -121,8 +121,10 @@ class UpscalePipeline(ControlNetPipeline):
         entry_sigma: full-resolution sigma where sampling enters (default s_k*, the lowest: keeps the
         most of the input; higher lets the model repaint). guidance_weight: reconstruction guidance w
         (0 = off; default: the model's `defaults.reconstruction_guidance`). control_weight: the
-        ControlNet's weight, if the pipeline has one. tile / overlap: tile side and overlap in output pixels (default: tiles of the model's training size when the
-        output is larger, overlapping by a quarter of it, at most 32 px). guidance_scale: classifier-free guidance (default 1 without a prompt).
+        ControlNet's weight, if the pipeline has one. tile / overlap: tile side and overlap in output
+        pixels (default: tiles of the model's training size when the output is larger, overlapping by
+        a quarter of it, at most 32 px). guidance_scale: classifier-free guidance (default 1 without a
+        prompt).
         """
         d = self.config.defaults
         y = image_tensor(image, "the input image").float()

@@ -211,30 +211,20 @@ class Trainer:
             saved_config = type(self.net.config).from_dict(saved)
         except EdifyError as e:
             raise EdifyError(f"init_from {folder!r}: {e}") from None
-        mine = self.net.config.to_dict()
-        full = type(self.net)(self.net.config)  # a full copy: the wrapped model may be sharded
-        if saved_config.to_dict() == mine:
-            scan_weights(path).load_into(full)
-            self.load_start_weights(full.state_dict())
-            distributed.print0(f"warm start: network and EMA from {path}")
-            return
         refusal = growth_refusal(saved_config, self.net.config)
         if refusal:
             raise EdifyError(f"init_from {folder!r} holds a network of another config than this run's, {refusal}")
         old = type(self.net)(saved_config)
         scan_weights(path).load_into(old)
-        state, grown = full.state_dict(), old.state_dict()
-        misfit = [k for k, v in grown.items() if k not in state or state[k].shape != v.shape]
-        if misfit:  # pragma: no cover - growing only adds modules
-            raise EdifyError(f"init_from {folder!r}: {len(misfit)} of its tensors have no match here, "
-                             f"e.g. {misfit[0]!r}")
-        added = [k for k in state if k not in grown]
+        full = type(self.net)(self.net.config)  # a full copy: the wrapped model may be sharded
+        state, saved_state = full.state_dict(), old.state_dict()
+        added = [k for k in state if k not in saved_state]
         zero_new_attention_outputs(full, state, added)
-        state.update(grown)
+        state.update(saved_state)
         self.load_start_weights(state)
-        n_added = sum(state[k].numel() for k in added)
-        distributed.print0(f"warm start: network and EMA from {path}, grown by {len(added)} tensors "
-                           f"({n_added:,} values) whose outputs start at zero")
+        grown = (f", grown by {len(added)} tensors ({sum(state[k].numel() for k in added):,} values) whose "
+                 f"outputs start at zero" if added else "")
+        distributed.print0(f"warm start: network and EMA from {path}{grown}")
 
     def load_start_weights(self, weights: dict) -> None:
         """Copy a full state dict of `self.net` into the (possibly sharded) model and the EMA."""
