@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edify.pipelines.generate_cli import default_model  # noqa: E402
+from edify.pipelines.generate_cli import default_model, guidance_value  # noqa: E402
 from edify.pipelines.text2image import PipelineConfig, TextToImagePipeline  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     parser.add_argument("--sampler", default=None)
     parser.add_argument("--steps-per-stage", default=None, help="e.g. 8,8,8 (finest first) instead of the model's split")
-    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--guidance", type=guidance_value, default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()

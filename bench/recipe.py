@@ -61,6 +61,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edify.pipelines.generate_cli import guidance_value  # noqa: E402
+
 PRESET = "emoji-64-cpu"
 STYLE_K = 5
 GRID = 49  # generated images kept for samples.png
@@ -343,7 +345,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["eval_wall_minutes"] = round((time.perf_counter() - wall0) / 60, 2)
     out["eval_cpu_minutes"] = round((time.process_time() - cpu0) / 60, 2)
     grid = torch.cat(recorder.images)[:GRID]
-    suffix = ("" if args.guidance == 3.0 else f"-g{args.guidance:g}") + \
+    suffix = ("" if args.guidance == 3.0 else f"-g{scales_text(args.guidance)}") + \
         ("" if args.style_guidance == 0 else f"-sg{args.style_guidance:g}") + \
         ("" if args.sigma_min is None else f"-smin{args.sigma_min:g}")
     save_grid(grid, grid_dir / f"samples{suffix}.png", columns=7)
@@ -371,6 +373,11 @@ COLUMNS = (("candidate", "candidate", "{}"), ("guidance", "guidance", "{:g}"),
            ("swd_64", "SWD 64", "{:.1f}"), ("swd_32", "SWD 32", "{:.1f}"), ("swd_16", "SWD 16", "{:.1f}"))
 
 
+def scales_text(v) -> str:
+    """A guidance scale as written on the command line: 7 or 1,7,7 (one per stage)."""
+    return ",".join(f"{x:g}" for x in v) if isinstance(v, (list, tuple)) else f"{v:g}"
+
+
 def table(rows: list[dict]) -> str:
     head = [label for _, label, _ in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -380,7 +387,7 @@ def table(rows: list[dict]) -> str:
             v = r.get(key, 0.0 if key == "style_guidance" else None)  # rows before the option: none
             if key == "candidate" and r.get("eval_only") and not v.startswith("model:"):
                 v += " (eval only)"
-            cells.append("-" if v is None else fmt.format(v))
+            cells.append("-" if v is None else scales_text(v) if isinstance(v, (list, tuple)) else fmt.format(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -434,7 +441,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="evaluate this model folder instead (no training; e.g. weights/emoji-64 for reference)")
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--steps", type=int, default=24, help="sampler steps over all stages")
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--guidance", type=guidance_value, default=3.0,
+                        help="guidance scale, or one per stage finest first (e.g. 1,7,7)")
     parser.add_argument("--style-guidance", type=float, default=0.0,
                         help="extra guidance along the style's direction (edify.core.guidance)")
     parser.add_argument("--sigma-min", type=float, default=None,

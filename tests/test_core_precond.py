@@ -161,6 +161,39 @@ def test_guidance_scales():
     assert torch.allclose(g3, D_u + 3 * (D_c - D_u), atol=1e-5)
 
 
+def test_per_stage_guidance_picks_each_samples_stage_scale_and_skips_unguided_stages():
+    """scale (1, 3, 5), finest first: each sample is guided with its own stage's scale; a batch
+    all at a stage whose scale is 1 is the conditional denoiser alone, in one branch."""
+    calls = []
+    D = EDMPrecond(TinyNet())
+
+    def counting(x, sigma, cond=None, stage=None):
+        calls.append(x.shape[0])
+        return D(x, sigma, cond, stage)
+
+    x, sigma, cond = torch.randn(3, 3, 8, 8), torch.tensor([0.3, 1.0, 2.0]), _cond(3)
+    per_stage = CFGDenoiser(counting, (1.0, 3.0, 5.0), drop=("text", "media"))
+    for k, scale in enumerate((1.0, 3.0, 5.0)):
+        stage = torch.full((3,), k)
+        calls.clear()
+        out = per_stage(x, sigma, cond, stage)
+        assert torch.equal(out, CFGDenoiser(D, scale, drop=("text", "media"))(x, sigma, cond, stage))
+        assert calls == ([3] if scale == 1 else [6])
+    mixed = torch.tensor([0, 1, 2])
+    out = per_stage(x, sigma, cond, mixed)
+    D_c, D_u = D(x, sigma, cond, mixed), D(x, sigma, cond.drop(("text", "media")), mixed)
+    expect = D_u + torch.tensor([1.0, 3.0, 5.0]).view(3, 1, 1, 1) * (D_c - D_u)
+    assert torch.allclose(out, expect, atol=1e-5)
+    assert torch.allclose(out[0], D_c[0], atol=1e-5)  # the stage at scale 1 is the conditional estimate
+    with pytest.raises(EdifyError, match="needs the stage"):
+        per_stage(x, sigma, cond)
+    with pytest.raises(EdifyError, match="3 scales, got stage 3"):
+        per_stage(x, sigma, cond, torch.tensor([0, 1, 3]))
+    for bad in ((), (1.0, float("nan")), (-1.0,), "seven"):
+        with pytest.raises(EdifyError, match="guidance scale"):
+            CFGDenoiser(D, bad)
+
+
 def test_guidance_negative_prompt_and_one_batched_call():
     calls = []
     D = EDMPrecond(TinyNet())

@@ -111,6 +111,41 @@ def test_guidance_and_negative_prompt_change_the_image():
     assert not torch.allclose(base, guided) and not torch.allclose(guided, negative)
 
 
+def test_per_stage_guidance_in_the_pipeline_its_saved_default_and_the_cli(tmp_path, monkeypatch, capsys):
+    pipe = tiny_pipeline()
+    kw = dict(seed=[2, 3], output_type="tensor")
+    uniform = pipe(["red apple"] * 2, guidance_scale=4.0, **kw).images
+    assert torch.equal(pipe(["red apple"] * 2, guidance_scale=(4.0, 4.0, 4.0), **kw).images, uniform)
+    per_stage = pipe(["red apple"] * 2, guidance_scale=(1.0, 4.0, 4.0), **kw).images
+    unguided = pipe(["red apple"] * 2, guidance_scale=1.0, **kw).images
+    assert not torch.allclose(per_stage, uniform) and not torch.allclose(per_stage, unguided)
+    assert not torch.allclose(per_stage, pipe(["red apple"] * 2, guidance_scale=(1.0, 4.0, 4.0),
+                                              negative_prompt="blue", **kw).images)
+    with pytest.raises(EdifyError, match="one scale per stage \\(3"):
+        pipe("red apple", guidance_scale=(1.0, 4.0))
+    with pytest.raises(EdifyError, match="finite and >= 0"):
+        pipe("red apple", guidance_scale=(1.0, -4.0, 4.0))
+    # a per-stage default is saved and read back; the CLI takes one scale per stage, finest first
+    d = pipe.config.defaults
+    pipe.config = dataclasses.replace(pipe.config, defaults=dataclasses.replace(d, guidance_scale=(1.0, 4.0, 4.0)))
+    assert torch.equal(pipe(["red apple"] * 2, **kw).images, per_stage)
+    pipe.save_pretrained(tmp_path / "m")
+    assert TextToImagePipeline.from_pretrained(tmp_path / "m", text_encoder=HashEncoder()).config == pipe.config
+    monkeypatch.setattr(TextToImagePipeline, "text_encoder", property(lambda self: HashEncoder()))
+    for flag, expected in (([], per_stage), (["--guidance", "4"], uniform), (["--guidance", "4,4,4"], uniform)):
+        out = tmp_path / "img.png"
+        assert cli_main(["generate", "red apple", "--model", str(tmp_path / "m"), "-o", str(out), "--seed", "2",
+                         "--threads", "1", "--quiet"] + flag) == 0
+        got = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1).float()
+        assert (got - ((expected[0] + 1) * 127.5).round()).abs().max() <= 1  # another batch size: 1/255
+    capsys.readouterr()
+    for bad, message in (("1,x,4", "numbers separated by commas"), ("1,4", "one scale per stage"),
+                         ("nan", "finite and >= 0")):
+        code = cli_main(["generate", "red apple", "--model", str(tmp_path / "m"), "-o", str(out), "--guidance", bad])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1
+
+
 def test_style_guidance_acts_on_styled_images_only_and_defaults_to_the_model(tmp_path, monkeypatch):
     pipe = tiny_pipeline()
     kw = dict(seed=[4, 5], output_type="tensor")

@@ -15,6 +15,11 @@ sees the full condition with only `fields` nulled. With a style (media-type) ter
 the text is guided by s as before while the style gets w_style more: the style's own direction,
 which plain guidance mixes with the text's. Every branch runs in the same batched call; a term of
 weight 0 adds no branch, so the default is the two-branch guidance above, bit for bit.
+
+Per-stage guidance: `scale` may be one number per Laplacian stage (finest first), looked up from
+the `stage` each call gets. Each stage is a band of noise levels, so this is the Laplacian form of
+guidance in a limited interval (Kynkaanniemi et al. 2024): a stage whose scale is 1 gets the
+conditional denoiser alone and runs no unconditional branch (half the cost of its steps).
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ from edify.errors import EdifyError
 class CFGDenoiser(nn.Module):
     """Guided denoiser D_u + scale (D_c - D_u).
 
+    scale:    one guidance scale, or one per stage (finest first; the stage of each sample selects it).
     drop:     condition fields nulled for the unconditional branch (see CONDITION_FIELDS).
     negative: an optional condition used as the unconditional branch instead (negative prompt);
               batch size 1 (broadcast) or the batch size of `cond`.
     terms:    extra guidance terms, each (fields, weight): weight (D_c - D_{cond with fields nulled}).
     """
 
-    def __init__(self, denoiser: Denoiser, scale: float,
+    def __init__(self, denoiser: Denoiser, scale: float | Sequence[float],
                  drop: Sequence[str] = CONDITION_FIELDS, negative: Cond | None = None,
                  terms: Sequence[tuple[Sequence[str], float]] = ()):
         super().__init__()
@@ -50,7 +56,7 @@ class CFGDenoiser(nn.Module):
             if not fields or not math.isfinite(float(weight)):
                 raise EdifyError(f"a guidance term needs condition fields and a finite weight, got {fields!r}, {weight!r}")
         self.denoiser = denoiser
-        self.scale = float(scale)
+        self.scales = check_guidance(scale)
         self.drop = tuple(drop)
         self.negative = negative
         self.terms = tuple((tuple(fields), float(w)) for fields, w in terms if float(w) != 0)
@@ -68,21 +74,56 @@ class CFGDenoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float, cond: Cond | None = None,
                 stage: Tensor | int | None = None) -> Tensor:
-        if cond is None or (self.scale == 1 and not self.terms):
+        w = self.scale_of(stage, x)
+        guided = isinstance(w, Tensor) or w != 1
+        if cond is None or (not guided and not self.terms):
             return self.denoiser(x, sigma, cond, stage)  # w = 1: D_w = D_c, no second branch
-        branches = [cond] + ([self.uncond(cond)] if self.scale != 1 else [])
+        branches = [cond] + ([self.uncond(cond)] if guided else [])
         branches += [cond.drop(fields) for fields, _ in self.terms]
         k = len(branches)
         D = self.denoiser(torch.cat([x] * k), _stacked(sigma, x, k), Cond.cat(branches), _stacked(stage, x, k))
         D_c, *rest = D.chunk(k)
-        if self.scale != 1:
+        if guided:
             D_u, *rest = rest
-            out = D_u + self.scale * (D_c - D_u)  # classifier-free guidance
+            out = D_u + w * (D_c - D_u)  # classifier-free guidance
         else:
             out = D_c
         for (_, weight), D_f in zip(self.terms, rest):
             out = out + weight * (D_c - D_f)  # one condition's own direction
         return out
+
+    def scale_of(self, stage, x: Tensor) -> float | Tensor:
+        """The guidance scale of the batch: a number when every sample has the same one, else
+        per-sample scales [B, 1, 1, 1] (per-stage guidance over a batch that mixes stages)."""
+        if len(self.scales) == 1:
+            return self.scales[0]
+        if stage is None:
+            raise EdifyError("per-stage guidance needs the stage of each sample; the sampler gave none")
+        st = torch.as_tensor(stage, device=x.device).reshape(-1).long()
+        if int(st.min()) < 0 or int(st.max()) >= len(self.scales):
+            raise EdifyError(f"per-stage guidance has {len(self.scales)} scales, got stage {int(st.max())}")
+        w = torch.tensor(self.scales, dtype=x.dtype, device=x.device)[st]
+        if bool((w == w[0]).all()):
+            return self.scales[int(st[0])]
+        return w.expand(x.shape[0]).view(-1, 1, 1, 1)
+
+
+def check_guidance(scale) -> tuple[float, ...]:
+    """A guidance scale (a number, or one per stage) as a tuple of finite numbers >= 0."""
+    values = (scale,) if isinstance(scale, (int, float)) or (isinstance(scale, Tensor) and scale.dim() == 0) \
+        else tuple(scale)
+    try:
+        values = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise EdifyError(f"guidance scale must be a number or one number per stage, got {scale!r}") from None
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        raise EdifyError(f"guidance scale must be finite and >= 0 (one number or one per stage), got {scale!r}")
+    return values
+
+
+def unguided(scale) -> bool:
+    """Whether a guidance scale (one number or one per stage) is 1 everywhere: no second branch."""
+    return all(v == 1 for v in check_guidance(scale))
 
 
 def _stacked(v, x: Tensor, k: int):

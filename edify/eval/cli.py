@@ -32,6 +32,7 @@ def default_cache() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from edify.pipelines.generate_cli import guidance_value
     from edify.runtime import add_runtime_arguments
 
     parser.add_argument("--model", default=None,
@@ -41,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=1000, help="images to generate")
     parser.add_argument("--sampler", default=None, help="euler, heun or dpmpp_2m (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps over all stages (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--guidance", type=guidance_value, default=None,
+                        help="guidance scale, or one per stage finest first (default: the model's)")
     parser.add_argument("--style-guidance", type=float, default=None,
                         help="extra guidance along the style's direction (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="caption draw and first image seed")

@@ -209,7 +209,7 @@ class ControlNetPipeline(TextToImagePipeline):
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], control_image=None, negative_prompt: str | None = None,
                  style: str | list[str] | None = None, num_steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int | list[int] | None = None,
+                 guidance_scale: float | Sequence[float] | None = None, seed: int | list[int] | None = None,
                  height: int | None = None, width: int | None = None, sampler: str | None = None,
                  num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
                  final_stage: int = 0, steps_per_stage: tuple[int, ...] | None = None,
@@ -271,7 +271,7 @@ class InpaintPipeline(ControlNetPipeline):
     def __call__(self, prompt: str | list[str], image=None, mask=None, task: str = "inpaint",
                  pad: Sequence[int] | None = None, method: str = "controlnet+repaint", feather_px: float = 2.0,
                  negative_prompt: str | None = None, style: str | list[str] | None = None,
-                 num_steps: int | None = None, guidance_scale: float | None = None,
+                 num_steps: int | None = None, guidance_scale: float | Sequence[float] | None = None,
                  seed: int | list[int] | None = None, sampler: str | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", callback=None, steps_per_stage: tuple[int, ...] | None = None,
                  control_weight: float = 1.0, control_start: float = math.inf, control_end: float = 0.0,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -117,7 +118,9 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative", default=None, help="negative prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps over all stages")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=guidance_value, default=None, metavar="G",
+                        help="classifier-free guidance scale, or one per stage finest first (e.g. 1,7,7: "
+                             "none at the finest stage, which then costs half)")
     parser.add_argument("--style-guidance", type=float, default=None, metavar="W",
                         help="extra guidance along the style's own direction, with --style (one more "
                              "network branch per step; default: the model's)")
@@ -195,6 +198,18 @@ def save_png(image, path: Path) -> None:
         os.replace(part, path)
     finally:
         part.unlink(missing_ok=True)
+
+
+def guidance_value(text: str) -> float | tuple[float, ...]:
+    """An argparse type: '7' -> 7.0, '1,7,7' -> (1.0, 7.0, 7.0) (one scale per stage, finest first)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or numbers separated by commas (one per stage, finest "
+                                         f"first), e.g. 7 or 1,7,7; got {text!r}") from None
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"guidance must be finite and >= 0, got {text!r}")
+    return values[0] if len(values) == 1 else values
 
 
 def parse_stage_steps(text: str | None) -> tuple[int, ...] | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from edify.conditioning import Cond
-from edify.core.guidance import CFGDenoiser
+from edify.core.guidance import CFGDenoiser, check_guidance, unguided
 from edify.core.laplacian import LaplacianProcess
 from edify.core.precond import EDMPrecond, finishing_stages
 from edify.core.samplers import SAMPLERS, initial_state, sampler_nfe
@@ -43,7 +44,8 @@ class SamplingDefaults:
     `ramp_weight` (`edify.core.schedules.laplacian_sigmas`)."""
 
     num_steps: int = 24
-    guidance_scale: float = 3.0
+    # one scale, or one per stage (finest first; a stage at 1 runs no unconditional branch)
+    guidance_scale: float | tuple[float, ...] = 3.0
     # extra guidance along the style's own direction (edify.core.guidance; 0 = plain guidance)
     style_guidance: float = 0.0
     sampler: str = SAMPLING.sampler
@@ -198,7 +200,7 @@ class TextToImagePipeline:
         return UNetConfig.from_dict(self.config.network).size_multiple * 2 ** (self.process.levels - 1)
 
     def check_inputs(self, prompts: list[str], style, height: int, width: int, num_steps: int,
-                     guidance_scale: float, sampler: str, final_stage: int = 0,
+                     guidance_scale: float | tuple[float, ...], sampler: str, final_stage: int = 0,
                      steps_per_stage: tuple[int, ...] | None = None) -> None:
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
@@ -220,10 +222,19 @@ class TextToImagePipeline:
                 raise EdifyError(f"every stage needs at least one step, got steps per stage {tuple(steps_per_stage)}")
         elif not isinstance(num_steps, int) or num_steps < stages:
             raise EdifyError(f"num_steps must be an integer >= {stages} (one per stage), got {num_steps}")
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise EdifyError(f"guidance_scale must be finite and >= 0, got {guidance_scale}")
+        self.guidance(guidance_scale)
         if sampler not in SAMPLERS:
             raise EdifyError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+
+    def guidance(self, scale) -> float | tuple[float, ...]:
+        """A guidance scale checked for this model: a number, or a tuple of one per stage."""
+        scales = check_guidance(scale)
+        if len(scales) == 1:
+            return scales[0]
+        if len(scales) != self.process.levels:
+            raise EdifyError(f"per-stage guidance needs one scale per stage ({self.process.levels}, finest "
+                             f"first), got {len(scales)}")
+        return scales
 
     def check_final_stage(self, final_stage) -> None:
         """A model stops at stage j only if its stage-j expert was trained down to sigma 0."""
@@ -247,14 +258,16 @@ class TextToImagePipeline:
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | None = None,
                  style: str | list[str] | None = None, num_steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int | list[int] | None = None,
+                 guidance_scale: float | Sequence[float] | None = None, seed: int | list[int] | None = None,
                  height: int | None = None, width: int | None = None, sampler: str | None = None,
                  num_images_per_prompt: int = 1, output_type: str = "pil",
                  callback=None, final_stage: int = 0,
                  steps_per_stage: tuple[int, ...] | None = None, denoiser_wrapper=None,
                  style_guidance: float | None = None, sigma_min: float | None = None) -> TextToImageOutput:
         """Images for the prompts. num_steps: sampler steps over all stages, split by the model's
-        `defaults.stage_weights` (or give `steps_per_stage`, finest first). final_stage = j returns
+        `defaults.stage_weights` (or give `steps_per_stage`, finest first). guidance_scale: one
+        classifier-free guidance scale, or one per stage (finest first, e.g. (1, 7, 7): no guidance
+        at the finest stage, which then runs one network branch instead of two). final_stage = j returns
         the finished image at (height / 2^j, width / 2^j) for a model with nested expert ranges
         (section 2.2.3): a preview at a fraction of the cost. denoiser_wrapper(denoiser) -> denoiser
         wraps the preconditioned network before guidance (ControlNets, inpainting constraints).
@@ -270,7 +283,7 @@ class TextToImagePipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         num_steps = d.num_steps if num_steps is None else num_steps
-        guidance_scale = d.guidance_scale if guidance_scale is None else float(guidance_scale)
+        guidance_scale = self.guidance(d.guidance_scale if guidance_scale is None else guidance_scale)
         style_guidance = d.style_guidance if style_guidance is None else float(style_guidance)
         if not math.isfinite(style_guidance):
             raise EdifyError(f"style_guidance must be finite, got {style_guidance}")
@@ -289,7 +302,7 @@ class TextToImagePipeline:
 
         cond = self.encode(prompts, styles)
         negative = None
-        if negative_prompt is not None and guidance_scale != 1:
+        if negative_prompt is not None and not unguided(guidance_scale):
             negative = self.encode([negative_prompt], [None])
         denoiser = EDMPrecond(self.network, self.config.sigma_data, dtype=self.dtype)
         if denoiser_wrapper is not None:

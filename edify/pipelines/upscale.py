@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ from torch import Tensor
 from edify.conditioning import Cond
 from edify.core.cascade import check_entry_sigma, entry_range, entry_sigmas, upsample
 from edify.core.control import Control, ControlledDenoiser
-from edify.core.guidance import CFGDenoiser
+from edify.core.guidance import CFGDenoiser, unguided
 from edify.core.laplacian import up
 from edify.core.precond import EDMPrecond
 from edify.core.reconstruction import ReconstructionGuidance
@@ -112,7 +113,7 @@ class UpscalePipeline(ControlNetPipeline):
     def __call__(self, image, prompt: str | list[str] | None = None, negative_prompt: str | None = None,
                  style: str | list[str] | None = None,
                  scale: int | None = None, entry_sigma: float | None = None, num_steps: int | None = None,
-                 guidance_scale: float | None = None, guidance_weight: float | None = None, control_weight: float = 1.0,
+                 guidance_scale: float | Sequence[float] | None = None, guidance_weight: float | None = None, control_weight: float = 1.0,
                  tile: int | None = None, overlap: int | None = None, feather: bool = True, max_tiles: int | None = None,
                  seed: int | list[int] | None = None, sampler: str | None = None, output_type: str = "pil",
                  callback=None) -> UpscaleOutput:
@@ -134,10 +135,11 @@ class UpscalePipeline(ControlNetPipeline):
             self.process, k, entry_sigma, self.max_sigma)
         num_steps = d.num_steps if num_steps is None else num_steps
         guidance_weight = d.reconstruction_guidance if guidance_weight is None else guidance_weight
-        guidance_scale = (d.guidance_scale if prompt is not None else 1.0) if guidance_scale is None else guidance_scale
+        guidance_scale = self.guidance((d.guidance_scale if prompt is not None else 1.0) if guidance_scale is None
+                                       else guidance_scale)
         sampler = d.sampler if sampler is None else sampler
         self.check_inputs(["-"] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt), style, self.size_multiple, self.size_multiple, num_steps,
-                          float(guidance_scale), sampler)
+                          guidance_scale, sampler)
         B, (h, w) = y.shape[0], y.shape[-2:]
         y_pad = pad_to(y, self.size_multiple // scale).to(self.device)
         H, W = y_pad.shape[-2] * scale, y_pad.shape[-1] * scale
@@ -147,10 +149,10 @@ class UpscalePipeline(ControlNetPipeline):
         seeds = _seeds(seed, B)
 
         cond = self.condition(prompt, style, B)
-        negative = self.encode([negative_prompt], [None]) if negative_prompt is not None and guidance_scale != 1 else None
+        negative = self.encode([negative_prompt], [None]) if negative_prompt is not None and not unguided(guidance_scale) else None
         denoiser = self.denoiser(y_pad, scale, control_weight, guidance_weight, (H, W), tile, overlap, feather,
                                  max_tiles)
-        guided = CFGDenoiser(denoiser, float(guidance_scale), negative=negative)
+        guided = CFGDenoiser(denoiser, guidance_scale, negative=negative)
         weights = d.stage_weights or default_stage_weights(self.process.levels)
         sigmas = entry_sigmas(self.process, entry, num_steps, weights, d.sigma_min, d.rho, d.ramp_weight)
         x = upsample(SAMPLERS[sampler], guided, y_pad, entry, self.process, sigmas, cond,

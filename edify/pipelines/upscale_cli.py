@@ -36,6 +36,7 @@ def default_upscaler() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from edify.pipelines.generate_cli import guidance_value
     from edify.runtime import add_runtime_arguments
 
     parser.add_argument("image", metavar="IN.png", help="the low-resolution image")
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative", default=None, help="negative prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of the upsampler's noise")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps from the entry sigma to 0")
-    parser.add_argument("--guidance", type=float, default=None,
+    parser.add_argument("--guidance", type=guidance_value, default=None,
                         help="classifier-free guidance scale (default: the model's with a prompt, 1 without)")
     parser.add_argument("--sampler", default=None, help="dpmpp_2m (default), dpmpp_3m, euler, heun or exp_trapezoid")
     add_runtime_arguments(parser)
