@@ -319,6 +319,9 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     if args.sigma_min is not None:  # end the schedule elsewhere than the model's default
         pipe.config = dataclasses.replace(
             pipe.config, defaults=dataclasses.replace(pipe.config.defaults, sigma_min=args.sigma_min))
+    if args.stage_weights is not None:  # split the steps across the stages otherwise
+        pipe.config = dataclasses.replace(
+            pipe.config, defaults=dataclasses.replace(pipe.config.defaults, stage_weights=args.stage_weights))
     sigma_min = pipe.config.defaults.sigma_min
     recorder = RecordingExtractor(extractor)
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -342,12 +345,14 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["retrieval_top1_chance"] = retrieval_chance(captions, real.captions, 1)
     out["retrieval_top5_chance"] = retrieval_chance(captions, real.captions, 5)
     out["sigma_min"] = sigma_min
+    out["stage_steps"] = list(pipe.stage_steps(args.steps))
     out["eval_wall_minutes"] = round((time.perf_counter() - wall0) / 60, 2)
     out["eval_cpu_minutes"] = round((time.process_time() - cpu0) / 60, 2)
     grid = torch.cat(recorder.images)[:GRID]
     suffix = ("" if args.guidance == 3.0 else f"-g{scales_text(args.guidance)}") + \
         ("" if args.style_guidance == 0 else f"-sg{args.style_guidance:g}") + \
-        ("" if args.sigma_min is None else f"-smin{args.sigma_min:g}")
+        ("" if args.sigma_min is None else f"-smin{args.sigma_min:g}") + \
+        ("" if args.stage_weights is None else f"-split{scales_text(args.stage_weights)}")
     save_grid(grid, grid_dir / f"samples{suffix}.png", columns=7)
     torch.save({"features": fake, "indices": indices, "requested_styles": requested},
                grid_dir / f"eval-features{suffix}.pt")  # for later metrics without regenerating
@@ -365,12 +370,24 @@ def real_style_ceiling(real, real_stats, style_ref) -> dict:
 # (row key, table heading, format); rows written before a column existed show "-"
 COLUMNS = (("candidate", "candidate", "{}"), ("guidance", "guidance", "{:g}"),
            ("style_guidance", "style guidance", "{:g}"), ("sigma_min", "last sigma", "{:g}"),
+           ("stage_steps", "steps per stage", "{}"),
            ("images", "images seen", "{:,}"), ("train_cpu_minutes", "train CPU min", "{:.1f}"),
            ("wall_minutes", "wall min (all)", "{:.1f}"), ("final_loss", "final loss", "{:.4f}"),
            ("fid", "FID", "{:.1f}"), ("kid", "KID", "{:.4f}"), ("kid_std", "KID std", "{:.4f}"),
            ("retrieval_top1", "top-1", "{:.3f}"), ("retrieval_top5", "top-5", "{:.3f}"),
            ("style_acc", "style acc", "{:.3f}"), ("style_chance", "style chance", "{:.3f}"),
            ("swd_64", "SWD 64", "{:.1f}"), ("swd_32", "SWD 32", "{:.1f}"), ("swd_16", "SWD 16", "{:.1f}"))
+
+
+def stage_weights_value(text: str) -> tuple[float, ...]:
+    """An argparse type: '0.55,0.25,0.2' -> (0.55, 0.25, 0.2), each > 0."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"numbers separated by commas, finest stage first; got {text!r}") from None
+    if not all(v > 0 and v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"every stage weight must be finite and > 0, got {text!r}")
+    return values
 
 
 def scales_text(v) -> str:
@@ -447,6 +464,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="extra guidance along the style's direction (edify.core.guidance)")
     parser.add_argument("--sigma-min", type=float, default=None,
                         help="end the sampling schedule at this sigma (default: the model's defaults.sigma_min)")
+    parser.add_argument("--stage-weights", type=stage_weights_value, default=None, metavar="W0,W1,W2",
+                        help="split the steps across the stages by these weights, finest first "
+                             "(default: the model's defaults.stage_weights)")
     parser.add_argument("--num-samples", type=int, default=924, help="generated images (924 = the val split)")
     parser.add_argument("--max-real", type=int, default=None, help="first N real validation images only")
     parser.add_argument("--style-ref-per-style", type=int, default=200,
