@@ -323,13 +323,15 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
         pipe.config = dataclasses.replace(
             pipe.config, defaults=dataclasses.replace(pipe.config.defaults, stage_weights=args.stage_weights))
     sigma_min = pipe.config.defaults.sigma_min
+    guide = None if args.guide_model is None else TextToImagePipeline.from_pretrained(args.guide_model).to("cpu")
     recorder = RecordingExtractor(extractor)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FID below 2048 samples: the same counts for every candidate
         metrics = evaluate_pipeline(pipe, real, args.num_samples, sampler=args.sampler, steps=args.steps,
                                     guidance=args.guidance, style_guidance=args.style_guidance, seed=args.seed, metrics=("fid", "kid", "swd", "retrieval"),
-                                    batch_size=args.batch, extractor=recorder, real_stats=real_stats)
+                                    batch_size=args.batch, extractor=recorder, real_stats=real_stats, guide=guide,
+                                    guide_uncond=args.guide_uncond)
     fake = torch.cat(recorder.features)
     indices = draw_prompts(real, args.num_samples, args.seed)
     # KID's spread: edify eval's KID uses the full sets (one subset, no spread); kid_std is the std of
@@ -346,13 +348,17 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["retrieval_top5_chance"] = retrieval_chance(captions, real.captions, 5)
     out["sigma_min"] = sigma_min
     out["stage_steps"] = list(pipe.stage_steps(args.steps))
+    out["guide_model"] = args.guide_model
+    out["guide_uncond"] = args.guide_uncond
     out["eval_wall_minutes"] = round((time.perf_counter() - wall0) / 60, 2)
     out["eval_cpu_minutes"] = round((time.process_time() - cpu0) / 60, 2)
     grid = torch.cat(recorder.images)[:GRID]
     suffix = ("" if args.guidance == 3.0 else f"-g{scales_text(args.guidance)}") + \
         ("" if args.style_guidance == 0 else f"-sg{args.style_guidance:g}") + \
         ("" if args.sigma_min is None else f"-smin{args.sigma_min:g}") + \
-        ("" if args.stage_weights is None else f"-split{scales_text(args.stage_weights)}")
+        ("" if args.stage_weights is None else f"-split{scales_text(args.stage_weights)}") + \
+        ("" if args.guide_model is None else f"-auto-{Path(args.guide_model).name}") + \
+        ("-uncond" if args.guide_uncond else "")
     save_grid(grid, grid_dir / f"samples{suffix}.png", columns=7)
     torch.save({"features": fake, "indices": indices, "requested_styles": requested},
                grid_dir / f"eval-features{suffix}.pt")  # for later metrics without regenerating
@@ -370,7 +376,7 @@ def real_style_ceiling(real, real_stats, style_ref) -> dict:
 # (row key, table heading, format); rows written before a column existed show "-"
 COLUMNS = (("candidate", "candidate", "{}"), ("guidance", "guidance", "{:g}"),
            ("style_guidance", "style guidance", "{:g}"), ("sigma_min", "last sigma", "{:g}"),
-           ("stage_steps", "steps per stage", "{}"),
+           ("stage_steps", "steps per stage", "{}"), ("guide_model", "guide model", "{}"),
            ("images", "images seen", "{:,}"), ("train_cpu_minutes", "train CPU min", "{:.1f}"),
            ("wall_minutes", "wall min (all)", "{:.1f}"), ("final_loss", "final loss", "{:.4f}"),
            ("fid", "FID", "{:.1f}"), ("kid", "KID", "{:.4f}"), ("kid_std", "KID std", "{:.4f}"),
@@ -404,6 +410,8 @@ def table(rows: list[dict]) -> str:
             v = r.get(key, 0.0 if key == "style_guidance" else None)  # rows before the option: none
             if key == "candidate" and r.get("eval_only") and not v.startswith("model:"):
                 v += " (eval only)"
+            if key == "guide_model" and v is not None:
+                v = Path(v).name + (" (uncond)" if r.get("guide_uncond") else "")  # autoguidance: the guide
             cells.append("-" if v is None else scales_text(v) if isinstance(v, (list, tuple)) else fmt.format(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -464,6 +472,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="extra guidance along the style's direction (edify.core.guidance)")
     parser.add_argument("--sigma-min", type=float, default=None,
                         help="end the sampling schedule at this sigma (default: the model's defaults.sigma_min)")
+    parser.add_argument("--guide-model", default=None, metavar="DIR",
+                        help="autoguidance: guide with this weaker model (edify.core.guidance) instead of "
+                             "the unconditional branch")
+    parser.add_argument("--guide-uncond", action="store_true",
+                        help="with --guide-model: the guide's unconditional estimate is the second branch")
     parser.add_argument("--stage-weights", type=stage_weights_value, default=None, metavar="W0,W1,W2",
                         help="split the steps across the stages by these weights, finest first "
                              "(default: the model's defaults.stage_weights)")

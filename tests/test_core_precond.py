@@ -194,6 +194,38 @@ def test_per_stage_guidance_picks_each_samples_stage_scale_and_skips_unguided_st
             CFGDenoiser(D, bad)
 
 
+def test_autoguidance_uses_the_weaker_models_estimate_as_the_second_branch():
+    """D_g(c) + w (D_c - D_g(c)) with the guide's own call of B rows; with guide_uncond the guide sees
+    the unconditional condition; a guide equal to the model leaves D_c exactly."""
+    calls = []
+    torch.manual_seed(1)
+    D, D_bad = EDMPrecond(TinyNet()), EDMPrecond(TinyNet())
+
+    def counting(name, den):
+        def f(x, sigma, cond=None, stage=None):
+            calls.append((name, x.shape[0]))
+            return den(x, sigma, cond, stage)
+        return f
+
+    x, sigma, cond, stage = torch.randn(3, 3, 8, 8), torch.tensor([0.3, 1.0, 2.0]), _cond(3), torch.zeros(3)
+    D_c, D_g = D(x, sigma, cond, stage), D_bad(x, sigma, cond, stage)
+    out = CFGDenoiser(counting("main", D), 2.5, guide=counting("guide", D_bad))(x, sigma, cond, stage)
+    assert calls == [("main", 3), ("guide", 3)]
+    assert torch.allclose(out, D_g + 2.5 * (D_c - D_g), atol=1e-5)
+    uncond = CFGDenoiser(D, 2.5, drop=("text", "media"), guide=D_bad, guide_uncond=True)(x, sigma, cond, stage)
+    D_gu = D_bad(x, sigma, cond.drop(("text", "media")), stage)
+    assert torch.allclose(uncond, D_gu + 2.5 * (D_c - D_gu), atol=1e-5)
+    assert torch.equal(CFGDenoiser(D, 4.0, guide=D)(x, sigma, cond, stage), D_c)
+    D_none, D_g_none = D(x, sigma, None, stage), D_bad(x, sigma, None, stage)  # an unconditional model
+    assert torch.allclose(CFGDenoiser(D, 2.0, guide=D_bad)(x, sigma, None, stage), D_g_none + 2 * (D_none - D_g_none),
+                          atol=1e-5)
+    calls.clear()
+    assert torch.equal(CFGDenoiser(counting("main", D), 1.0, guide=counting("guide", D_bad))(x, sigma, cond, stage), D_c)
+    assert calls == [("main", 3)]  # scale 1: the guide is never called
+    with pytest.raises(EdifyError, match="no negative prompt"):
+        CFGDenoiser(D, 2.0, negative=_cond(1), guide=D_bad)
+
+
 def test_guidance_negative_prompt_and_one_batched_call():
     calls = []
     D = EDMPrecond(TinyNet())

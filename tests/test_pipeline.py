@@ -146,6 +146,26 @@ def test_per_stage_guidance_in_the_pipeline_its_saved_default_and_the_cli(tmp_pa
         assert code == 2 and message in err and err.count("\n") == 1
 
 
+def test_autoguidance_with_a_weaker_model_of_the_same_task():
+    pipe, weaker = tiny_pipeline(), tiny_pipeline()
+    torch.manual_seed(5)
+    for p in weaker.network.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    kw = dict(seed=[2, 3], output_type="tensor")
+    conditional = pipe(["red apple"] * 2, guidance_scale=1.0, **kw).images
+    assert torch.equal(pipe(["red apple"] * 2, guidance_scale=3.0, guide=pipe, **kw).images, conditional)
+    auto = pipe(["red apple"] * 2, guidance_scale=3.0, guide=weaker, **kw).images
+    cfg = pipe(["red apple"] * 2, guidance_scale=3.0, **kw).images
+    assert not torch.allclose(auto, conditional) and not torch.allclose(auto, cfg)
+    assert not torch.allclose(auto, pipe(["red apple"] * 2, guidance_scale=3.0, guide=weaker, guide_uncond=True,
+                                         **kw).images)
+    other = tiny_pipeline(styles=("noto",))
+    with pytest.raises(EdifyError, match="differs from this one in styles"):
+        pipe("red apple", guide=other)
+    with pytest.raises(EdifyError, match="no negative prompt"):
+        pipe("red apple", guidance_scale=3.0, guide=weaker, negative_prompt="blue")
+
+
 def test_style_guidance_acts_on_styled_images_only_and_defaults_to_the_model(tmp_path, monkeypatch):
     pipe = tiny_pipeline()
     kw = dict(seed=[4, 5], output_type="tensor")

@@ -16,6 +16,12 @@ the text is guided by s as before while the style gets w_style more: the style's
 which plain guidance mixes with the text's. Every branch runs in the same batched call; a term of
 weight 0 adds no branch, so the default is the two-branch guidance above, bit for bit.
 
+Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): with
+a `guide` denoiser, a weaker model of the same task (e.g. the same network trained for less long),
+the second branch is that model under the full condition, D = D_g + w (D_c - D_g): it pushes the
+sample away from the errors the weaker model makes more, not from the unconditional distribution,
+so it sharpens without narrowing the distribution the way classifier-free guidance does.
+
 Per-stage guidance: `scale` may be one number per Laplacian stage (finest first), looked up from
 the `stage` each call gets. Each stage is a band of noise levels, so this is the Laplacian form of
 guidance in a limited interval (Kynkaanniemi et al. 2024): a stage whose scale is 1 gets the
@@ -43,12 +49,19 @@ class CFGDenoiser(nn.Module):
     negative: an optional condition used as the unconditional branch instead (negative prompt);
               batch size 1 (broadcast) or the batch size of `cond`.
     terms:    extra guidance terms, each (fields, weight): weight (D_c - D_{cond with fields nulled}).
+    guide:    autoguidance: a weaker denoiser of the same task whose conditional estimate replaces the
+              unconditional branch (its own network call; no negative prompt with it).
+    guide_uncond: the guide sees the unconditional condition (`drop` nulled) instead: classifier-free
+              guidance whose unconditional branch is the weaker model.
     """
 
     def __init__(self, denoiser: Denoiser, scale: float | Sequence[float],
                  drop: Sequence[str] = CONDITION_FIELDS, negative: Cond | None = None,
-                 terms: Sequence[tuple[Sequence[str], float]] = ()):
+                 terms: Sequence[tuple[Sequence[str], float]] = (), guide: Denoiser | None = None,
+                 guide_uncond: bool = False):
         super().__init__()
+        if guide is not None and negative is not None:
+            raise EdifyError("autoguidance replaces the unconditional branch, so it takes no negative prompt")
         unknown = [d for d in [*drop, *(f for fields, _ in terms for f in fields)] if d not in CONDITION_FIELDS]
         if unknown:
             raise EdifyError(f"unknown condition field(s) to drop {unknown}; known: {', '.join(CONDITION_FIELDS)}")
@@ -60,6 +73,7 @@ class CFGDenoiser(nn.Module):
         self.drop = tuple(drop)
         self.negative = negative
         self.terms = tuple((tuple(fields), float(w)) for fields, w in terms if float(w) != 0)
+        self.guide, self.guide_uncond = guide, bool(guide_uncond)
 
     def uncond(self, cond: Cond) -> Cond:
         """The condition of the unconditional branch."""
@@ -76,18 +90,21 @@ class CFGDenoiser(nn.Module):
                 stage: Tensor | int | None = None) -> Tensor:
         w = self.scale_of(stage, x)
         guided = isinstance(w, Tensor) or w != 1
-        if cond is None or (not guided and not self.terms):
+        auto = guided and self.guide is not None
+        if not auto and (cond is None or (not guided and not self.terms)):
             return self.denoiser(x, sigma, cond, stage)  # w = 1: D_w = D_c, no second branch
-        branches = [cond] + ([self.uncond(cond)] if guided else [])
-        branches += [cond.drop(fields) for fields, _ in self.terms]
-        k = len(branches)
-        D = self.denoiser(torch.cat([x] * k), _stacked(sigma, x, k), Cond.cat(branches), _stacked(stage, x, k))
+        branches = [] if cond is None else [cond] + [cond.drop(fields) for fields, _ in self.terms]
+        if guided and not auto:
+            branches.insert(1, self.uncond(cond))
+        k = max(1, len(branches))
+        D = self.denoiser(torch.cat([x] * k), _stacked(sigma, x, k), Cond.cat(branches) if branches else None,
+                          _stacked(stage, x, k))
         D_c, *rest = D.chunk(k)
+        out = D_c
         if guided:
-            D_u, *rest = rest
-            out = D_u + w * (D_c - D_u)  # classifier-free guidance
-        else:
-            out = D_c
+            D_u = self.guide(x, sigma, self.uncond(cond) if self.guide_uncond and cond is not None else cond,
+                             stage).to(D_c.dtype) if auto else rest.pop(0)
+            out = D_u + w * (D_c - D_u)  # classifier-free guidance, or autoguidance
         for (_, weight), D_f in zip(self.terms, rest):
             out = out + weight * (D_c - D_f)  # one condition's own direction
         return out

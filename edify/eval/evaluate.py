@@ -364,7 +364,8 @@ def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, 
                       metrics: str | Sequence[str] = METRICS, batch_size: int = 32,
                       extractor: InceptionFeatures | None = None, real_stats: FeatureStats | None = None,
                       warn: bool = True, progress: Callable[[int], None] | None = None,
-                      callback: Callable[[dict], None] | None = None) -> dict:
+                      callback: Callable[[dict], None] | None = None, guide=None,
+                      guide_uncond: bool = False) -> dict:
     """Generate `num_samples` images for captions/styles drawn from `real` (`draw_prompts`; image i
     uses seed + i) and evaluate them against all of `real`. Adds "nfe" to `evaluate`'s result.
     Styles the model does not know are replaced by no style. Retrieval counts a hit when any real
@@ -372,7 +373,7 @@ def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, 
 
     `callback(info)` sees every sampler step (the pipeline's callback), `progress(n)` every batch
     of n images generated and measured; style_guidance is the pipeline's (None: the model's
-    default). A sampler step that produces NaN or infinity raises
+    default); guide, guide_uncond: autoguidance (the pipeline's). A sampler step that produces NaN or infinity raises
     EdifyError: metrics of a broken model are not numbers to report."""
     if batch_size < 1:
         raise EdifyError(f"batch size must be >= 1, got {batch_size}")
@@ -388,7 +389,7 @@ def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, 
             out = pipe([real.captions[j] for j in chunk],
                        style=[real.styles[j] if real.styles[j] in known else None for j in chunk],
                        num_steps=steps, guidance_scale=guidance, style_guidance=style_guidance,
-                       sampler=sampler, seed=seeds,
+                       sampler=sampler, seed=seeds, guide=guide, guide_uncond=guide_uncond,
                        output_type="tensor", callback=_finite_steps(seeds, callback))
             nfe[0] = out.nfe
             yield out.images

@@ -263,7 +263,8 @@ class TextToImagePipeline:
                  num_images_per_prompt: int = 1, output_type: str = "pil",
                  callback=None, final_stage: int = 0,
                  steps_per_stage: tuple[int, ...] | None = None, denoiser_wrapper=None,
-                 style_guidance: float | None = None, sigma_min: float | None = None) -> TextToImageOutput:
+                 style_guidance: float | None = None, sigma_min: float | None = None,
+                 guide: TextToImagePipeline | None = None, guide_uncond: bool = False) -> TextToImageOutput:
         """Images for the prompts. num_steps: sampler steps over all stages, split by the model's
         `defaults.stage_weights` (or give `steps_per_stage`, finest first). guidance_scale: one
         classifier-free guidance scale, or one per stage (finest first, e.g. (1, 7, 7): no guidance
@@ -275,7 +276,10 @@ class TextToImagePipeline:
         on top of guidance_scale (one more network branch per step where it is not 0; default: the
         model's `defaults.style_guidance`); it acts on the images given a style. sigma_min: the
         full-resolution noise level where the schedule ends and the last denoised estimate is
-        returned (default: the model's `defaults.sigma_min`)."""
+        returned (default: the model's `defaults.sigma_min`). guide: autoguidance
+        (`edify.core.guidance`): a weaker model of the same kind (e.g. this one trained for less long)
+        whose conditional estimate replaces the unconditional one in guidance; with guide_uncond its
+        unconditional estimate does (classifier-free guidance against the weaker model)."""
         d = self.config.defaults
         if self.config.max_sigma and d.sigma_max > self.config.max_sigma:
             raise EdifyError(f"this model is an upsampler, trained only up to sigma {self.config.max_sigma:g}: "
@@ -305,11 +309,13 @@ class TextToImagePipeline:
         if negative_prompt is not None and not unguided(guidance_scale):
             negative = self.encode([negative_prompt], [None])
         denoiser = EDMPrecond(self.network, self.config.sigma_data, dtype=self.dtype)
+        guide_denoiser = None if guide is None else self.guide_denoiser(guide)
         if denoiser_wrapper is not None:
             denoiser = denoiser_wrapper(denoiser)
+            guide_denoiser = None if guide_denoiser is None else denoiser_wrapper(guide_denoiser)
         styled = style_guidance != 0 and any(s is not None for s in styles) and len(self.vocab) > 0
         guided = CFGDenoiser(denoiser, guidance_scale, negative=negative,
-                             terms=[(("media",), style_guidance)] if styled else ())
+                             terms=[(("media",), style_guidance)] if styled else (), guide=guide_denoiser, guide_uncond=guide_uncond)
         sigmas = laplacian_sigmas(self.process, self.stage_steps(num_steps, final_stage, steps_per_stage),
                                   sigma_min, d.sigma_max, d.rho, d.ramp_weight, final_stage)
         gens = generators(seeds, device="cpu")
@@ -318,6 +324,19 @@ class TextToImagePipeline:
         x = x.clamp(-1, 1)
         images = x.cpu() if output_type == "tensor" else to_pil(x)
         return TextToImageOutput(images=images, seeds=seeds, nfe=sampler_nfe(sampler, len(sigmas) - 1))
+
+    def guide_denoiser(self, guide: TextToImagePipeline) -> EDMPrecond:
+        """The preconditioned denoiser of an autoguidance model, once it is checked to do this
+        model's task: the same Laplacian process, resolution, text encoder and styles."""
+        if not isinstance(guide, TextToImagePipeline):
+            raise EdifyError(f"the guide must be a TextToImagePipeline, got {type(guide).__name__}")
+        a, b = self.config, guide.config
+        for name in ("levels", "switch_sigmas", "ramp", "ramp_width", "sigma_data", "resolution",
+                     "text_encoder", "text_max_length", "styles"):
+            if getattr(a, name) != getattr(b, name):
+                raise EdifyError(f"the guide model differs from this one in {name} ({getattr(b, name)!r} vs "
+                                 f"{getattr(a, name)!r}): autoguidance needs a model of the same task")
+        return EDMPrecond(guide.network.to(self.device), b.sigma_data, dtype=self.dtype)
 
     def stage_steps(self, num_steps: int, final_stage: int = 0,
                     steps_per_stage: tuple[int, ...] | None = None) -> tuple[int, ...]:
