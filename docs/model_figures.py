@@ -154,6 +154,8 @@ def curves(args) -> None:
 
 
 def main() -> None:
+    from edify.pipelines.generate_cli import guidance_value
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     g = sub.add_parser("grid")
@@ -162,7 +164,7 @@ def main() -> None:
     g.add_argument("--captions", type=int, default=32)
     g.add_argument("--styles", default="twemoji,noto,fluent-emoji-flat,emojione")
     g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--guidance", type=float, default=None)
+    g.add_argument("--guidance", type=guidance_value, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True)
     s = sub.add_parser("sheet")
@@ -171,7 +173,7 @@ def main() -> None:
     s.add_argument("--styles", default="twemoji,noto,fluent-emoji-flat,emojione")
     s.add_argument("--seeds", default="0,1")
     s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--guidance", type=guidance_value, default=None)
     s.add_argument("--out", required=True)
     k = sub.add_parser("concept")
     k.add_argument("--model", required=True)
