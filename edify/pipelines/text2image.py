@@ -315,7 +315,8 @@ class TextToImagePipeline:
             guide_denoiser = None if guide_denoiser is None else denoiser_wrapper(guide_denoiser)
         styled = style_guidance != 0 and any(s is not None for s in styles) and len(self.vocab) > 0
         guided = CFGDenoiser(denoiser, guidance_scale, negative=negative,
-                             terms=[(("media",), style_guidance)] if styled else (), guide=guide_denoiser, guide_uncond=guide_uncond)
+                             terms=[(("media",), style_guidance)] if styled else (),
+                             guide=guide_denoiser, guide_uncond=guide_uncond)
         sigmas = laplacian_sigmas(self.process, self.stage_steps(num_steps, final_stage, steps_per_stage),
                                   sigma_min, d.sigma_max, d.rho, d.ramp_weight, final_stage)
         gens = generators(seeds, device="cpu")

@@ -149,7 +149,8 @@ class UpscalePipeline(ControlNetPipeline):
         seeds = _seeds(seed, B)
 
         cond = self.condition(prompt, style, B)
-        negative = self.encode([negative_prompt], [None]) if negative_prompt is not None and not unguided(guidance_scale) else None
+        use_negative = negative_prompt is not None and not unguided(guidance_scale)
+        negative = self.encode([negative_prompt], [None]) if use_negative else None
         denoiser = self.denoiser(y_pad, scale, control_weight, guidance_weight, (H, W), tile, overlap, feather,
                                  max_tiles)
         guided = CFGDenoiser(denoiser, guidance_scale, negative=negative)
