@@ -65,7 +65,10 @@ def schedule(levels: int, total_steps: int) -> torch.Tensor:
 # total steps (n, 2n) of the exact test; tolerance on |whitened variance - 1| per band at 2n; the
 # smallest error ratio per doubling (first order ~2, second ~4, third ~8)
 EXACT = {"euler": (96, 0.035, 1.8), "heun": (48, 0.013, 3.0), "exp_trapezoid": (48, 0.004, 3.0),
-         "dpmpp_2m": (48, 0.005, 3.0), "dpmpp_3m": (48, 0.004, 3.0)}
+         "dpmpp_2m": (48, 0.005, 3.0), "dpmpp_3m": (48, 0.004, 3.0),
+         # the stochastic samplers draw noise at every step (one basis block per step: fewer steps
+         # keep the exact test small); the first-order SDE step is strongly dissipative at few steps
+         "euler_sde": (24, 0.25, 1.7), "dpmpp_2m_sde": (24, 0.04, 4.0)}
 
 
 def exact_report(name: str, levels: int, total_steps: int, gaussian):
@@ -118,8 +121,11 @@ def sampling_check(name: str, levels: int, gaussian, seed: int = 1) -> list[str]
     draws = torch.randn(N_SAMPLES, N_SIDE**2, dtype=f64, generator=torch.Generator().manual_seed(2))
     draws = draws @ torch.linalg.cholesky(Sigma).T
     floor = band_report(draws.T @ draws / N_SAMPLES, Sigma, N_SIDE, levels).relative_error
-    if sampled.relative_error > 1.2 * floor:
-        problems.append(f"covariance error {sampled.relative_error:.4f} > 1.2 x floor {floor:.4f}")
+    # the sampling floor, plus the integrator's own (exact) error where that is not negligible
+    bound = max(1.2 * floor, floor + exact.relative_error)
+    if sampled.relative_error > bound:
+        problems.append(f"covariance error {sampled.relative_error:.4f} > {bound:.4f} (floor {floor:.4f}, "
+                        f"exact {exact.relative_error:.4f})")
     print(f"{name} levels={levels} steps={total}: whitened variance per band "
           f"{[round(v, 4) for v in sampled.whitened_variance]}, error {sampled.relative_error:.4f}, "
           f"floor {floor:.4f}")  # shown with pytest -s

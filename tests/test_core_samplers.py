@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from edify.core.laplacian import LaplacianProcess, down, up
-from edify.core.samplers import (SAMPLERS, _Step, dpmpp_2m_step, exp_trapezoid_step,
+from edify.core.samplers import (SAMPLERS, STOCHASTIC, _Step, dpmpp_2m_step, exp_trapezoid_step,
                                  first_order_step, initial_state, multistep_step, ode_velocity,
-                                 sampler_nfe)
+                                 sampler_nfe, sde_step)
 from edify.core.schedules import karras_sigmas, laplacian_sigmas
 from edify.core.seeding import generators, randn
 from edify.errors import EdifyError
@@ -68,6 +68,54 @@ def test_higher_order_steps_exact_when_D_is_x0():
     assert (dpmpp_2m_step(x, x0, step, (x0, s_prev)) - expect).abs().max() < 1e-13
     hist = [(x0, 1.4), (x0, s_prev)]
     assert (multistep_step(x, x0, step, hist, order=3) - expect).abs().max() < 1e-13
+
+
+def test_sde_step_keeps_the_forward_marginal_when_D_is_x0():
+    """x = A(s) x0 + s e -> A(s_next) x0 + s_next e' with e' white again (per band, every stage,
+    across ramps, with and without the order-2 history), for eta 1 and 0.5."""
+    g = torch.Generator().manual_seed(0)
+    N = 20_000
+    x0_full = torch.randn(1, 1, 8, 8, dtype=f64, generator=g).expand(N, 1, 8, 8)
+    for s, s_next, s_prev in [(0.9, 0.6, 1.0), (3.0, 1.5, 3.5), (1.0, 0.45, 1.2), (10.0, 4.0, 14.0)]:
+        stage = PROC.stage(s_next)
+        x0 = down(x0_full, stage)
+        px = s / 2**stage
+        x = PROC.apply_A(x0, s, stage) + px * torch.randn(x0.shape, dtype=f64, generator=g)
+        step = _Step(PROC, None, s, s_next, stage)
+        for eta in (1.0, 0.5):
+            for hist in ([], [(x0, s_prev)]):
+                out = sde_step(x, x0, step, hist, 2, eta, g)
+                e = (out - PROC.apply_A(x0, s_next, stage)) / (s_next / 2**stage)
+                assert e.mean(0).abs().max() < 0.05, (s, s_next, eta)
+                cov = e.reshape(N, -1).T @ e.reshape(N, -1) / N
+                err = (cov - torch.eye(cov.shape[0], dtype=f64)).abs().max()
+                assert err < 0.06, (s, s_next, eta, err)
+
+
+@pytest.mark.parametrize("sde,ode", [("euler_sde", "euler"), ("dpmpp_2m_sde", "dpmpp_2m")])
+def test_sde_samplers_at_eta_0_are_their_ode_samplers(sde, ode):
+    net = torch.nn.Conv2d(1, 1, 3, padding=1, dtype=f64)
+    D = lambda x, sigma, cond=None, stage=None: net(x) / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+    sig = laplacian_sigmas(PROC, 3, 0.01, 20.0)
+    x = initial_state(PROC, 20.0, (2, 1, 8, 8), torch.Generator().manual_seed(0), dtype=f64)
+    with torch.no_grad():
+        a = SAMPLERS[sde](D, x, sig, PROC, generator=torch.Generator().manual_seed(1), eta=0.0)
+        b = SAMPLERS[ode](D, x, sig, PROC, generator=torch.Generator().manual_seed(1))
+        c = SAMPLERS[sde](D, x, sig, PROC, generator=torch.Generator().manual_seed(1))
+    assert (a - b).abs().max() < 1e-12
+    assert (c - b).abs().max() > 1e-3  # eta 1 adds noise
+
+
+def test_eta_checked():
+    sig = laplacian_sigmas(PROC, 2, 0.01, 20.0)
+    x = torch.zeros(1, 1, 4, 4)
+    D = lambda x, sigma, cond=None, stage=None: torch.zeros_like(x)
+    assert STOCHASTIC == {"euler_sde", "dpmpp_2m_sde"}
+    for eta in (-0.5, float("nan"), float("inf"), "1"):
+        with pytest.raises(EdifyError, match="eta must be a finite number >= 0"):
+            SAMPLERS["dpmpp_2m_sde"](D, x, sig, PROC, eta=eta)
+    with pytest.raises(EdifyError, match="eta applies only to the stochastic samplers"):
+        SAMPLERS["dpmpp_2m"](D, x, sig, PROC, eta=0.5)
 
 
 def test_heun_is_second_order_on_linear_ode():

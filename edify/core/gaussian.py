@@ -103,8 +103,9 @@ class ExactDenoiser:
 class BasisNoise:
     """A noise source (see `edify.core.seeding.randn`) that returns unit basis vectors.
 
-    Row r of the batch is input number r of a linear sampler. Draw k (k = 1, 2, ... for the
-    switches) is the identity on its own block of rows and zero elsewhere.
+    Row r of the batch is input number r of a linear sampler. Draw k (k = 1, 2, ...: the
+    switches, and a stochastic sampler's steps) is the identity on its own block of rows and zero
+    elsewhere.
     """
 
     def __init__(self, sizes: list[int]):
@@ -113,7 +114,7 @@ class BasisNoise:
     def randn(self, shape, device=None, dtype=None) -> Tensor:
         self.k += 1
         if self.k >= len(self.sizes):
-            raise EdifyError(f"the sampler drew more noise than its {len(self.sizes) - 1} switches")
+            raise EdifyError(f"the sampler drew more noise than the {len(self.sizes) - 1} draws expected")
         start, size = sum(self.sizes[:self.k]), self.sizes[self.k]
         e = torch.zeros(self.total, size, dtype=dtype or f64, device=device)
         e[start:start + size] = torch.eye(size, dtype=e.dtype, device=device)
@@ -129,11 +130,19 @@ def output_covariance(sampler: Sampler, process: LaplacianProcess, sigmas: Tenso
 
     The initial state is drawn from its exact law N(0, D Sigma D^T + s^2 I) at the stage of
     sigmas[0] (rather than pure noise), so that only the integrator's error remains. Inputs: that
-    state and one white-noise draw per switch; the output is L (inputs -> image), Cov = L^T L.
+    state and every white-noise draw of the sampler (one per switch, and one per step for a
+    stochastic sampler; a first pass on one zero state records their sizes); the output is
+    L (inputs -> image), Cov = L^T L.
     """
     top = process.stage(float(sigmas[0]))
     final = kwargs.get("final_stage", 0)
-    sizes = [(n >> j) ** 2 for j in range(top, final - 1, -1)]
+    recorder = _DrawRecorder()
+    sampler(denoiser, torch.zeros(1, 1, n >> top, n >> top, dtype=f64), sigmas, process,
+            generator=recorder, **kwargs)
+    switches = top - final
+    if sum(1 for size in recorder.sizes if size > 0) < switches:
+        raise EdifyError(f"the sampler drew noise {len(recorder.sizes)} times, fewer than its {switches} switches")
+    sizes = [(n >> top) ** 2] + recorder.sizes
     noise = BasisNoise(sizes)
     D_top = block_mean(n, top)
     s_top = process.pixel_sigma(float(sigmas[0]), top)
@@ -143,8 +152,19 @@ def output_covariance(sampler: Sampler, process: LaplacianProcess, sigmas: Tenso
     x = x.reshape(noise.total, 1, n >> top, n >> top)
     L = sampler(denoiser, x, sigmas, process, generator=noise, **kwargs).reshape(noise.total, -1)
     if noise.k != len(sizes) - 1:
-        raise EdifyError(f"the sampler switched {noise.k} times, expected {len(sizes) - 1}")
+        raise EdifyError(f"the sampler drew noise {noise.k} times, expected {len(sizes) - 1}")
     return L.T @ L
+
+
+class _DrawRecorder:
+    """A noise source that returns zeros and records the per-row size of every draw."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+
+    def randn(self, shape, device=None, dtype=None) -> Tensor:
+        self.sizes.append(math.prod(shape[1:]))
+        return torch.zeros(shape, dtype=dtype or f64, device=device)
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,55 @@ def multistep_step(x: Tensor, D: Tensor, step: _Step, history: list[tuple[Tensor
     return out
 
 
+def sde_step(x: Tensor, D: Tensor, step: _Step, history: list[tuple[Tensor, float]], order: int,
+             eta: float, generator: Generators) -> Tensor:
+    """One step of the stochastic DPM-Solver++ (Lu et al. 2022, SDE form; k-diffusion's
+    `sample_dpmpp_2m_sde`, midpoint), band by band. With h_i = lambda_i(s_next) - lambda_i(s):
+
+        x_next_i = (s_next / s) e^{-eta h_i} x_i + a_i(s_next) (1 - e^{-(1 + eta) h_i}) D_i
+                   + s_next sqrt(1 - e^{-2 eta h_i}) z_i,        z ~ N(0, I) afresh every step.
+
+    It is the exact solution of the reverse SDE for fixed D; eta = 1 is the posterior
+    q(x_next | x, x0 = D) of the per-band chain x_i(s) = a_i(s) x0_i + s eps_i, eta = 0 the
+    probability-flow step of `first_order_step`. If x = A(s) x0 + s e and D = x0, the result is
+    A(s_next) x0 + s_next e' with e' white again, so the state keeps its forward marginal (the
+    replacement in `edify.core.repaint` stays exact). A band with a_i = 0 at s restarts from
+    a_i(s_next) D plus fresh noise; one with a_i = 0 at both ends keeps the deterministic step.
+    Order 2 adds the multistep correction of `multistep_step` to the D weight; the last step to
+    sigma 0 is the deterministic first-order step. Noise is drawn only where some band gets any.
+    """
+    if step.s_next == 0:
+        return first_order_step(x, D, step)
+    r = step.s_next / step.s
+    a_next = step.a(step.s_next)
+    l_cur, l_next = step.lambdas(step.s), step.lambdas(step.s_next)
+    l_prev = step.lambdas(history[-1][1]) if history and order >= 2 else None
+    x_coef, noise_coef = [], []
+    d_coefs = [[0.0] * len(a_next), [0.0] * len(a_next)]  # weights of D and D_-1
+    for i, c_exact in enumerate(step.exact_coefs()):
+        h = l_next[i] - l_cur[i]
+        if math.isnan(h):  # pure noise at both ends: nothing to denoise, keep the ODE step
+            x_coef.append(r)
+            noise_coef.append(0.0)
+            d_coefs[0][i] = c_exact
+            continue
+        eta_h = eta * h if eta else 0.0  # eta = 0 with h = inf (a band born at s): no noise
+        x_coef.append(r * math.exp(-eta_h))
+        noise_coef.append(step.process.pixel_sigma(step.s_next, step.stage) * math.sqrt(-math.expm1(-2 * eta_h)))
+        c = -a_next[i] * math.expm1(-(1 + eta) * h)
+        lams = [l_cur[i]] + ([l_prev[i]] if l_prev is not None else [])
+        usable = 2 if len(lams) == 2 and all(math.isfinite(v) for v in lams) else 1
+        for j, w in enumerate(_band_weights(c, a_next[i], l_next[i], lams[:usable], 2)):
+            d_coefs[j][i] = w
+    out = scale_bands(x, x_coef) + scale_bands(D, d_coefs[0])
+    if any(d_coefs[1]):
+        out = out + scale_bands(history[-1][0], d_coefs[1])
+    if any(noise_coef):
+        z = randn(x.shape, generator, device=x.device, dtype=x.dtype)
+        out = out + scale_bands(z, noise_coef)
+    return out
+
+
 def _band_weights(c: float, a_next: float, l_next: float, lams: list[float], order: int) -> list[float]:
     """Weights of D_0, D_-1, D_-2 in one band's multistep update (lams newest first)."""
     if len(lams) == 1 or not math.isfinite(l_next):
@@ -207,7 +256,7 @@ def _band_weights(c: float, a_next: float, l_next: float, lams: list[float], ord
 
 def _integrate(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: LaplacianProcess,
                cond: Cond | None, generator: Generators, callback: Callback | None,
-               method: str, final_stage: int = 0) -> Tensor:
+               method: str, final_stage: int = 0, eta: float = 1.0) -> Tensor:
     """The shared loop: switch resolution where the schedule crosses s_j*, then take one step.
 
     The state never goes finer than `final_stage`: with final_stage = j the result is the
@@ -220,7 +269,9 @@ def _integrate(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: Laplacian
     stage = max(process.stage(sig[0]), final_stage)
     _check_state(x)
     history: list[tuple[Tensor, float]] = []  # (D, s) of earlier steps, for multistep methods
-    order = {"dpmpp_2m": 2, "dpmpp_3m": 3}.get(method, 1)
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+        raise EdifyError(f"eta must be a finite number >= 0, got {eta!r}")
+    order = {"dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2}.get(method, 1)
     for i, (s, s_next) in enumerate(zip(sig[:-1], sig[1:])):
         while stage > max(process.stage(s_next), final_stage):
             x = process.up_stage(x, s, stage, generator)  # Eq. 6-10: one level at a time
@@ -243,6 +294,9 @@ def _integrate(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: Laplacian
             x = edm_heun_step(x, D, step)
         elif method == "exp_trapezoid":
             x = exp_trapezoid_step(x, D, step)
+        elif method in STOCHASTIC:
+            x = sde_step(x, D, step, history, order, eta, generator)
+            history = (history + [(D, s)])[-1:]
         else:
             x = multistep_step(x, D, step, history, order)
             history = (history + [(D, s)])[-(order - 1):]
@@ -259,14 +313,18 @@ def _check_state(x: Tensor) -> None:
 def _make_sampler(method: str, doc: str):
     def sampler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: LaplacianProcess,
                 cond: Cond | None = None, generator: Generators = None,
-                callback: Callback | None = None, final_stage: int = 0) -> Tensor:
-        return _integrate(denoiser, x, sigmas, process, cond, generator, callback, method, final_stage)
+                callback: Callback | None = None, final_stage: int = 0, eta: float = 1.0) -> Tensor:
+        if method not in STOCHASTIC and eta != 1.0:
+            raise EdifyError(f"eta applies only to the stochastic samplers ({', '.join(sorted(STOCHASTIC))}), "
+                             f"not {method!r}")
+        return _integrate(denoiser, x, sigmas, process, cond, generator, callback, method, final_stage, eta)
     sampler.__name__ = sampler.__qualname__ = f"sample_{method}"
     sampler.__doc__ = doc + """
 
     x: the initial state at stage process.stage(sigmas[0]) (see `initial_state`); sigmas:
     decreasing full-res noise levels ending with 0 (see `laplacian_sigmas`); final_stage: stop
-    at resolution R / 2^final_stage (see `_integrate`)."""
+    at resolution R / 2^final_stage (see `_integrate`); eta: the stochastic samplers' noise
+    (0 = their deterministic counterpart, 1 = the reverse SDE; see `sde_step`)."""
     return sampler
 
 
@@ -281,9 +339,18 @@ sample_dpmpp_2m = _make_sampler(
 sample_dpmpp_3m = _make_sampler(
     "dpmpp_3m", "DPM-Solver++(3M) per band, one evaluation per step; history projected through switches.")
 
+sample_euler_sde = _make_sampler(
+    "euler_sde", "Stochastic first-order exponential integrator (DDPM-like ancestral step per band), "
+    "one evaluation and one fresh noise draw per step.")
+sample_dpmpp_2m_sde = _make_sampler(
+    "dpmpp_2m_sde", "Stochastic DPM-Solver++(2M) per band (k-diffusion's midpoint form), one evaluation "
+    "and one fresh noise draw per step.")
+
 SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "exp_trapezoid": sample_exp_trapezoid,
-            "dpmpp_2m": sample_dpmpp_2m, "dpmpp_3m": sample_dpmpp_3m}
+            "dpmpp_2m": sample_dpmpp_2m, "dpmpp_3m": sample_dpmpp_3m,
+            "euler_sde": sample_euler_sde, "dpmpp_2m_sde": sample_dpmpp_2m_sde}
 TWO_EVALUATIONS = frozenset({"heun", "exp_trapezoid"})
+STOCHASTIC = frozenset({"euler_sde", "dpmpp_2m_sde"})
 
 
 def sampler_nfe(name: str, num_steps: int) -> int:
