@@ -61,6 +61,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edify.core.samplers import STOCHASTIC  # noqa: E402
 from edify.pipelines.generate_cli import guidance_value  # noqa: E402
 
 PRESET = "emoji-64-cpu"
@@ -319,6 +320,9 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     if args.sigma_min is not None:  # end the schedule elsewhere than the model's default
         pipe.config = dataclasses.replace(
             pipe.config, defaults=dataclasses.replace(pipe.config.defaults, sigma_min=args.sigma_min))
+    if args.eta is not None:  # a stochastic sampler's noise other than the model's default
+        pipe.config = dataclasses.replace(
+            pipe.config, defaults=dataclasses.replace(pipe.config.defaults, eta=args.eta))
     if args.stage_weights is not None:  # split the steps across the stages otherwise
         pipe.config = dataclasses.replace(
             pipe.config, defaults=dataclasses.replace(pipe.config.defaults, stage_weights=args.stage_weights))
@@ -347,13 +351,16 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["retrieval_top1_chance"] = retrieval_chance(captions, real.captions, 1)
     out["retrieval_top5_chance"] = retrieval_chance(captions, real.captions, 5)
     out["sigma_min"] = sigma_min
+    out["eta"] = pipe.config.defaults.eta if args.sampler in STOCHASTIC else None
     out["stage_steps"] = list(pipe.stage_steps(args.steps))
     out["guide_model"] = args.guide_model
     out["guide_uncond"] = args.guide_uncond
     out["eval_wall_minutes"] = round((time.perf_counter() - wall0) / 60, 2)
     out["eval_cpu_minutes"] = round((time.process_time() - cpu0) / 60, 2)
     grid = torch.cat(recorder.images)[:GRID]
-    suffix = ("" if args.guidance == 3.0 else f"-g{scales_text(args.guidance)}") + \
+    suffix = ("" if args.sampler == "dpmpp_2m" else f"-{args.sampler}") + \
+        ("" if args.eta is None else f"-eta{args.eta:g}") + \
+        ("" if args.guidance == 3.0 else f"-g{scales_text(args.guidance)}") + \
         ("" if args.style_guidance == 0 else f"-sg{args.style_guidance:g}") + \
         ("" if args.sigma_min is None else f"-smin{args.sigma_min:g}") + \
         ("" if args.stage_weights is None else f"-split{scales_text(args.stage_weights)}") + \
@@ -374,7 +381,8 @@ def real_style_ceiling(real, real_stats, style_ref) -> dict:
 # ---- the table -----------------------------------------------------------------------------------
 
 # (row key, table heading, format); rows written before a column existed show "-"
-COLUMNS = (("candidate", "candidate", "{}"), ("guidance", "guidance", "{:g}"),
+COLUMNS = (("candidate", "candidate", "{}"), ("sampler", "sampler", "{}"), ("eta", "eta", "{:g}"),
+           ("guidance", "guidance", "{:g}"),
            ("style_guidance", "style guidance", "{:g}"), ("sigma_min", "last sigma", "{:g}"),
            ("stage_steps", "steps per stage", "{}"), ("guide_model", "guide model", "{}"),
            ("images", "images seen", "{:,}"), ("train_cpu_minutes", "train CPU min", "{:.1f}"),
@@ -465,6 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="evaluate this model folder instead (no training; e.g. weights/emoji-64 for reference)")
     parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="a stochastic sampler's fresh noise per step (default: the model's, 1)")
     parser.add_argument("--steps", type=int, default=24, help="sampler steps over all stages")
     parser.add_argument("--guidance", type=guidance_value, default=3.0,
                         help="guidance scale, or one per stage finest first (e.g. 1,7,7)")

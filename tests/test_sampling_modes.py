@@ -109,6 +109,22 @@ def test_pipeline_finishes_at_a_coarse_stage_for_nested_models_only():
     assert out.nfe == sampler_nfe("heun", 7) == 13
 
 
+def test_pipeline_stochastic_sampler_and_eta():
+    pipe = tiny("truncated")
+    kw = dict(seed=[3, 4], output_type="tensor", num_steps=6, num_images_per_prompt=2)
+    ode = pipe("red apple", sampler="dpmpp_2m", **kw).images
+    sde0 = pipe("red apple", sampler="dpmpp_2m_sde", eta=0.0, **kw).images
+    sde = pipe("red apple", sampler="dpmpp_2m_sde", **kw)
+    assert (sde0 - ode).abs().max() < 1e-5  # eta 0: the deterministic sampler
+    assert (sde.images - ode).abs().max() > 1e-3 and sde.nfe == 6
+    again = pipe("red apple", sampler="dpmpp_2m_sde", **{**kw, "seed": [4], "num_images_per_prompt": 1}).images
+    assert torch.allclose(again, sde.images[1:], atol=1e-5)  # per-seed noise, whatever the batch
+    with pytest.raises(EdifyError, match="eta applies only to the stochastic samplers"):
+        pipe("red apple", sampler="dpmpp_2m", eta=0.5)
+    with pytest.raises(EdifyError, match="eta must be a finite number >= 0"):
+        pipe("red apple", sampler="euler_sde", eta=-1.0)
+
+
 @pytest.fixture(scope="module")
 def nested_model(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("nested") / "m"
@@ -130,6 +146,8 @@ def test_cli_preview_and_bad_sampling_options(nested_model, tmp_path):
                     2, "final stage", "got 5")
     assert_one_line(edify("generate", "x", "--model", str(nested_model), "--sampler", "ddim", "-o", str(out)),
                     2, "unknown sampler 'ddim'")
+    assert_one_line(edify("generate", "x", "--model", str(nested_model), "--eta", "0.5", "-o", str(out)),
+                    2, "eta applies only to the stochastic samplers", "'dpmpp_2m'")
     assert_one_line(edify("generate", "x", "--model", str(nested_model), "--steps-per-stage", "3,0,2",
                           "-o", str(out)), 2, "every stage needs at least one step", "(3, 0, 2)")
     assert_one_line(edify("generate", "x", "--model", str(nested_model), "--steps-per-stage", "3,a",

@@ -125,7 +125,11 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra guidance along the style's own direction, with --style (one more "
                              "network branch per step; default: the model's)")
     parser.add_argument("--sampler", default=None,
-                        help="dpmpp_2m (default), dpmpp_3m, euler, heun (EDM's) or exp_trapezoid")
+                        help="dpmpp_2m (default), dpmpp_3m, euler, heun (EDM's), exp_trapezoid, or the "
+                             "stochastic dpmpp_2m_sde and euler_sde")
+    parser.add_argument("--eta", type=float, default=None, metavar="E",
+                        help="fresh noise per step of a stochastic sampler (0 = deterministic, 1 = the "
+                             "reverse SDE; default: the model's)")
     parser.add_argument("--sigma-min", type=float, default=None, metavar="S",
                         help="the noise level where the schedule ends (default: the model's, or a "
                              "ControlNet's measured one)")
@@ -167,8 +171,8 @@ def finite_guard(seeds: list[int], progress=None, steps: int | None = None):
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """`style_guidance` and `sigma_min` for the pipeline call, those of them the command was given."""
-    given = {"style_guidance": getattr(args, "style_guidance", None), "sigma_min": getattr(args, "sigma_min", None)}
+    """`style_guidance`, `sigma_min` and `eta` for the pipeline call, those of them the command was given."""
+    given = {k: getattr(args, k, None) for k in ("style_guidance", "sigma_min", "eta")}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -24,7 +24,7 @@ from edify.conditioning import Cond
 from edify.core.guidance import CFGDenoiser, check_guidance, unguided
 from edify.core.laplacian import LaplacianProcess
 from edify.core.precond import EDMPrecond, finishing_stages
-from edify.core.samplers import SAMPLERS, initial_state, sampler_nfe
+from edify.core.samplers import SAMPLERS, STOCHASTIC, initial_state, sampler_nfe
 from edify.core.schedules import SAMPLING, default_stage_weights, laplacian_sigmas, split_steps
 from edify.core.seeding import generators
 from edify.data.vocab import StyleVocab, make_cond
@@ -49,6 +49,8 @@ class SamplingDefaults:
     # extra guidance along the style's own direction (edify.core.guidance; 0 = plain guidance)
     style_guidance: float = 0.0
     sampler: str = SAMPLING.sampler
+    # the noise of a stochastic sampler (edify.core.samplers.STOCHASTIC; 1 = the reverse SDE)
+    eta: float = 1.0
     sigma_min: float = SAMPLING.sigma_min
     sigma_max: float = SAMPLING.sigma_max
     rho: float = SAMPLING.rho
@@ -264,7 +266,8 @@ class TextToImagePipeline:
                  callback=None, final_stage: int = 0,
                  steps_per_stage: tuple[int, ...] | None = None, denoiser_wrapper=None,
                  style_guidance: float | None = None, sigma_min: float | None = None,
-                 guide: TextToImagePipeline | None = None, guide_uncond: bool = False) -> TextToImageOutput:
+                 guide: TextToImagePipeline | None = None, guide_uncond: bool = False,
+                 eta: float | None = None) -> TextToImageOutput:
         """Images for the prompts. num_steps: sampler steps over all stages, split by the model's
         `defaults.stage_weights` (or give `steps_per_stage`, finest first). guidance_scale: one
         classifier-free guidance scale, or one per stage (finest first, e.g. (1, 7, 7): no guidance
@@ -279,7 +282,9 @@ class TextToImagePipeline:
         returned (default: the model's `defaults.sigma_min`). guide: autoguidance
         (`edify.core.guidance`): a weaker model of the same kind (e.g. this one trained for less long)
         whose conditional estimate replaces the unconditional one in guidance; with guide_uncond its
-        unconditional estimate does (classifier-free guidance against the weaker model)."""
+        unconditional estimate does (classifier-free guidance against the weaker model). eta: the
+        fresh noise of a stochastic sampler (`euler_sde`, `dpmpp_2m_sde`; 0 = its deterministic
+        counterpart, 1 = the reverse SDE; default: the model's `defaults.eta`)."""
         d = self.config.defaults
         if self.config.max_sigma and d.sigma_max > self.config.max_sigma:
             raise EdifyError(f"this model is an upsampler, trained only up to sigma {self.config.max_sigma:g}: "
@@ -295,6 +300,10 @@ class TextToImagePipeline:
         if not (math.isfinite(sigma_min) and 0 < sigma_min < d.sigma_max):
             raise EdifyError(f"sigma_min must be a number in (0, {d.sigma_max:g}), got {sigma_min}")
         sampler = d.sampler if sampler is None else sampler
+        if eta is not None and sampler not in STOCHASTIC:
+            raise EdifyError(f"eta applies only to the stochastic samplers ({', '.join(sorted(STOCHASTIC))}), "
+                             f"not {sampler!r}")
+        noise = {"eta": d.eta if eta is None else eta} if sampler in STOCHASTIC else {}
         height = self.config.resolution if height is None else height
         width = self.config.resolution if width is None else width
         self.check_inputs(prompts, style, height, width, num_steps, guidance_scale, sampler, final_stage,
@@ -321,7 +330,8 @@ class TextToImagePipeline:
                                   sigma_min, d.sigma_max, d.rho, d.ramp_weight, final_stage)
         gens = generators(seeds, device="cpu")
         x = initial_state(self.process, d.sigma_max, (len(prompts), 3, height, width), gens).to(self.device)
-        x = SAMPLERS[sampler](guided, x, sigmas, self.process, cond, gens, callback, final_stage=final_stage)
+        x = SAMPLERS[sampler](guided, x, sigmas, self.process, cond, gens, callback, final_stage=final_stage,
+                              **noise)
         x = x.clamp(-1, 1)
         images = x.cpu() if output_type == "tensor" else to_pil(x)
         return TextToImageOutput(images=images, seeds=seeds, nfe=sampler_nfe(sampler, len(sigmas) - 1))
