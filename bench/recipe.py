@@ -323,6 +323,9 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     if args.eta is not None:  # a stochastic sampler's noise other than the model's default
         pipe.config = dataclasses.replace(
             pipe.config, defaults=dataclasses.replace(pipe.config.defaults, eta=args.eta))
+    if args.threshold is not None:  # thresholding of the guided estimate
+        pipe.config = dataclasses.replace(
+            pipe.config, defaults=dataclasses.replace(pipe.config.defaults, threshold=args.threshold))
     if args.stage_weights is not None:  # split the steps across the stages otherwise
         pipe.config = dataclasses.replace(
             pipe.config, defaults=dataclasses.replace(pipe.config.defaults, stage_weights=args.stage_weights))
@@ -352,6 +355,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["retrieval_top5_chance"] = retrieval_chance(captions, real.captions, 5)
     out["sigma_min"] = sigma_min
     out["eta"] = pipe.config.defaults.eta if args.sampler in STOCHASTIC else None
+    out["threshold"] = pipe.config.defaults.threshold
     out["stage_steps"] = list(pipe.stage_steps(args.steps))
     out["guide_model"] = args.guide_model
     out["guide_uncond"] = args.guide_uncond
@@ -360,6 +364,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     grid = torch.cat(recorder.images)[:GRID]
     suffix = ("" if args.sampler == "dpmpp_2m" else f"-{args.sampler}") + \
         ("" if args.eta is None else f"-eta{args.eta:g}") + \
+        ("" if args.threshold is None else f"-thr{args.threshold:g}") + \
         ("" if args.guidance == 3.0 else f"-g{scales_text(args.guidance)}") + \
         ("" if args.style_guidance == 0 else f"-sg{args.style_guidance:g}") + \
         ("" if args.sigma_min is None else f"-smin{args.sigma_min:g}") + \
@@ -382,6 +387,7 @@ def real_style_ceiling(real, real_stats, style_ref) -> dict:
 
 # (row key, table heading, format); rows written before a column existed show "-"
 COLUMNS = (("candidate", "candidate", "{}"), ("sampler", "sampler", "{}"), ("eta", "eta", "{:g}"),
+           ("threshold", "threshold", "{:g}"),
            ("guidance", "guidance", "{:g}"),
            ("style_guidance", "style guidance", "{:g}"), ("sigma_min", "last sigma", "{:g}"),
            ("stage_steps", "steps per stage", "{}"), ("guide_model", "guide model", "{}"),
@@ -475,6 +481,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--eta", type=float, default=None,
                         help="a stochastic sampler's fresh noise per step (default: the model's, 1)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="thresholding of the guided estimate: 0 off, p in (0, 1) dynamic, 1 static "
+                             "(default: the model's)")
     parser.add_argument("--steps", type=int, default=24, help="sampler steps over all stages")
     parser.add_argument("--guidance", type=guidance_value, default=3.0,
                         help="guidance scale, or one per stage finest first (e.g. 1,7,7)")

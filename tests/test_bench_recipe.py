@@ -27,7 +27,7 @@ def test_table_marks_rows_without_a_figure():
     text = recipe.table([{"candidate": "old", "guidance": 3.0, "fid": 300.0}])
     header, _, row = text.splitlines()
     assert "SWD 64" in header and "last sigma" in header
-    assert row.startswith("| old | - | - | 3 | 0 | - |") and "| 300.0 |" in row
+    assert row.startswith("| old | - | - | - | 3 | 0 | - |") and "| 300.0 |" in row
 
 
 def test_network_candidates_and_a_continuation_build_the_configs_they_name():

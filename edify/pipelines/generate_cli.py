@@ -130,6 +130,9 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eta", type=float, default=None, metavar="E",
                         help="fresh noise per step of a stochastic sampler (0 = deterministic, 1 = the "
                              "reverse SDE; default: the model's)")
+    parser.add_argument("--threshold", type=float, default=None, metavar="P",
+                        help="thresholding of the guided estimate: 0 off, a quantile in (0, 1) for dynamic "
+                             "thresholding (e.g. 0.995), 1 for static clamping (default: the model's)")
     parser.add_argument("--sigma-min", type=float, default=None, metavar="S",
                         help="the noise level where the schedule ends (default: the model's, or a "
                              "ControlNet's measured one)")
@@ -171,8 +174,9 @@ def finite_guard(seeds: list[int], progress=None, steps: int | None = None):
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """`style_guidance`, `sigma_min` and `eta` for the pipeline call, those of them the command was given."""
-    given = {k: getattr(args, k, None) for k in ("style_guidance", "sigma_min", "eta")}
+    """`style_guidance`, `sigma_min`, `eta` and `threshold` for the pipeline call, those of them the
+    command was given."""
+    given = {k: getattr(args, k, None) for k in ("style_guidance", "sigma_min", "eta", "threshold")}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -25,6 +25,7 @@ from edify.core.guidance import CFGDenoiser, check_guidance, unguided
 from edify.core.laplacian import LaplacianProcess
 from edify.core.precond import EDMPrecond, finishing_stages
 from edify.core.samplers import SAMPLERS, STOCHASTIC, initial_state, sampler_nfe
+from edify.core.thresholding import check_threshold, maybe_threshold
 from edify.core.schedules import SAMPLING, default_stage_weights, laplacian_sigmas, split_steps
 from edify.core.seeding import generators
 from edify.data.vocab import StyleVocab, make_cond
@@ -51,6 +52,8 @@ class SamplingDefaults:
     sampler: str = SAMPLING.sampler
     # the noise of a stochastic sampler (edify.core.samplers.STOCHASTIC; 1 = the reverse SDE)
     eta: float = 1.0
+    # thresholding of the guided estimate (edify.core.thresholding): 0 off, p in (0, 1) dynamic, 1 static
+    threshold: float = 0.0
     sigma_min: float = SAMPLING.sigma_min
     sigma_max: float = SAMPLING.sigma_max
     rho: float = SAMPLING.rho
@@ -267,7 +270,7 @@ class TextToImagePipeline:
                  steps_per_stage: tuple[int, ...] | None = None, denoiser_wrapper=None,
                  style_guidance: float | None = None, sigma_min: float | None = None,
                  guide: TextToImagePipeline | None = None, guide_uncond: bool = False,
-                 eta: float | None = None) -> TextToImageOutput:
+                 eta: float | None = None, threshold: float | None = None) -> TextToImageOutput:
         """Images for the prompts. num_steps: sampler steps over all stages, split by the model's
         `defaults.stage_weights` (or give `steps_per_stage`, finest first). guidance_scale: one
         classifier-free guidance scale, or one per stage (finest first, e.g. (1, 7, 7): no guidance
@@ -284,7 +287,9 @@ class TextToImagePipeline:
         whose conditional estimate replaces the unconditional one in guidance; with guide_uncond its
         unconditional estimate does (classifier-free guidance against the weaker model). eta: the
         fresh noise of a stochastic sampler (`euler_sde`, `dpmpp_2m_sde`; 0 = its deterministic
-        counterpart, 1 = the reverse SDE; default: the model's `defaults.eta`)."""
+        counterpart, 1 = the reverse SDE; default: the model's `defaults.eta`). threshold: Imagen's
+        thresholding of the guided estimate (`edify.core.thresholding`: 0 off, p in (0, 1) dynamic at
+        the p-quantile, 1 static; default: the model's `defaults.threshold`)."""
         d = self.config.defaults
         if self.config.max_sigma and d.sigma_max > self.config.max_sigma:
             raise EdifyError(f"this model is an upsampler, trained only up to sigma {self.config.max_sigma:g}: "
@@ -299,6 +304,7 @@ class TextToImagePipeline:
         sigma_min = d.sigma_min if sigma_min is None else float(sigma_min)
         if not (math.isfinite(sigma_min) and 0 < sigma_min < d.sigma_max):
             raise EdifyError(f"sigma_min must be a number in (0, {d.sigma_max:g}), got {sigma_min}")
+        threshold = check_threshold(d.threshold if threshold is None else threshold)
         sampler = d.sampler if sampler is None else sampler
         if eta is not None and sampler not in STOCHASTIC:
             raise EdifyError(f"eta applies only to the stochastic samplers ({', '.join(sorted(STOCHASTIC))}), "
@@ -326,6 +332,7 @@ class TextToImagePipeline:
         guided = CFGDenoiser(denoiser, guidance_scale, negative=negative,
                              terms=[(("media",), style_guidance)] if styled else (),
                              guide=guide_denoiser, guide_uncond=guide_uncond)
+        guided = maybe_threshold(guided, threshold)
         sigmas = laplacian_sigmas(self.process, self.stage_steps(num_steps, final_stage, steps_per_stage),
                                   sigma_min, d.sigma_max, d.rho, d.ramp_weight, final_stage)
         gens = generators(seeds, device="cpu")

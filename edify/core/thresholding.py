@@ -1,0 +1,64 @@
+"""Thresholding of the denoised estimate (Saharia et al. 2022, Imagen, section 2.3).
+
+Large classifier-free guidance pushes the denoised estimate D(x) far outside the range of real
+images ([-1, 1]); the sampler then integrates towards values no image has, which saturates colours
+and, at the coarse Laplacian stages, the layout. A stage-j state's D estimates down^j(x0), block
+means of pixels in [-1, 1], so [-1, 1] bounds D at every stage.
+
+`ThresholdedDenoiser(denoiser, threshold)` has the `Denoiser` contract of `edify.core.precond` and
+wraps the guided denoiser (after `CFGDenoiser`), so every sampler uses the thresholded D for its
+step and its multistep history:
+
+- threshold = 1: static thresholding, D clamped to [-1, 1].
+- threshold = p in (0, 1): dynamic thresholding. Per sample, s = max(1, the p-quantile of |D|);
+  D becomes clamp(D, -s, s) / s. An estimate already inside [-1, 1] at that quantile is unchanged;
+  a saturated one is pulled back into range as a whole rather than flattened at the bounds.
+- threshold = 0: no thresholding (the wrapper is not built; `maybe_threshold` returns the denoiser).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from edify.conditioning import Cond
+from edify.core.precond import Denoiser
+from edify.errors import EdifyError
+
+
+def check_threshold(threshold) -> float:
+    """The threshold as a float in [0, 1], or a one-line EdifyError."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+            or not 0 <= threshold <= 1:
+        raise EdifyError(f"threshold must be 0 (off), a quantile in (0, 1) (dynamic) or 1 (static), got {threshold!r}")
+    return float(threshold)
+
+
+def threshold_denoised(D: Tensor, threshold: float) -> Tensor:
+    """D thresholded per sample (see the module docstring); threshold in (0, 1]."""
+    if threshold == 1:
+        return D.clamp(-1, 1)
+    s = torch.quantile(D.detach().abs().flatten(1).float(), threshold, dim=1).clamp_min(1.0)
+    s = s.to(D.dtype).reshape(-1, *([1] * (D.dim() - 1)))
+    return torch.maximum(torch.minimum(D, s), -s) / s
+
+
+class ThresholdedDenoiser(nn.Module):
+    """A denoiser whose estimate is thresholded (static or dynamic, see the module docstring)."""
+
+    def __init__(self, denoiser: Denoiser, threshold: float):
+        super().__init__()
+        threshold = check_threshold(threshold)
+        if threshold == 0:
+            raise EdifyError("ThresholdedDenoiser needs a threshold in (0, 1]; 0 means no thresholding")
+        self.denoiser, self.threshold = denoiser, threshold
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Cond | None = None, stage: Tensor | None = None) -> Tensor:
+        return threshold_denoised(self.denoiser(x, sigma, cond, stage), self.threshold)
+
+
+def maybe_threshold(denoiser: Denoiser, threshold: float) -> Denoiser:
+    """`denoiser` thresholded, or itself where threshold is 0."""
+    return denoiser if check_threshold(threshold) == 0 else ThresholdedDenoiser(denoiser, threshold)

@@ -1,0 +1,57 @@
+"""Thresholding of the guided estimate (Imagen's static and dynamic thresholding)."""
+
+import pytest
+import torch
+
+from edify.core.thresholding import ThresholdedDenoiser, check_threshold, maybe_threshold, threshold_denoised
+from edify.errors import EdifyError
+from test_cli import assert_one_line, edify
+from test_sampling_modes import tiny
+
+
+def test_static_clamps_to_the_image_range():
+    D = torch.tensor([[-3.0, -1.0, 0.2, 1.0, 2.5]]).reshape(1, 1, 1, 5)
+    assert threshold_denoised(D, 1.0).flatten().tolist() == pytest.approx([-1.0, -1.0, 0.2, 1.0, 1.0])
+
+
+def test_dynamic_rescales_by_the_quantile_per_sample():
+    g = torch.Generator().manual_seed(0)
+    inside = torch.rand(1, 3, 8, 8, generator=g) * 1.8 - 0.9  # already in range: unchanged (s = 1)
+    wild = torch.randn(1, 3, 8, 8, generator=g) * 4
+    out = threshold_denoised(torch.cat([inside, wild]), 0.9)
+    assert torch.equal(out[0], inside[0])
+    s = torch.quantile(wild.abs().flatten(), 0.9)
+    assert torch.allclose(out[1], wild[0].clamp(-s, s) / s)
+    assert out[1].abs().max() <= 1 + 1e-6 and (out[1].abs() > 0.999).float().mean() > 0.05
+
+
+def test_wrapper_follows_the_denoiser_contract():
+    inner = lambda x, sigma, cond=None, stage=None: 3 * x
+    x = torch.full((2, 3, 4, 4), 0.5)
+    wrapped = ThresholdedDenoiser(inner, 1.0)
+    assert torch.equal(wrapped(x, torch.ones(2)), torch.ones_like(x))
+    assert maybe_threshold(inner, 0) is inner
+    with pytest.raises(EdifyError, match="needs a threshold in \\(0, 1\\]"):
+        ThresholdedDenoiser(inner, 0.0)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), float("inf"), "0.9", True])
+def test_bad_threshold(bad):
+    with pytest.raises(EdifyError, match="threshold must be 0 \\(off\\), a quantile in \\(0, 1\\)"):
+        check_threshold(bad)
+
+
+def test_pipeline_threshold(tmp_path):
+    pipe = tiny("truncated")
+    kw = dict(seed=0, output_type="tensor", num_steps=6, guidance_scale=7.0)
+    plain = pipe("red apple", **kw).images
+    assert torch.equal(pipe("red apple", threshold=0.0, **kw).images, plain)
+    seen = []
+    pipe("red apple", threshold=1.0, callback=lambda info: seen.append(info["denoised"].abs().max().item()), **kw)
+    assert max(seen) <= 1.0
+    with pytest.raises(EdifyError, match="threshold must be"):
+        pipe("red apple", threshold=2.0, **kw)
+    folder = tmp_path / "m"
+    pipe.save_pretrained(folder)
+    assert_one_line(edify("generate", "x", "--model", str(folder), "--threshold", "-1", "-o", str(tmp_path / "a.png")),
+                    2, "threshold must be 0 (off)", "-1.0")
