@@ -62,7 +62,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edify.core.samplers import STOCHASTIC  # noqa: E402
-from edify.pipelines.generate_cli import guidance_value  # noqa: E402
+from edify.pipelines.generate_cli import eta_value, guidance_value  # noqa: E402
 
 PRESET = "emoji-64-cpu"
 STYLE_K = 5
@@ -363,7 +363,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["eval_cpu_minutes"] = round((time.process_time() - cpu0) / 60, 2)
     grid = torch.cat(recorder.images)[:GRID]
     suffix = ("" if args.sampler == "dpmpp_2m" else f"-{args.sampler}") + \
-        ("" if args.eta is None else f"-eta{args.eta:g}") + \
+        ("" if args.eta is None else f"-eta{scales_text(args.eta)}") + \
         ("" if args.threshold is None else f"-thr{args.threshold:g}") + \
         ("" if args.guidance == 3.0 else f"-g{scales_text(args.guidance)}") + \
         ("" if args.style_guidance == 0 else f"-sg{args.style_guidance:g}") + \
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="evaluate this model folder instead (no training; e.g. weights/emoji-64 for reference)")
     parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--eta", type=float, default=None,
+    parser.add_argument("--eta", type=eta_value, default=None,
                         help="a stochastic sampler's fresh noise per step (default: the model's, 1)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="thresholding of the guided estimate: 0 off, p in (0, 1) dynamic, 1 static "

@@ -106,12 +106,34 @@ def test_sde_samplers_at_eta_0_are_their_ode_samplers(sde, ode):
     assert (c - b).abs().max() > 1e-3  # eta 1 adds noise
 
 
+def test_eta_per_stage_adds_noise_only_where_it_is_not_0():
+    net = torch.nn.Conv2d(1, 1, 3, padding=1, dtype=f64)
+    D = lambda x, sigma, cond=None, stage=None: net(x) / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+    sig = laplacian_sigmas(PROC, 3, 0.01, 20.0)
+    x = initial_state(PROC, 20.0, (2, 1, 8, 8), torch.Generator().manual_seed(0), dtype=f64)
+
+    def run(name, **kw):
+        states = []
+        with torch.no_grad():
+            SAMPLERS[name](D, x, sig, PROC, generator=torch.Generator().manual_seed(1),
+                           callback=lambda info: states.append((info["stage"], info["x"])), **kw)
+        return states
+
+    ode, fine = run("dpmpp_2m"), run("dpmpp_2m_sde", eta=(1.0, 0.0, 0.0))
+    for (stage, a), (_, b) in zip(ode, fine):
+        if stage > 0:
+            assert (a - b).abs().max() < 1e-12  # the coarse stages stay deterministic
+    assert (ode[-1][1] - fine[-1][1]).abs().max() > 1e-3
+    with pytest.raises(EdifyError, match="eta per stage needs one value per stage \\(3, finest first\\), got 2"):
+        SAMPLERS["dpmpp_2m_sde"](D, x, sig, PROC, eta=(1.0, 0.0))
+
+
 def test_eta_checked():
     sig = laplacian_sigmas(PROC, 2, 0.01, 20.0)
     x = torch.zeros(1, 1, 4, 4)
     D = lambda x, sigma, cond=None, stage=None: torch.zeros_like(x)
     assert STOCHASTIC == {"euler_sde", "dpmpp_2m_sde"}
-    for eta in (-0.5, float("nan"), float("inf"), "1"):
+    for eta in (-0.5, float("nan"), float("inf"), "1", (1.0, -1.0, 0.0), True, ()):
         with pytest.raises(EdifyError, match="eta must be a finite number >= 0"):
             SAMPLERS["dpmpp_2m_sde"](D, x, sig, PROC, eta=eta)
     with pytest.raises(EdifyError, match="eta applies only to the stochastic samplers"):

@@ -256,7 +256,7 @@ def _band_weights(c: float, a_next: float, l_next: float, lams: list[float], ord
 
 def _integrate(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: LaplacianProcess,
                cond: Cond | None, generator: Generators, callback: Callback | None,
-               method: str, final_stage: int = 0, eta: float = 1.0) -> Tensor:
+               method: str, final_stage: int = 0, eta: float | tuple[float, ...] = 1.0) -> Tensor:
     """The shared loop: switch resolution where the schedule crosses s_j*, then take one step.
 
     The state never goes finer than `final_stage`: with final_stage = j the result is the
@@ -269,8 +269,7 @@ def _integrate(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: Laplacian
     stage = max(process.stage(sig[0]), final_stage)
     _check_state(x)
     history: list[tuple[Tensor, float]] = []  # (D, s) of earlier steps, for multistep methods
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-        raise EdifyError(f"eta must be a finite number >= 0, got {eta!r}")
+    etas = stage_etas(eta, process.levels)
     order = {"dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2}.get(method, 1)
     for i, (s, s_next) in enumerate(zip(sig[:-1], sig[1:])):
         while stage > max(process.stage(s_next), final_stage):
@@ -295,7 +294,7 @@ def _integrate(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: Laplacian
         elif method == "exp_trapezoid":
             x = exp_trapezoid_step(x, D, step)
         elif method in STOCHASTIC:
-            x = sde_step(x, D, step, history, order, eta, generator)
+            x = sde_step(x, D, step, history, order, etas[stage], generator)
             history = (history + [(D, s)])[-1:]
         else:
             x = multistep_step(x, D, step, history, order)
@@ -303,6 +302,19 @@ def _integrate(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: Laplacian
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": D, "stage": stage})
     return x
+
+
+def stage_etas(eta, levels: int) -> tuple[float, ...]:
+    """eta (one number, or one per stage, finest first) as one finite value >= 0 per stage."""
+    values = (eta,) if isinstance(eta, (int, float)) else tuple(eta) if isinstance(eta, (tuple, list)) else ()
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+                         for v in values):
+        raise EdifyError(f"eta must be a finite number >= 0, or one per stage (finest first), got {eta!r}")
+    if len(values) == 1:
+        return (float(values[0]),) * levels
+    if len(values) != levels:
+        raise EdifyError(f"eta per stage needs one value per stage ({levels}, finest first), got {len(values)}")
+    return tuple(float(v) for v in values)
 
 
 def _check_state(x: Tensor) -> None:
@@ -313,7 +325,8 @@ def _check_state(x: Tensor) -> None:
 def _make_sampler(method: str, doc: str):
     def sampler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, process: LaplacianProcess,
                 cond: Cond | None = None, generator: Generators = None,
-                callback: Callback | None = None, final_stage: int = 0, eta: float = 1.0) -> Tensor:
+                callback: Callback | None = None, final_stage: int = 0,
+                eta: float | tuple[float, ...] = 1.0) -> Tensor:
         if method not in STOCHASTIC and eta != 1.0:
             raise EdifyError(f"eta applies only to the stochastic samplers ({', '.join(sorted(STOCHASTIC))}), "
                              f"not {method!r}")
@@ -324,7 +337,8 @@ def _make_sampler(method: str, doc: str):
     x: the initial state at stage process.stage(sigmas[0]) (see `initial_state`); sigmas:
     decreasing full-res noise levels ending with 0 (see `laplacian_sigmas`); final_stage: stop
     at resolution R / 2^final_stage (see `_integrate`); eta: the stochastic samplers' noise
-    (0 = their deterministic counterpart, 1 = the reverse SDE; see `sde_step`)."""
+    (0 = their deterministic counterpart, 1 = the reverse SDE; see `sde_step`), one number or one
+    per stage, finest first (e.g. (1, 0, 0): fresh noise only at full resolution)."""
     return sampler
 
 

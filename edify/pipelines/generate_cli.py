@@ -127,9 +127,9 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=None,
                         help="dpmpp_2m (default), dpmpp_3m, euler, heun (EDM's), exp_trapezoid, or the "
                              "stochastic dpmpp_2m_sde and euler_sde")
-    parser.add_argument("--eta", type=float, default=None, metavar="E",
+    parser.add_argument("--eta", type=eta_value, default=None, metavar="E",
                         help="fresh noise per step of a stochastic sampler (0 = deterministic, 1 = the "
-                             "reverse SDE; default: the model's)")
+                             "reverse SDE), or one per stage finest first (e.g. 1,0,0); default: the model's")
     parser.add_argument("--threshold", type=float, default=None, metavar="P",
                         help="thresholding of the guided estimate: 0 off, a quantile in (0, 1) for dynamic "
                              "thresholding (e.g. 0.995), 1 for static clamping (default: the model's)")
@@ -208,16 +208,23 @@ def save_png(image, path: Path) -> None:
         part.unlink(missing_ok=True)
 
 
-def guidance_value(text: str) -> float | tuple[float, ...]:
-    """An argparse type: '7' -> 7.0, '1,7,7' -> (1.0, 7.0, 7.0) (one scale per stage, finest first)."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number or numbers separated by commas (one per stage, finest "
-                                         f"first), e.g. 7 or 1,7,7; got {text!r}") from None
-    if any(not math.isfinite(v) or v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"guidance must be finite and >= 0, got {text!r}")
-    return values[0] if len(values) == 1 else values
+def per_stage_value(what: str, example: str):
+    """An argparse type for a number >= 0 or one per stage: '7' -> 7.0, '1,7,7' -> (1.0, 7.0, 7.0)."""
+    def parse(text: str) -> float | tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a number or numbers separated by commas (one per stage, finest "
+                                             f"first), e.g. {example}; got {text!r}") from None
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise argparse.ArgumentTypeError(f"{what} must be finite and >= 0, got {text!r}")
+        return values[0] if len(values) == 1 else values
+    parse.__name__ = what  # argparse names the type in its message
+    return parse
+
+
+guidance_value = per_stage_value("guidance", "7 or 1,7,7")
+eta_value = per_stage_value("eta", "1 or 1,0,0")
 
 
 def parse_stage_steps(text: str | None) -> tuple[int, ...] | None:

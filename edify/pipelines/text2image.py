@@ -51,7 +51,7 @@ class SamplingDefaults:
     style_guidance: float = 0.0
     sampler: str = SAMPLING.sampler
     # the noise of a stochastic sampler (edify.core.samplers.STOCHASTIC; 1 = the reverse SDE)
-    eta: float = 1.0
+    eta: float | tuple[float, ...] = 1.0
     # thresholding of the guided estimate (edify.core.thresholding): 0 off, p in (0, 1) dynamic, 1 static
     threshold: float = 0.0
     sigma_min: float = SAMPLING.sigma_min
@@ -270,7 +270,8 @@ class TextToImagePipeline:
                  steps_per_stage: tuple[int, ...] | None = None, denoiser_wrapper=None,
                  style_guidance: float | None = None, sigma_min: float | None = None,
                  guide: TextToImagePipeline | None = None, guide_uncond: bool = False,
-                 eta: float | None = None, threshold: float | None = None) -> TextToImageOutput:
+                 eta: float | Sequence[float] | None = None,
+                 threshold: float | None = None) -> TextToImageOutput:
         """Images for the prompts. num_steps: sampler steps over all stages, split by the model's
         `defaults.stage_weights` (or give `steps_per_stage`, finest first). guidance_scale: one
         classifier-free guidance scale, or one per stage (finest first, e.g. (1, 7, 7): no guidance
@@ -287,7 +288,8 @@ class TextToImagePipeline:
         whose conditional estimate replaces the unconditional one in guidance; with guide_uncond its
         unconditional estimate does (classifier-free guidance against the weaker model). eta: the
         fresh noise of a stochastic sampler (`euler_sde`, `dpmpp_2m_sde`; 0 = its deterministic
-        counterpart, 1 = the reverse SDE; default: the model's `defaults.eta`). threshold: Imagen's
+        counterpart, 1 = the reverse SDE; or one per stage, finest first; default: the model's
+        `defaults.eta`). threshold: Imagen's
         thresholding of the guided estimate (`edify.core.thresholding`: 0 off, p in (0, 1) dynamic at
         the p-quantile, 1 static; default: the model's `defaults.threshold`)."""
         d = self.config.defaults
