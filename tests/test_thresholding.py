@@ -55,3 +55,25 @@ def test_pipeline_threshold(tmp_path):
     pipe.save_pretrained(folder)
     assert_one_line(edify("generate", "x", "--model", str(folder), "--threshold", "-1", "-o", str(tmp_path / "a.png")),
                     2, "threshold must be 0 (off)", "-1.0")
+
+
+def test_saved_defaults_round_trip_and_are_checked(tmp_path):
+    import dataclasses
+    import json
+
+    from edify.pipelines.text2image import PipelineConfig, TextToImagePipeline
+
+    pipe = tiny("truncated")
+    pipe.config = dataclasses.replace(pipe.config, defaults=dataclasses.replace(
+        pipe.config.defaults, sampler="dpmpp_2m_sde", eta=(1.0, 0.0, 0.0), threshold=0.995))
+    folder = tmp_path / "m"
+    pipe.save_pretrained(folder)
+    d = json.loads((folder / "config.json").read_text())
+    back = PipelineConfig.from_dict(d).defaults
+    assert (back.sampler, back.eta, back.threshold) == ("dpmpp_2m_sde", (1.0, 0.0, 0.0), 0.995)
+    for key, bad, message in (("eta", [1, -1, 0], "eta must be a finite number >= 0"),
+                              ("eta", [1, 0], "eta per stage needs one value per stage"),
+                              ("threshold", 3, "threshold must be 0 \\(off\\)")):
+        with pytest.raises(EdifyError, match=f"field 'defaults': {message}"):
+            PipelineConfig.from_dict({**d, "defaults": {**d["defaults"], key: bad}})
+    assert TextToImagePipeline.from_pretrained(folder).config.defaults.eta == (1.0, 0.0, 0.0)

@@ -24,7 +24,7 @@ from edify.conditioning import Cond
 from edify.core.guidance import CFGDenoiser, check_guidance, unguided
 from edify.core.laplacian import LaplacianProcess
 from edify.core.precond import EDMPrecond, finishing_stages
-from edify.core.samplers import SAMPLERS, STOCHASTIC, initial_state, sampler_nfe
+from edify.core.samplers import SAMPLERS, STOCHASTIC, initial_state, sampler_nfe, stage_etas
 from edify.core.thresholding import check_threshold, maybe_threshold
 from edify.core.schedules import SAMPLING, default_stage_weights, laplacian_sigmas, split_steps
 from edify.core.seeding import generators
@@ -103,6 +103,9 @@ class PipelineConfig:
         with naming("field 'network'"):
             UNetConfig.from_dict(config.network)
         _ = config.process, StyleVocab(config.styles)  # their own checks: a bad process or style list
+        with naming("field 'defaults'"):
+            stage_etas(config.defaults.eta, config.levels)
+            check_threshold(config.defaults.threshold)
         return config
 
     @property
