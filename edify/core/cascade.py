@@ -102,11 +102,12 @@ def entry_sigmas(process: LaplacianProcess, entry_sigma: float, num_steps: int, 
 
 
 def upsample(sampler, denoiser, y: Tensor, entry_sigma: float, process: LaplacianProcess, sigmas: Tensor,
-             cond=None, generator: Generators = None, callback=None) -> Tensor:
+             cond=None, generator: Generators = None, callback=None, **sampler_kwargs) -> Tensor:
     """Sample from the entry state of y down to sigma 0 with `sampler` (any of
-    `edify.core.samplers.SAMPLERS`); sigmas start at entry_sigma (see `entry_sigmas`)."""
+    `edify.core.samplers.SAMPLERS`, given `sampler_kwargs` such as a stochastic sampler's eta);
+    sigmas start at entry_sigma (see `entry_sigmas`)."""
     stage = process.stage(entry_sigma)
     if abs(float(sigmas[0]) - entry_sigma) > 1e-9 * entry_sigma:
         raise EdifyError(f"the schedule starts at {float(sigmas[0]):g}, not at the entry sigma {entry_sigma:g}")
     x = entry_state(y, entry_sigma, process, stage, generator=generator)
-    return sampler(denoiser, x, torch.as_tensor(sigmas), process, cond, generator, callback)
+    return sampler(denoiser, x, torch.as_tensor(sigmas), process, cond, generator, callback, **sampler_kwargs)

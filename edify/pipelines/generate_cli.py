@@ -125,8 +125,9 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra guidance along the style's own direction, with --style (one more "
                              "network branch per step; default: the model's)")
     parser.add_argument("--sampler", default=None,
-                        help="dpmpp_2m (default), dpmpp_3m, euler, heun (EDM's), exp_trapezoid, or the "
-                             "stochastic dpmpp_2m_sde and euler_sde")
+                        help="dpmpp_2m, dpmpp_3m, euler, heun (EDM's), exp_trapezoid, or the stochastic "
+                             "dpmpp_2m_sde and euler_sde (default: the model's; the demo model's is "
+                             "dpmpp_2m_sde with --eta 1,0,0)")
     parser.add_argument("--eta", type=eta_value, default=None, metavar="E",
                         help="fresh noise per step of a stochastic sampler (0 = deterministic, 1 = the "
                              "reverse SDE), or one per stage finest first (e.g. 1,0,0); default: the model's")

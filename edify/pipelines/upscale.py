@@ -40,7 +40,7 @@ from edify.core.laplacian import up
 from edify.core.precond import EDMPrecond
 from edify.core.reconstruction import ReconstructionGuidance
 from edify.core.repaint import _batch
-from edify.core.samplers import SAMPLERS, sampler_nfe
+from edify.core.samplers import SAMPLERS, STOCHASTIC, sampler_nfe
 from edify.core.schedules import default_stage_weights
 from edify.core.seeding import generators
 from edify.core.tiling import TiledDenoiser, make_tiles
@@ -157,7 +157,7 @@ class UpscalePipeline(ControlNetPipeline):
         weights = d.stage_weights or default_stage_weights(self.process.levels)
         sigmas = entry_sigmas(self.process, entry, num_steps, weights, d.sigma_min, d.rho, d.ramp_weight)
         x = upsample(SAMPLERS[sampler], guided, y_pad, entry, self.process, sigmas, cond,
-                     generators(seeds, device="cpu"), callback)
+                     generators(seeds, device="cpu"), callback, **({"eta": d.eta} if sampler in STOCHASTIC else {}))
         x = x[..., :h * scale, :w * scale].clamp(-1, 1)
         images = x.cpu() if output_type == "tensor" else to_pil(x)
         return UpscaleOutput(images, seeds, sampler_nfe(sampler, len(sigmas) - 1), len(tiles), entry, guidance_weight)

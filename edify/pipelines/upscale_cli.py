@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampler steps from the entry sigma to 0")
     parser.add_argument("--guidance", type=guidance_value, default=None,
                         help="classifier-free guidance scale (default: the model's with a prompt, 1 without)")
-    parser.add_argument("--sampler", default=None, help="dpmpp_2m (default), dpmpp_3m, euler, heun or exp_trapezoid")
+    parser.add_argument("--sampler", default=None, help="dpmpp_2m (default), dpmpp_3m, euler, heun, exp_trapezoid, or the stochastic "
+                        "dpmpp_2m_sde and euler_sde (eta 1)")
     add_runtime_arguments(parser)
 
 
