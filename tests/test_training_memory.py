@@ -169,6 +169,33 @@ def test_max_minutes_stops_checkpoints_and_records_the_run(tmp_path, monkeypatch
     assert TrainConfig.from_dict({"max_minutes": 3}).max_minutes == 3.0
 
 
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_a_record(tmp_path):
+    import os
+    import signal
+
+    t = Trainer(tiny_config(total_images=1000), tmp_path / "run", text_encoder=WordHashEncoder())
+    step, calls = t.train_step, []
+
+    def step_then_signal():
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during the third step
+        return step()
+
+    t.train_step = step_then_signal
+    before = signal.getsignal(signal.SIGTERM)
+    result = t.run()
+    assert result.stop == "signal" and len(result.losses) == 3  # the step under way finished
+    assert result.checkpoint == ckpt.latest_checkpoint(tmp_path / "run") and result.checkpoint.name.endswith("6")
+    record = json.loads((tmp_path / "run" / "runs.jsonl").read_text().splitlines()[-1])
+    assert record["stop"] == "signal" and record["images"] == 6
+    rows = [json.loads(x) for x in (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()]
+    assert rows[-1]["images"] == 6
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
+    resumed = Trainer(tiny_config(total_images=1000), tmp_path / "run", text_encoder=WordHashEncoder(), resume=True)
+    assert resumed.state.images == 6
+
+
 def test_export_writes_bf16_shards_under_the_limit_and_a_model_card_from_the_logs(tmp_path, capsys):
     write_shard(tmp_path / "data" / "train" / "a-0000.tar")
     manifest = {"sets": {"flat": {"title": "Flat Set", "version": "1.0", "license": "CC-BY-4.0",

@@ -16,8 +16,10 @@ With `max_minutes`, the run also stops (and checkpoints) once that much wall-clo
 since the trainer started, so a fixed-length job (e.g. one 10-minute accelerator call) always ends
 with a checkpoint; `--resume` continues it. `max_cpu_minutes` does the same on the CPU time of the
 process (all threads) since `run` began: a budget that other load on the machine does not shrink.
-Each `run` appends one line to `runs.jsonl` in the run folder (command, device, GPU name, images,
-wall, training and CPU seconds), which the model card reads.
+SIGTERM (a scheduler's preemption, `kill`) and SIGINT (Ctrl-C) stop the run the same way: the step
+under way finishes, the run checkpoints, records itself and returns (stop "signal"); a second
+Ctrl-C interrupts at once. Each `run` appends one line to `runs.jsonl` in the run folder (command,
+device, GPU name, images, wall, training and CPU seconds), which the model card reads.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from __future__ import annotations
 import json
 import math
 import platform
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +51,40 @@ from edify.training.checkpoint import TrainState
 from edify.training.config import TrainConfig
 from edify.training.ema import EMA
 from edify.training.export import build_net, pipeline_config
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT set `received` (the signal's name) instead of ending the
+    process, so that the loop can stop at a step boundary with a checkpoint. Installed only from the
+    main thread; a signal the process ignores (SIGINT in a background job) stays ignored; a second
+    SIGINT raises KeyboardInterrupt at once. The previous handlers come back on exit."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name  # no I/O here: the handler may interrupt a print
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def any_rank(self, world: int, device) -> bool:
+        """Whether any rank received a stop signal (every rank agrees, so all stop at the same step)."""
+        flag = self.received is not None
+        if world > 1:
+            flag = float(distributed.all_reduce_mean(torch.tensor(float(flag), device=device))) > 0
+        return flag
 
 
 def step_seed(*parts: int) -> int:
@@ -98,7 +136,7 @@ class TrainResult:
     images: int = 0
     nonfinite_total: int = 0
     checkpoint: Path | None = None
-    stop: str = ""  # "total_images", "max_steps", "max_minutes" or "max_cpu_minutes"
+    stop: str = ""  # "total_images", "max_steps", "max_minutes", "max_cpu_minutes" or "signal"
 
 
 class Trainer:
@@ -412,9 +450,13 @@ class Trainer:
         def crossed(every: int) -> bool:
             return every > 0 and self.state.images // every > (self.state.images - c.batch_size) // every
 
+        signals = StopSignals()
         try:
+            signals.__enter__()
             while True:
-                if self.state.images >= c.total_images:
+                if signals.any_rank(self.world, self.device):
+                    result.stop = "signal"
+                elif self.state.images >= c.total_images:
                     result.stop = "total_images"
                 elif max_steps is not None and len(result.losses) >= max_steps:
                     result.stop = "max_steps"
@@ -437,7 +479,7 @@ class Trainer:
                 bar.update(c.batch_size)
                 bar.set_postfix(loss=f"{loss:.4f}", stage=self.last_stage)
                 if crossed(c.log_images) or self.state.images >= c.total_images or (
-                        log_losses and (self.out_of_time() or self.out_of_cpu())):
+                        log_losses and (self.out_of_time() or self.out_of_cpu() or signals.received)):
                     writer.write(self.state.images, self.state.step,
                                  self._scalars(log_losses, self.state.images - images0, busy, flops))
                     busy, images0, flops, log_losses = 0.0, self.state.images, 0.0, []
@@ -448,8 +490,12 @@ class Trainer:
             if saved_at != self.state.images and result.losses:
                 result.checkpoint = self.save()
         finally:
+            signals.__exit__()
             bar.close()
             writer.close()
+        if result.stop == "signal":
+            distributed.print0(f"stopped by {signals.received or 'a signal on another rank'} at "
+                               f"{self.state.images} images: checkpoint {result.checkpoint}")
         if result.stop == "max_minutes":
             distributed.print0(f"max_minutes={c.max_minutes:g} reached at {self.state.images} images: "
                                f"checkpoint {result.checkpoint}")
