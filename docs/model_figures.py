@@ -129,7 +129,8 @@ def curves(args) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in (Path(args.run) / "scalars.jsonl").read_text().splitlines() if line]
-    rows = [r for r in rows if "loss" in r]
+    by_images = {r["images"]: r for r in rows if "loss" in r}  # a resumed run logs again: keep the last
+    rows = [by_images[k] for k in sorted(by_images) if not args.max_images or k <= args.max_images]
     images = [r["images"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax1.plot(images, [r["loss"] for r in rows], lw=0.8, label="all stages")
@@ -187,6 +188,7 @@ def main() -> None:
     c = sub.add_parser("curves")
     c.add_argument("--run", required=True)
     c.add_argument("--title", default=None)
+    c.add_argument("--max-images", type=int, default=0, help="plot log points up to this many images (0: all)")
     c.add_argument("--out", required=True)
     args = parser.parse_args()
     print("command: python " + " ".join(sys.argv))
