@@ -317,18 +317,11 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     from edify.training.monitor import save_grid
 
     pipe = TextToImagePipeline.from_pretrained(model_dir).to("cpu")
-    if args.sigma_min is not None:  # end the schedule elsewhere than the model's default
-        pipe.config = dataclasses.replace(
-            pipe.config, defaults=dataclasses.replace(pipe.config.defaults, sigma_min=args.sigma_min))
-    if args.eta is not None:  # a stochastic sampler's noise other than the model's default
-        pipe.config = dataclasses.replace(
-            pipe.config, defaults=dataclasses.replace(pipe.config.defaults, eta=args.eta))
-    if args.threshold is not None:  # thresholding of the guided estimate
-        pipe.config = dataclasses.replace(
-            pipe.config, defaults=dataclasses.replace(pipe.config.defaults, threshold=args.threshold))
-    if args.stage_weights is not None:  # split the steps across the stages otherwise
-        pipe.config = dataclasses.replace(
-            pipe.config, defaults=dataclasses.replace(pipe.config.defaults, stage_weights=args.stage_weights))
+    # sampling settings other than the model's defaults: where the schedule ends, a stochastic
+    # sampler's noise, thresholding of the guided estimate, the split of the steps across the stages
+    overrides = {key: getattr(args, key) for key in ("sigma_min", "eta", "threshold", "stage_weights")
+                 if getattr(args, key) is not None}
+    pipe.config = dataclasses.replace(pipe.config, defaults=dataclasses.replace(pipe.config.defaults, **overrides))
     sigma_min = pipe.config.defaults.sigma_min
     guide = None if args.guide_model is None else TextToImagePipeline.from_pretrained(args.guide_model).to("cpu")
     recorder = RecordingExtractor(extractor)

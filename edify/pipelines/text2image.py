@@ -25,9 +25,9 @@ from edify.core.guidance import CFGDenoiser, check_guidance, unguided
 from edify.core.laplacian import LaplacianProcess
 from edify.core.precond import EDMPrecond, finishing_stages
 from edify.core.samplers import SAMPLERS, STOCHASTIC, initial_state, sampler_nfe, stage_etas
-from edify.core.thresholding import check_threshold, maybe_threshold
 from edify.core.schedules import SAMPLING, default_stage_weights, laplacian_sigmas, split_steps
 from edify.core.seeding import generators
+from edify.core.thresholding import check_threshold, maybe_threshold
 from edify.data.vocab import StyleVocab, make_cond
 from edify.errors import EdifyError
 from edify.networks.unet import UNet, UNetConfig
