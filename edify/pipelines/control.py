@@ -217,7 +217,7 @@ class ControlNetPipeline(TextToImagePipeline):
                  control_start: float | Sequence[float] = math.inf,
                  control_end: float | Sequence[float] = 0.0, resize: bool = False,
                  style_guidance: float | None = None, sigma_min: float | None = None,
-                 eta: float | None = None, threshold: float | None = None) -> TextToImageOutput:
+                 eta: float | Sequence[float] | None = None, threshold: float | None = None) -> TextToImageOutput:
         """Images for the prompts, steered by one control image per ControlNet (a list for several).
 
         control_weight, control_start, control_end: a number for every ControlNet or a list of one
@@ -277,7 +277,7 @@ class InpaintPipeline(ControlNetPipeline):
                  seed: int | list[int] | None = None, sampler: str | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", callback=None, steps_per_stage: tuple[int, ...] | None = None,
                  control_weight: float = 1.0, control_start: float = math.inf, control_end: float = 0.0,
-                 resize: bool = False, sigma_min: float | None = None, eta: float | None = None,
+                 resize: bool = False, sigma_min: float | None = None, eta: float | Sequence[float] | None = None,
                  threshold: float | None = None) -> TextToImageOutput:
         """Regenerate the white part of `mask` in `image` (1 = generate, 0 = keep).
 
