@@ -28,19 +28,34 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
+def launch(folder: Path, *args: str, timeout: float = 300) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+         str(WORKER), *args[:1], str(folder), *args[1:]],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=WORKER.parent)
+    assert proc.returncode == 0, f"{args} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = {}
     for mode in ("ddp", "fsdp"):
-        folder = tmp_path_factory.mktemp(mode)
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-             str(WORKER), mode, str(folder)],
-            capture_output=True, text=True, timeout=300, env=env, cwd=WORKER.parent)
-        assert proc.returncode == 0, f"{mode} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        out[mode] = folder
+        out[mode] = tmp_path_factory.mktemp(mode)
+        launch(out[mode], mode)
     return out
+
+
+def test_ranks_agree_to_stop_on_a_time_budget(tmp_path):
+    # rank 1's clock crosses max_minutes after the first step, rank 0's never does: both must stop
+    # after that step, log and checkpoint together (a rank stopping alone leaves the other hanging
+    # in the next step's all-reduce, which the timeout here turns into a failure)
+    launch(tmp_path, "ddp", "skew", timeout=180)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["stop"] == "max_minutes" and result["images"] == 8 and len(result["losses"]) == 1
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-000000000008"]
+    record = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])
+    assert record["stop"] == "max_minutes" and record["images"] == 8
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

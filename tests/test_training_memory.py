@@ -157,13 +157,14 @@ def test_max_minutes_stops_checkpoints_and_records_the_run(tmp_path, monkeypatch
     monkeypatch.setattr(loop, "wall_clock", clock)
     t = Trainer(tiny_config(max_minutes=2.0, total_images=1000), tmp_path / "run", text_encoder=WordHashEncoder())
     result = t.run()
-    # started at 1025; budget checks read 1050, 1075, ...: 1125 is the first >= 1025 + 120, after 4 steps
-    assert result.stop == "max_minutes" and len(result.losses) == 3
-    assert result.checkpoint == ckpt.latest_checkpoint(tmp_path / "run") and result.checkpoint.name.endswith("6")
+    # started at 1025; one budget check before the first step (1050) and one after each step (1075,
+    # 1100, ...): 1150 is the first >= 1025 + 120, after the 4th step
+    assert result.stop == "max_minutes" and len(result.losses) == 4
+    assert result.checkpoint == ckpt.latest_checkpoint(tmp_path / "run") and result.checkpoint.name.endswith("8")
     record = json.loads((tmp_path / "run" / "runs.jsonl").read_text().splitlines()[-1])
-    assert record["stop"] == "max_minutes" and record["images"] == 6 and record["gpu"].startswith("CPU")
+    assert record["stop"] == "max_minutes" and record["images"] == 8 and record["gpu"].startswith("CPU")
     rows = [json.loads(x) for x in (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()]
-    assert rows[-1]["images"] == 6  # a final log point is written when time runs out
+    assert rows[-1]["images"] == 8  # a final log point is written when time runs out
     with pytest.raises(EdifyError, match="max_minutes must be >= 0, got -1.0"):
         tiny_config(max_minutes=-1.0)
     assert TrainConfig.from_dict({"max_minutes": 3}).max_minutes == 3.0

@@ -18,7 +18,8 @@ with a checkpoint; `--resume` continues it. `max_cpu_minutes` does the same on t
 process (all threads) since `run` began: a budget that other load on the machine does not shrink.
 SIGTERM (a scheduler's preemption, `kill`) and SIGINT (Ctrl-C) stop the run the same way: the step
 under way finishes, the run checkpoints, records itself and returns (stop "signal"); a second
-Ctrl-C interrupts at once. Each `run` appends one line to `runs.jsonl` in the run folder (command,
+Ctrl-C interrupts at once. Under torchrun the ranks agree on every such stop (one all-reduce per
+step), so they stop at the same step and checkpoint together. Each `run` appends one line to `runs.jsonl` in the run folder (command,
 device, GPU name, images, wall, training and CPU seconds), which the model card reads.
 """
 
@@ -79,12 +80,6 @@ class StopSignals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def any_rank(self, world: int, device) -> bool:
-        """Whether any rank received a stop signal (every rank agrees, so all stop at the same step)."""
-        flag = self.received is not None
-        if world > 1:
-            flag = float(distributed.all_reduce_mean(torch.tensor(float(flag), device=device))) > 0
-        return flag
 
 
 def step_seed(*parts: int) -> int:
@@ -417,6 +412,31 @@ class Trainer:
         c = self.config
         return c.max_cpu_minutes > 0 and cpu_clock() - self.cpu_started >= 60 * c.max_cpu_minutes
 
+    def stop_reason(self, signals: StopSignals, max_steps: int | None, steps_done: int) -> str:
+        """Why the loop stops before its next step ("" to go on), the same on every rank.
+
+        The image and step counts are the same on all ranks; a signal and the time budgets are per
+        process (one rank's clock can cross a budget a step before another's), so under torchrun
+        they are agreed in one all-reduce: the run stops when any rank says so, at the same step on
+        all of them, and every rank then takes part in the same final log and checkpoint."""
+        c = self.config
+        local = [signals.received is not None, self.out_of_time(), self.out_of_cpu()]
+        if self.world > 1:
+            agreed = distributed.all_reduce_mean(torch.tensor([float(f) for f in local], device=self.device))
+            local = [bool(v > 0) for v in agreed.tolist()]
+        signal_stop, time_stop, cpu_stop = local
+        if signal_stop:
+            return "signal"
+        if self.state.images >= c.total_images:
+            return "total_images"
+        if max_steps is not None and steps_done >= max_steps:
+            return "max_steps"
+        if time_stop:
+            return "max_minutes"
+        if cpu_stop:
+            return "max_cpu_minutes"
+        return ""
+
     def _record_run(self, result: TrainResult, images0: int, train_seconds: float, flops: float) -> None:
         """Append this run's facts to runs.jsonl (rank 0): what the model card is filled from."""
         if not distributed.is_main():
@@ -453,19 +473,8 @@ class Trainer:
         signals = StopSignals()
         try:
             signals.__enter__()
-            while True:
-                if signals.any_rank(self.world, self.device):
-                    result.stop = "signal"
-                elif self.state.images >= c.total_images:
-                    result.stop = "total_images"
-                elif max_steps is not None and len(result.losses) >= max_steps:
-                    result.stop = "max_steps"
-                elif self.out_of_time():
-                    result.stop = "max_minutes"
-                elif self.out_of_cpu():
-                    result.stop = "max_cpu_minutes"
-                if result.stop:
-                    break
+            result.stop = self.stop_reason(signals, max_steps, 0)
+            while not result.stop:
                 started = time.perf_counter()
                 loss = self.train_step()  # ends in a host sync (.item of the loss), so the time is real
                 step_seconds = time.perf_counter() - started
@@ -478,8 +487,8 @@ class Trainer:
                 total_flops += step_flops
                 bar.update(c.batch_size)
                 bar.set_postfix(loss=f"{loss:.4f}", stage=self.last_stage)
-                if crossed(c.log_images) or self.state.images >= c.total_images or (
-                        log_losses and (self.out_of_time() or self.out_of_cpu() or signals.received)):
+                result.stop = self.stop_reason(signals, max_steps, len(result.losses))
+                if crossed(c.log_images) or result.stop not in ("", "max_steps"):
                     writer.write(self.state.images, self.state.step,
                                  self._scalars(log_losses, self.state.images - images0, busy, flops))
                     busy, images0, flops, log_losses = 0.0, self.state.images, 0.0, []
