@@ -3,6 +3,7 @@ stage sampling, logging and FLOP counting, sample grids, the `edify train` comma
 
 import io
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -307,3 +308,31 @@ def test_export_records_the_training_history_across_warm_starts(tmp_path):
     third = export_pipeline(tmp_path / "warm", tmp_path / "model3")
     h3 = json.loads((third / "training.json").read_text())
     assert h3["images_total"] is None and h3["runs"][0] == {"model": str(first), "images": None}
+
+
+def test_a_continued_model_keeps_the_sampling_defaults_of_the_model_it_continues(tmp_path):
+    trainer(tmp_path / "run").run(max_steps=1)
+    first = export_pipeline(tmp_path / "run", tmp_path / "model")
+    preset = json.loads((first / "config.json").read_text())["defaults"]
+    # the defaults measured for the first model, written into its folder as a user would ship them
+    config = json.loads((first / "config.json").read_text())
+    config["defaults"] = {**config["defaults"], "guidance_scale": [5.0, 7.0], "sampler": "dpmpp_2m_sde",
+                          "eta": [1.0, 0.0], "sigma_min": 0.4, "num_steps": 12}
+    (first / "config.json").write_text(json.dumps(config))
+    w = trainer(tmp_path / "warm", init_from=str(first))
+    w.run(max_steps=1)
+    second = export_pipeline(tmp_path / "warm", tmp_path / "model2", card=True, manifest=tmp_path / "none.json")
+    assert json.loads((second / "config.json").read_text())["defaults"] == config["defaults"]
+    assert "Defaults: 12 sampler steps over all stages, guidance scale 5, 7." in (second / "README.md").read_text()
+    pipe = TextToImagePipeline.from_pretrained(second, text_encoder=WordHashEncoder())
+    assert pipe.config.defaults.sampler == "dpmpp_2m_sde" and pipe.config.defaults.eta == (1.0, 0.0)
+    # turned off, or with the first folder gone or holding another model: the preset's settings
+    off = export_pipeline(tmp_path / "warm", tmp_path / "model3", inherit_defaults=False)
+    assert json.loads((off / "config.json").read_text())["defaults"] == preset
+    config["styles"] = ["flat", "glossy", "matte"]
+    (first / "config.json").write_text(json.dumps(config))
+    other = export_pipeline(tmp_path / "warm", tmp_path / "model4")
+    assert json.loads((other / "config.json").read_text())["defaults"] == preset
+    shutil.rmtree(first)
+    gone = export_pipeline(tmp_path / "warm", tmp_path / "model5")
+    assert json.loads((gone / "config.json").read_text())["defaults"] == preset

@@ -137,7 +137,7 @@ def train(args: argparse.Namespace, config, out: Path, device) -> int:
                        f"{result.nonfinite_total} skipped, stopped by {result.stop}); checkpoint: {result.checkpoint}")
     grid = trainer.sample_grid() if args.export and args.model_card else None  # collective under FSDP
     if args.export and distributed.is_main():
-        from edify.training.export import export_pipeline
+        from edify.training.export import export_pipeline, inherited_defaults, pipeline_config
 
         dtype = torch.bfloat16 if args.export_dtype == "bf16" else torch.float32
         folder = export_pipeline(out, args.export, dtype=dtype, max_shard_bytes=int(args.export_shard_mib * 2**20),
@@ -145,5 +145,7 @@ def train(args: argparse.Namespace, config, out: Path, device) -> int:
         if grid is not None:
             shutil.copyfile(grid, folder / "samples.png")
         distributed.print0(f"model folder: {folder}")
+        if trainer.config.init_from and inherited_defaults(trainer.config, pipeline_config(trainer.config, trainer.net)):
+            distributed.print0(f"sampling defaults: those of {trainer.config.init_from} (the model it continues)")
     distributed.shutdown()
     return 0

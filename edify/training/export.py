@@ -13,6 +13,7 @@ as "not recorded", never estimated.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from edify.core.guidance import check_guidance
 from edify.errors import EdifyError
 from edify.networks.presets import build_network
 from edify.networks.unet import UNet, UNetConfig
@@ -59,11 +61,37 @@ def pipeline_config(config: TrainConfig, net: UNet, text_max_length: int | None 
                                   guidance_scale=config.sample_guidance))
 
 
+def inherited_defaults(config: TrainConfig, pipe_config: PipelineConfig) -> SamplingDefaults | None:
+    """The sampling defaults of the model folder a run started from (`init_from`), when that folder
+    is at hand and describes the same model (network, Laplacian process, resolution, text encoder,
+    styles): a continued model keeps the sampler settings measured for the model it continues,
+    rather than falling back to the training preset's sample settings. None otherwise."""
+    if not config.init_from:
+        return None
+    path = Path(config.init_from) / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        base = PipelineConfig.from_dict(json.loads(path.read_text()))
+    except (EdifyError, ValueError, OSError):
+        return None
+    same = ("network", "levels", "switch_sigmas", "ramp", "ramp_width", "sigma_data", "resolution",
+            "text_encoder", "styles", "expert_ranges")
+    if any(getattr(base, f) != getattr(pipe_config, f) for f in same):
+        return None
+    return base.defaults
+
+
 def export_pipeline(run_or_checkpoint: str | Path, out: str | Path, use_ema: bool = True,
                     dtype: torch.dtype = torch.float32, max_shard_bytes: int = 16 * 2**20,
                     card: bool = False, manifest: str | Path | None = None,
-                    template: str | Path | None = None, overwrite: bool = False) -> Path:
+                    template: str | Path | None = None, overwrite: bool = False,
+                    inherit_defaults: bool = True) -> Path:
     """Write the latest checkpoint of a run folder (or the given checkpoint) as a model folder.
+
+    The sampling defaults in its config are the training preset's sample settings (steps,
+    guidance), or, for a run started from a model folder (`init_from`) of the same model that is
+    still at hand, that model's defaults (`inherited_defaults`; `inherit_defaults=False` turns it off).
 
     Weights are cast to `dtype` and sharded so that no weight file exceeds `max_shard_bytes` on
     disk (safetensors headers included). With `card`, README.md is filled from the run's own
@@ -83,7 +111,11 @@ def export_pipeline(run_or_checkpoint: str | Path, out: str | Path, use_ema: boo
     if largest + header > max_shard_bytes:
         raise EdifyError(f"max_shard_bytes must hold the largest tensor and a header ({largest + header} bytes), "
                          f"got {max_shard_bytes}")
-    TextToImagePipeline(net, pipeline_config(config, net)).save_pretrained(
+    pipe_config = pipeline_config(config, net)
+    inherited = inherited_defaults(config, pipe_config) if inherit_defaults else None
+    if inherited is not None:
+        pipe_config = dataclasses.replace(pipe_config, defaults=inherited)
+    TextToImagePipeline(net, pipe_config).save_pretrained(
         out, dtype=dtype, max_shard_bytes=max_shard_bytes - header)
     too_big = [p.name for p in out.glob("model*.safetensors") if p.stat().st_size > max_shard_bytes]
     if too_big:  # pragma: no cover - the header bound above holds for any tensor name and shape
@@ -229,6 +261,8 @@ def model_card(run: Path, ckpt: Path, model_dir: Path, config: TrainConfig, mani
                template: str | Path | None = None, history: dict | None = None) -> str:
     """README.md of a model folder, every number read from the run's own logs (never estimated)."""
     template_path = Path(template) if template else TEMPLATE
+    # the sampling defaults the folder was written with (a continuation's may be inherited)
+    defaults = PipelineConfig.from_dict(json.loads((Path(model_dir) / CONFIG_NAME).read_text())).defaults
     if not template_path.is_file():
         raise EdifyError(f"model card template not found: {template_path}")
     meta = checkpoint.read_meta(ckpt)
@@ -275,8 +309,8 @@ def model_card(run: Path, ckpt: Path, model_dir: Path, config: TrainConfig, mani
         "mfu_median": _fmt(None if n["mfu_median"] is None else 100 * n["mfu_median"], ".1f", "%"),
         "peak_tflops": f"{config.peak_tflops:g} TFLOP/s" if config.peak_tflops > 0 else NOT_RECORDED,
         "final_loss": _fmt(n["final_loss"], ".4f"),
-        "sampling_steps": str(config.sample_steps * config.levels),
-        "guidance": f"{config.sample_guidance:g}",
+        "sampling_steps": str(defaults.num_steps),
+        "guidance": ", ".join(f"{g:g}" for g in check_guidance(defaults.guidance_scale)),
         "history": history_section(history),
     }
     try:
