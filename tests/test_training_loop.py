@@ -304,6 +304,15 @@ def test_export_records_the_training_history_across_warm_starts(tmp_path):
     assert h2["runs"][1]["init_from"] == str(first)
     card = (second / "README.md").read_text()
     assert "Images seen in all: 10." in card and "| warm | 6 | 3 |" in card
+    # the run recorded the first model's history when it started: replacing that folder later (here
+    # by an export of this very run, as when a continuation is shipped in place) changes nothing
+    snapshot = json.loads((tmp_path / "warm" / "init_model.json").read_text())
+    assert snapshot["model"] == str(first) and snapshot["history"] == h1
+    shutil.copytree(second, first, dirs_exist_ok=True)
+    again = json.loads((export_pipeline(tmp_path / "warm", tmp_path / "model2b") / "training.json").read_text())
+    assert again == h2
+    # a run without that record (written before it existed) reads the folder as it is now
+    (tmp_path / "warm" / "init_model.json").unlink()
     (first / "training.json").unlink()  # an init model without a history: the total is unknown
     third = export_pipeline(tmp_path / "warm", tmp_path / "model3")
     h3 = json.loads((third / "training.json").read_text())
@@ -329,6 +338,11 @@ def test_a_continued_model_keeps_the_sampling_defaults_of_the_model_it_continues
     # turned off, or with the first folder gone or holding another model: the preset's settings
     off = export_pipeline(tmp_path / "warm", tmp_path / "model3", inherit_defaults=False)
     assert json.loads((off / "config.json").read_text())["defaults"] == preset
+    # the record of the first model taken when the run started wins over the folder as it is now
+    (first / "config.json").write_text(json.dumps({**config, "defaults": {}}))
+    assert json.loads((export_pipeline(tmp_path / "warm", tmp_path / "model3b") / "config.json").read_text())[
+        "defaults"] == config["defaults"]
+    (tmp_path / "warm" / "init_model.json").unlink()  # a run from before the record: the folder now
     config["styles"] = ["flat", "glossy", "matte"]
     (first / "config.json").write_text(json.dumps(config))
     other = export_pipeline(tmp_path / "warm", tmp_path / "model4")

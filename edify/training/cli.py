@@ -145,7 +145,7 @@ def train(args: argparse.Namespace, config, out: Path, device) -> int:
         if grid is not None:
             shutil.copyfile(grid, folder / "samples.png")
         distributed.print0(f"model folder: {folder}")
-        if trainer.config.init_from and inherited_defaults(trainer.config, pipeline_config(trainer.config, trainer.net)):
+        if inherited_defaults(trainer.config, pipeline_config(trainer.config, trainer.net), out):
             distributed.print0(f"sampling defaults: those of {trainer.config.init_from} (the model it continues)")
     distributed.shutdown()
     return 0

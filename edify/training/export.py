@@ -61,19 +61,71 @@ def pipeline_config(config: TrainConfig, net: UNet, text_max_length: int | None 
                                   guidance_scale=config.sample_guidance))
 
 
-def inherited_defaults(config: TrainConfig, pipe_config: PipelineConfig) -> SamplingDefaults | None:
-    """The sampling defaults of the model folder a run started from (`init_from`), when that folder
-    is at hand and describes the same model (network, Laplacian process, resolution, text encoder,
-    styles): a continued model keeps the sampler settings measured for the model it continues,
-    rather than falling back to the training preset's sample settings. None otherwise."""
-    if not config.init_from:
-        return None
-    path = Path(config.init_from) / CONFIG_NAME
+INIT_NAME = "init_model.json"
+
+
+def init_snapshot(folder: str | Path) -> dict:
+    """What a warm start needs to remember of the model folder it started from: its path, its
+    config.json and its training history (training.json, None when it has none). Written into the
+    run folder (`INIT_NAME`) at the run's first checkpoint, so that an export reads the model as it
+    was when the run started, even after that folder is replaced (e.g. by an export of this run)."""
+    folder = Path(folder)
+    out = {"model": str(folder), "config": None, "history": None}
+    for key, name in (("config", CONFIG_NAME), ("history", HISTORY_NAME)):
+        try:
+            out[key] = json.loads((folder / name).read_text()) if (folder / name).is_file() else None
+        except (ValueError, OSError):
+            out[key] = None
+    return out
+
+
+def write_init_snapshot(run: Path, snapshot: dict) -> None:
+    """`init_snapshot` into the run folder, once (written under a temporary name, then renamed)."""
+    path = Path(run) / INIT_NAME
+    if path.exists():
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(snapshot, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_init_snapshot(run: Path) -> dict | None:
+    """The run's `init_snapshot`, or None for a run that has none (not warm-started, or older)."""
+    path = Path(run) / INIT_NAME
     if not path.is_file():
         return None
     try:
-        base = PipelineConfig.from_dict(json.loads(path.read_text()))
-    except (EdifyError, ValueError, OSError):
+        snap = json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise EdifyError(f"{path} is not a warm-start record: {err}") from None
+    if not isinstance(snap, dict) or "model" not in snap:
+        raise EdifyError(f"{path} is not a warm-start record (no 'model' field)")
+    return snap
+
+
+def inherited_defaults(config: TrainConfig, pipe_config: PipelineConfig,
+                       run: str | Path | None = None) -> SamplingDefaults | None:
+    """The sampling defaults of the model folder a run started from (`init_from`) as the run
+    recorded it when it started (`init_snapshot`), else as that folder holds them now, when it
+    describes the same model (network, Laplacian process, resolution, text encoder, styles): a
+    continued model keeps the sampler settings measured for the model it continues, rather than
+    falling back to the training preset's sample settings. None otherwise."""
+    if not config.init_from:
+        return None
+    snap = read_init_snapshot(Path(run)) if run is not None else None
+    if snap is not None:
+        saved = snap.get("config")
+    else:
+        path = Path(config.init_from) / CONFIG_NAME
+        try:
+            saved = json.loads(path.read_text()) if path.is_file() else None
+        except (ValueError, OSError):
+            saved = None
+    if saved is None:
+        return None
+    try:
+        base = PipelineConfig.from_dict(saved)
+    except EdifyError:
         return None
     same = ("network", "levels", "switch_sigmas", "ramp", "ramp_width", "sigma_data", "resolution",
             "text_encoder", "styles", "expert_ranges")
@@ -112,7 +164,10 @@ def export_pipeline(run_or_checkpoint: str | Path, out: str | Path, use_ema: boo
         raise EdifyError(f"max_shard_bytes must hold the largest tensor and a header ({largest + header} bytes), "
                          f"got {max_shard_bytes}")
     pipe_config = pipeline_config(config, net)
-    inherited = inherited_defaults(config, pipe_config) if inherit_defaults else None
+    run = Path(run_or_checkpoint)
+    ckpt = checkpoint.latest_checkpoint(run) if (run / checkpoint.LATEST).is_file() else run
+    run = run if ckpt != run else run.parent
+    inherited = inherited_defaults(config, pipe_config, run) if inherit_defaults else None
     if inherited is not None:
         pipe_config = dataclasses.replace(pipe_config, defaults=inherited)
     TextToImagePipeline(net, pipe_config).save_pretrained(
@@ -120,9 +175,6 @@ def export_pipeline(run_or_checkpoint: str | Path, out: str | Path, use_ema: boo
     too_big = [p.name for p in out.glob("model*.safetensors") if p.stat().st_size > max_shard_bytes]
     if too_big:  # pragma: no cover - the header bound above holds for any tensor name and shape
         raise EdifyError(f"weight files over {max_shard_bytes} bytes: {too_big}")
-    run = Path(run_or_checkpoint)
-    ckpt = checkpoint.latest_checkpoint(run) if (run / checkpoint.LATEST).is_file() else run
-    run = run if ckpt != run else run.parent
     history = training_history(run, ckpt, config)
     (out / HISTORY_NAME).write_text(json.dumps(history, indent=1) + "\n")
     if card:
@@ -136,10 +188,18 @@ HISTORY_NAME = "training.json"
 
 def training_history(run: Path, ckpt: Path, config: TrainConfig) -> dict:
     """What made the exported weights: this run, after the history of the model it was warm-started
-    from (`init_from`, its own training.json; an entry without numbers when that folder has none).
-    Every number is read from the runs' logs."""
+    from (`init_from`: its training.json as the run recorded it at its start, `init_snapshot`, else
+    as that folder holds it now; an entry without numbers when it has none). Every number is read
+    from the runs' logs."""
     earlier: list[dict] = []
-    if config.init_from:
+    snap = read_init_snapshot(run) if config.init_from else None
+    if snap is not None:
+        history = snap.get("history")
+        try:
+            earlier = history["runs"] if history is not None else [{"model": snap["model"], "images": None}]
+        except (KeyError, TypeError) as err:
+            raise EdifyError(f"{run / INIT_NAME} holds no training history: {err}") from None
+    elif config.init_from:
         previous = Path(config.init_from) / HISTORY_NAME
         try:
             earlier = json.loads(previous.read_text())["runs"] if previous.is_file() else [

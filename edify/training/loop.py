@@ -51,7 +51,7 @@ from edify.training.batches import Batch, open_stream
 from edify.training.checkpoint import TrainState
 from edify.training.config import TrainConfig
 from edify.training.ema import EMA
-from edify.training.export import build_net, pipeline_config
+from edify.training.export import build_net, init_snapshot, pipeline_config, write_init_snapshot
 
 
 class StopSignals:
@@ -219,6 +219,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.loss_stats = monitor.LossStats()
         self.grad_norm, self.last_stage = float("nan"), self.stages[0]
+        self.init_snapshot: dict | None = None  # the model folder a warm start read (export.init_snapshot)
         loaded = checkpoint.load_latest(self.out_dir, c, self.model, self.optimizer, self.ema) if resume else None
         if loaded is None and c.init_from:
             self.warm_start(c.init_from)
@@ -255,6 +256,7 @@ class Trainer:
         zero_new_attention_outputs(full, state, added)
         state.update(saved_state)
         self.load_start_weights(state)
+        self.init_snapshot = init_snapshot(folder)  # written into the run folder at its first checkpoint
         grown = (f", grown by {len(added)} tensors ({sum(state[k].numel() for k in added):,} values) whose "
                  f"outputs start at zero" if added else "")
         distributed.print0(f"warm start: network and EMA from {path}{grown}")
@@ -366,7 +368,10 @@ class Trainer:
 
     def save(self) -> Path:
         state = TrainState(self.state.step, self.state.images, self.stream.state_dict(), self.state.nonfinite_total)
-        return checkpoint.save_checkpoint(self.out_dir, self.config, self.model, self.optimizer, self.ema, state)
+        saved = checkpoint.save_checkpoint(self.out_dir, self.config, self.model, self.optimizer, self.ema, state)
+        if self.init_snapshot is not None and distributed.is_main():
+            write_init_snapshot(self.out_dir, self.init_snapshot)
+        return saved
 
     def sample_grid(self) -> Path | None:
         """EMA samples of `sample_prompts` through the text-to-image pipeline, saved as one PNG."""
