@@ -142,8 +142,9 @@ def export_pipeline(run_or_checkpoint: str | Path, out: str | Path, use_ema: boo
     """Write the latest checkpoint of a run folder (or the given checkpoint) as a model folder.
 
     The sampling defaults in its config are the training preset's sample settings (steps,
-    guidance), or, for a run started from a model folder (`init_from`) of the same model that is
-    still at hand, that model's defaults (`inherited_defaults`; `inherit_defaults=False` turns it off).
+    guidance), or, for a run started from a model folder (`init_from`) of the same model, that
+    model's defaults as the run recorded them at its start (`init_model.json`; for an older run, as
+    the folder holds them now): `inherited_defaults`, `inherit_defaults=False` turns it off.
 
     Weights are cast to `dtype` and sharded so that no weight file exceeds `max_shard_bytes` on
     disk (safetensors headers included). With `card`, README.md is filled from the run's own
