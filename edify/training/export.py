@@ -113,14 +113,7 @@ def inherited_defaults(config: TrainConfig, pipe_config: PipelineConfig,
     if not config.init_from:
         return None
     snap = read_init_snapshot(Path(run)) if run is not None else None
-    if snap is not None:
-        saved = snap.get("config")
-    else:
-        path = Path(config.init_from) / CONFIG_NAME
-        try:
-            saved = json.loads(path.read_text()) if path.is_file() else None
-        except (ValueError, OSError):
-            saved = None
+    saved = (snap if snap is not None else init_snapshot(config.init_from)).get("config")
     if saved is None:
         return None
     try:

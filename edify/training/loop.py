@@ -19,8 +19,9 @@ process (all threads) since `run` began: a budget that other load on the machine
 SIGTERM (a scheduler's preemption, `kill`) and SIGINT (Ctrl-C) stop the run the same way: the step
 under way finishes, the run checkpoints, records itself and returns (stop "signal"); a second
 Ctrl-C interrupts at once. Under torchrun the ranks agree on every such stop (one all-reduce per
-step), so they stop at the same step and checkpoint together. Each `run` appends one line to `runs.jsonl` in the run folder (command,
-device, GPU name, images, wall, training and CPU seconds), which the model card reads.
+step), so they stop at the same step and checkpoint together. Each `run` appends one line to
+`runs.jsonl` in the run folder (command, device, GPU name, images, wall, training and CPU
+seconds), which the model card reads.
 """
 
 from __future__ import annotations
@@ -79,7 +80,6 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
 
 
 def step_seed(*parts: int) -> int:
