@@ -88,6 +88,9 @@ def test_resume_with_another_config_is_refused(tmp_path):
     trainer(tmp_path).run(max_steps=1)
     with pytest.raises(EdifyError, match=r"another config \(lr: 0.001 -> 0.01\)"):
         trainer(tmp_path, lr=1e-2)
+    # a cool-down may be added when the run goes on
+    cooled = trainer(tmp_path, total_images=40, cooldown_images=20)
+    assert cooled.state.images > 0 and cooled.lr_at(40) == 0.0
 
 
 def test_stage_sampling_and_warmup(tmp_path):
@@ -98,6 +101,8 @@ def test_stage_sampling_and_warmup(tmp_path):
     assert [t.lr_at(i) for i in (0, 2, 8, 100)] == pytest.approx([0.0, 2.5e-4, 1e-3, 1e-3])
     decay = trainer(tmp_path / "decay", lr_decay_images=100)
     assert [decay.lr_at(i) for i in (50, 100, 400, 10_000)] == pytest.approx([1e-3, 1e-3, 5e-4, 1e-4])
+    cool = trainer(tmp_path / "cool", lr_decay_images=100, total_images=800, cooldown_images=400)
+    assert [cool.lr_at(i) for i in (100, 400, 600, 800)] == pytest.approx([1e-3, 5e-4, 1e-3 / 6 ** 0.5 / 2, 0.0])
     only = trainer(tmp_path / "one", stages=(1,))
     assert {only.stage_for(s) for s in range(10)} == {1}
 

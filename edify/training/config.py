@@ -57,6 +57,10 @@ class TrainConfig:
     lr: float = 2e-4
     warmup_images: int = 0
     lr_decay_images: int = 0  # inverse square-root decay after this many images (edm2); 0 = constant
+    # Linear cool-down to 0 over the last cooldown_images before total_images (0 = none). It may be
+    # set or changed when a run resumes: `--resume --set total_images=N --set cooldown_images=M`
+    # ends a long run with M images of annealing, whatever schedule it had so far.
+    cooldown_images: int = 0
     betas: tuple[float, ...] = (0.9, 0.99)
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off
@@ -141,6 +145,7 @@ RESUMABLE_FIELDS = frozenset({
     "name", "total_images", "checkpoint_images", "keep_last", "log_images", "sample_images",
     "compile", "peak_tflops", "max_nonfinite", "num_workers", "sample_prompts", "sample_steps",
     "sample_guidance", "data", "data_masks", "text_cache", "dist", "max_minutes", "text_table", "max_cpu_minutes",
+    "cooldown_images",
 })
 
 
@@ -174,6 +179,8 @@ def validate(c: TrainConfig) -> None:
     _check(c.lr > 0, f"lr must be > 0, got {c.lr}")
     _check(c.warmup_images >= 0, f"warmup_images must be >= 0, got {c.warmup_images}")
     _check(c.lr_decay_images >= 0, f"lr_decay_images must be >= 0, got {c.lr_decay_images}")
+    _check(0 <= c.cooldown_images <= c.total_images,
+           f"cooldown_images must be in [0, total_images={c.total_images}], got {c.cooldown_images}")
     _check(len(c.betas) == 2 and all(0 <= b < 1 for b in c.betas), f"betas must be two values in [0, 1), got {list(c.betas)}")
     _check(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
     _check(c.grad_clip >= 0, f"grad_clip must be >= 0, got {c.grad_clip}")

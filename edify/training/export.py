@@ -346,7 +346,9 @@ def model_card(run: Path, ckpt: Path, model_dir: Path, config: TrainConfig, mani
         "lr": f"{config.lr:g}",
         "warmup_images": f"{config.warmup_images:,}",
         "lr_decay": (f", then lr / sqrt(images / {config.lr_decay_images:,}) past {config.lr_decay_images:,} "
-                     f"images" if config.lr_decay_images > 0 else ", then constant"),
+                     f"images" if config.lr_decay_images > 0 else ", then constant")
+                    + (f", cooled down linearly to 0 over the last {config.cooldown_images:,} images"
+                       if config.cooldown_images > 0 else ""),
         "ema": (f"power function, std {config.ema_std:g}" if config.ema_std > 0 else
                 f"decay {config.ema_decay:g}" if config.ema_decay > 0 else
                 f"half-life {config.ema_halflife_images:,.0f} images"),

@@ -292,11 +292,15 @@ class Trainer:
 
     def lr_at(self, images: int) -> float:
         """Linear warm-up over warmup_images; then constant, or lr / sqrt(images / lr_decay_images)
-        once past lr_decay_images (the inverse square-root schedule of edm2, Karras et al. 2024)."""
+        once past lr_decay_images (the inverse square-root schedule of edm2, Karras et al. 2024);
+        times a linear cool-down to 0 over the last cooldown_images before total_images (the
+        warmup-stable-decay schedule, Hägele et al. 2024)."""
         c = self.config
         lr = c.lr * (min(1.0, images / c.warmup_images) if c.warmup_images > 0 else 1.0)
         if c.lr_decay_images > 0:
             lr /= math.sqrt(max(images / c.lr_decay_images, 1.0))
+        if c.cooldown_images > 0:
+            lr *= min(1.0, max(0.0, (c.total_images - images) / c.cooldown_images))
         return lr
 
     def _count_flops(self, dtype) -> dict[int, int]:
