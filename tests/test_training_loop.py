@@ -2,6 +2,7 @@
 stage sampling, logging and FLOP counting, sample grids, the `edify train` command, a real shard."""
 
 import io
+import math
 import json
 import shutil
 import tarfile
@@ -82,6 +83,16 @@ def test_non_finite_loss_skips_the_step_and_stops_after_k_in_a_row(tmp_path):
     with pytest.raises(EdifyError, match="2 consecutive non-finite losses"):
         t.train_step()
     assert t.state.nonfinite_total == 3
+
+
+def test_bf16_autocast_trains_on_the_cpu_and_may_be_switched_on_when_resuming(tmp_path):
+    trainer(tmp_path).run(max_steps=1)
+    t = trainer(tmp_path, precision="bf16")
+    assert t.network_dtype == torch.bfloat16 and t.state.step == 1
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    assert math.isfinite(t.train_step())
+    assert all(v.dtype == torch.float32 for v in t.model.state_dict().values())  # fp32 master weights
+    assert any(not torch.equal(v, before[k]) for k, v in t.model.state_dict().items())
 
 
 def test_resume_with_another_config_is_refused(tmp_path):

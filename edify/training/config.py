@@ -78,7 +78,7 @@ class TrainConfig:
     log_images: int = 64
     sample_images: int = 0
     # Precision and speed.
-    precision: str = "fp32"  # "fp32" | "bf16" (bf16 autocast on CUDA only)
+    precision: str = "fp32"  # "fp32" | "bf16" (bf16 autocast; may change when a run resumes)
     compile: bool = False
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 = do not report MFU
     max_minutes: float = 0.0  # wall-clock budget from the trainer's start; then checkpoint and stop (0 = none)
@@ -145,7 +145,7 @@ RESUMABLE_FIELDS = frozenset({
     "name", "total_images", "checkpoint_images", "keep_last", "log_images", "sample_images",
     "compile", "peak_tflops", "max_nonfinite", "num_workers", "sample_prompts", "sample_steps",
     "sample_guidance", "data", "data_masks", "text_cache", "dist", "max_minutes", "text_table", "max_cpu_minutes",
-    "cooldown_images",
+    "cooldown_images", "precision",
 })
 
 
