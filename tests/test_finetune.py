@@ -21,7 +21,7 @@ from edify.training import finetune as training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MODES = ("crossattn", "crossattn_kv", "lora")
+MODES = ("crossattn", "crossattn_kv", "lora", "full")
 
 
 def image_folder(folder, n: int = 4, captions: bool = True):
@@ -92,6 +92,8 @@ def test_only_the_chosen_parameters_train(setup, mode):
             assert not torch.equal(tensors[name], base[name]), name
     if mode == "crossattn_kv":
         assert all(name.endswith(".kv.weight") for name in info.parameters)
+    if mode == "full":  # everything but the condition embedder, which ControlNets copy
+        assert set(info.parameters) == {n for n, _ in net.named_parameters() if not n.startswith("cond_embed.")}
     # the run trained nothing else: the last checkpoint holds only these, the other table rows untouched
     from edify.training import checkpoint
 

@@ -2,7 +2,7 @@
 
 A finetune trains only a few of the base U-Net's parameters (section 7: cross-attention, about 3% of
 the network) and saves only those, so it stays small and leaves every other weight, and every
-ControlNet trained on the base, as it was. Three choices of what trains (`MODES`):
+ControlNet trained on the base, as it was. Four choices of what trains (`MODES`):
 
 - `crossattn`: every cross-attention block's query, key/value and output projections (the
   `q`, `kv` and `out` linears of `edify.networks.attention.Attention` where it reads the condition
@@ -12,6 +12,9 @@ ControlNet trained on the base, as it was. Three choices of what trains (`MODES`
   the grid's attention (Kumari et al. 2023, Custom Diffusion).
 - `lora`: a low-rank adapter W + (alpha / r) B A on each of those `q`, `kv` and `out` linears
   (Hu et al. 2021), built and merged by the `peft` library.
+- `full`: every parameter but the condition embedder (DreamBooth's choice, Ruiz et al. 2023): the
+  upper bound of what a delta can learn, as large as the network, and with no guarantee that
+  ControlNets trained on the base still fit (their copy of the encoder no longer matches).
 
 A finetune may also add **new style names**: each takes a free row of the media-type table (the
 network has `num_media_types` rows, the base's styles use the first ones), which trains with the
@@ -65,8 +68,9 @@ FORMAT = "edify-finetune"
 VERSION = 1
 WEIGHTS_FILE = "finetune.safetensors"
 INFO_FILE = "finetune.json"
-MODES = ("crossattn", "crossattn_kv", "lora")
-MEDIA_TABLE = "cond_embed.media.table.weight"
+MODES = ("crossattn", "crossattn_kv", "lora", "full")
+CONDITION_EMBEDDER = "cond_embed."
+MEDIA_TABLE = CONDITION_EMBEDDER + "media.table.weight"
 STYLE_PREFIX = "style."
 LORA_ADAPTER = "finetune"
 # The base config fields a finetune depends on (the network, its process, text encoder and styles);
@@ -88,9 +92,11 @@ def lora_targets(net: nn.Module) -> list[str]:
 
 
 def trained_names(net: nn.Module, mode: str) -> list[str]:
-    """The parameter names a full-weight mode trains (`crossattn` or `crossattn_kv`)."""
+    """The parameter names a full-weight mode trains (`crossattn`, `crossattn_kv` or `full`)."""
     if mode not in MODES or mode == "lora":
-        raise EdifyError(f"full-weight finetune modes are crossattn and crossattn_kv, got {mode!r}")
+        raise EdifyError(f"full-weight finetune modes are crossattn, crossattn_kv and full, got {mode!r}")
+    if mode == "full":
+        return [n for n, _ in net.named_parameters() if not n.startswith(CONDITION_EMBEDDER)]
     parts = (("q.weight", "kv.weight", "out.weight", "out.bias") if mode == "crossattn" else ("kv.weight",))
     params = dict(net.named_parameters())
     return [f"{p}.{part}" for p in cross_attention_modules(net) for part in parts if f"{p}.{part}" in params]

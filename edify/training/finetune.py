@@ -10,7 +10,7 @@ encoder and styles are replaced by the base model folder's, as `edify train-cont
 changes:
 
 - the base network is loaded from its folder and everything but the chosen parameters is frozen
-  (`edify.pipelines.finetune`: `crossattn`, `crossattn_kv`, or `lora` adapters from peft); the
+  (`edify.pipelines.finetune`: `crossattn`, `crossattn_kv`, `lora` adapters from peft, or `full`); the
   module the optimizer, the EMA and the checkpoints see is `TrainedParameters`, which holds only
   those parameters (calling it runs the whole network), so checkpoints stay small;
 - new style names (styles of the data the base does not know, or `--style NAME`) each take a free
@@ -42,7 +42,7 @@ from edify.errors import EdifyError
 RUN_FILE = "finetune-run.json"
 DEFAULT_STEPS = 1500  # section 7 of the paper: about 1,500 steps
 DEFAULT_LR = 1e-4
-MODES = ("crossattn", "crossattn_kv", "lora")
+MODES = ("crossattn", "crossattn_kv", "lora", "full")  # edify.pipelines.finetune.MODES (kept torch-free here)
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -384,7 +384,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DELTA", help="the delta folder to write")
     parser.add_argument("--params", default="crossattn", choices=MODES,
                         help="what trains: all cross-attention projections (default), only their key/value "
-                             "projections, or LoRA adapters on them (peft)")
+                             "projections, LoRA adapters on them (peft), or every parameter but the condition "
+                             "embedder (full: a delta as large as the network)")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
