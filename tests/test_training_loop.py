@@ -96,12 +96,15 @@ def test_bf16_autocast_trains_on_the_cpu_and_may_be_switched_on_when_resuming(tm
 
 
 def test_resume_with_another_config_is_refused(tmp_path):
-    trainer(tmp_path).run(max_steps=1)
+    trainer(tmp_path, stage_sampling="random").run(max_steps=1)
     with pytest.raises(EdifyError, match=r"another config \(lr: 0.001 -> 0.01\)"):
-        trainer(tmp_path, lr=1e-2)
+        trainer(tmp_path, stage_sampling="random", lr=1e-2)
     # a cool-down may be added when the run goes on
-    cooled = trainer(tmp_path, total_images=40, cooldown_images=20)
+    cooled = trainer(tmp_path, stage_sampling="random", total_images=40, cooldown_images=20)
     assert cooled.state.images > 0 and cooled.lr_at(40) == 0.0
+    # and the compute moved between stages
+    moved = trainer(tmp_path, stage_sampling="random", stage_weights=(1.0, 0.0001))
+    assert moved.state.images > 0 and {moved.stage_for(s) for s in range(20)} == {0}
 
 
 def test_stage_sampling_and_warmup(tmp_path):

@@ -32,7 +32,9 @@ class TrainConfig:
     # Mixture of experts (section 2.2.2): stages to train (empty = all), picked per step.
     stages: tuple[int, ...] = ()
     stage_sampling: str = "random"  # "random" (by stage_weights) | "round_robin"
-    stage_weights: tuple[float, ...] = ()  # empty = equal
+    # empty = equal. May change when a run resumes (`--resume --set stage_weights=...`): a long run
+    # can move its compute between stages, e.g. away from one that has begun to overfit.
+    stage_weights: tuple[float, ...] = ()
     # Noise range of each expert (edify.core.precond.stage_sigma_ranges): "nested" (the paper's:
     # stage j on every sigma below s_{j+1}*, so a model can also finish at a low resolution) or
     # "truncated" (stage j only where a full-resolution sampler uses it). A saved config without
@@ -140,12 +142,13 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Fields that may change between a checkpoint and its resumption without changing the math.
+# Fields that may change between a checkpoint and its resumption: bookkeeping, limits and a few
+# schedule knobs for the rest of the run (cool-down, precision, stage weights).
 RESUMABLE_FIELDS = frozenset({
     "name", "total_images", "checkpoint_images", "keep_last", "log_images", "sample_images",
     "compile", "peak_tflops", "max_nonfinite", "num_workers", "sample_prompts", "sample_steps",
     "sample_guidance", "data", "data_masks", "text_cache", "dist", "max_minutes", "text_table", "max_cpu_minutes",
-    "cooldown_images", "precision",
+    "cooldown_images", "precision", "stage_weights",
 })
 
 
