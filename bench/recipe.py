@@ -195,15 +195,17 @@ def style_scores(predicted: list[str], requested: list[str | None]) -> dict:
             "style_kappa": (acc - chance) / (1 - chance) if chance < 1 else 0.0, "style_n": n}
 
 
-def style_reference(args, extractor, cache):
+def style_reference(args, extractor, cache, train=None):
     """(features [M, 2048], styles) of the classifier's reference: per style, --style-ref-per-style
-    training images drawn with seed 0 (cached beside the real validation features)."""
+    training images drawn with seed 0 (cached beside the real validation features). `train`: the
+    training split if already loaded."""
     import torch
 
     from edify.eval.evaluate import load_split
     from edify.eval.fid import cache_key, reference_stats
 
-    train = load_split(args.data, "train", args.resolution)
+    if train is None:
+        train = load_split(args.data, "train", args.resolution)
     picked: list[int] = []
     for style in sorted({s for s in train.styles if s is not None}):
         rows = [i for i, s in enumerate(train.styles) if s == style]
@@ -368,6 +370,19 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     torch.save({"features": fake, "indices": indices, "requested_styles": requested},
                grid_dir / f"eval-features{suffix}.pt")  # for later metrics without regenerating
     return out
+
+
+def real_swd_floor(real, train, seed: int = 0) -> dict:
+    """SWD per scale between the validation images and as many training images drawn with `seed`:
+    what two real sets of this size differ by (the split is by emoji, so no drawing is shared)."""
+    import torch
+
+    from edify.eval.swd import swd
+
+    n = min(len(real.captions), len(train.captions))
+    pick = torch.randperm(len(train.captions), generator=torch.Generator().manual_seed(seed))[:n]
+    result = swd(real.images[:n], train.images[pick])
+    return {f"{k}_real": v for k, v in result.items() if k != "swd"}
 
 
 def real_style_ceiling(real, real_stats, style_ref) -> dict:
@@ -551,11 +566,14 @@ def main(argv: list[str] | None = None) -> None:
     real = load_split(args.data, "val", args.resolution, max_images=args.max_real)
     extractor = InceptionFeatures("cpu", batch_size=args.batch)
     real_stats = real_reference(real, args.data, "val", args.resolution, extractor, cache)
-    style_ref = style_reference(args, extractor, cache)
-    ceiling = real_style_ceiling(real, real_stats, style_ref)
+    train = load_split(args.data, "train", args.resolution)
+    style_ref = style_reference(args, extractor, cache, train)
+    ceiling = {**real_style_ceiling(real, real_stats, style_ref), **real_swd_floor(real, train)}
+    del train
+    floor = " / ".join(f"{ceiling[f'swd_{r}_real']:.1f}" for r in (64, 32, 16) if f"swd_{r}_real" in ceiling)
     print(f"references ready in {time.perf_counter() - t0:.0f} s: {real_stats.count} real val images, "
           f"style reference {len(style_ref[1])} train images; classifier on real val: "
-          f"{ceiling['style_acc_real']:.3f}", flush=True)
+          f"{ceiling['style_acc_real']:.3f}; real-vs-real SWD 64 / 32 / 16: {floor}", flush=True)
 
     for name in names:
         run_dir = Path(args.model) if args.model else run_dir_of(args, name)

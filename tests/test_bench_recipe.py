@@ -19,6 +19,7 @@ def test_smoke_row_has_every_figure_and_the_schedule_end_it_was_asked(capsys):
     for key in ("fid", "kid", "swd_64", "swd_32", "swd_16", "retrieval_top5", "style_acc"):
         assert math.isfinite(row[key]), key
     assert row["swd_64"] > 0 and 0 <= row["style_acc"] <= 1
+    assert all(row[f"swd_{r}_real"] > 0 for r in (64, 32, 16))  # the real-vs-real floor
     table = [line for line in out if line.startswith("| baseline")]
     assert table and "| 0.4 |" in table[-1]
 
