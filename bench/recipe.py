@@ -372,17 +372,29 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     return out
 
 
-def real_swd_floor(real, train, seed: int = 0) -> dict:
+def real_swd_floor(real, train, cache: Path | None = None, seed: int = 0) -> dict:
     """SWD per scale between the validation images and as many training images drawn with `seed`:
-    what two real sets of this size differ by (the split is by emoji, so no drawing is shared)."""
+    what two real sets of this size differ by (the split is by emoji, so no drawing is shared).
+    A few CPU minutes; kept in `cache` under the two splits' fingerprints."""
+    import hashlib
+
     import torch
 
     from edify.eval.swd import swd
 
+    key = hashlib.sha1(f"{real.fingerprint}|{train.fingerprint}|{seed}".encode()).hexdigest()[:16]
+    path = None if cache is None else Path(cache) / f"swd-floor-{key}.json"
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
     n = min(len(real.captions), len(train.captions))
     pick = torch.randperm(len(train.captions), generator=torch.Generator().manual_seed(seed))[:n]
-    result = swd(real.images[:n], train.images[pick])
-    return {f"{k}_real": v for k, v in result.items() if k != "swd"}
+    result = {f"{k}_real": v for k, v in swd(real.images[:n], train.images[pick]).items() if k != "swd"}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(path)
+    return result
 
 
 def real_style_ceiling(real, real_stats, style_ref) -> dict:
@@ -568,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
     real_stats = real_reference(real, args.data, "val", args.resolution, extractor, cache)
     train = load_split(args.data, "train", args.resolution)
     style_ref = style_reference(args, extractor, cache, train)
-    ceiling = {**real_style_ceiling(real, real_stats, style_ref), **real_swd_floor(real, train)}
+    ceiling = {**real_style_ceiling(real, real_stats, style_ref), **real_swd_floor(real, train, cache)}
     del train
     floor = " / ".join(f"{ceiling[f'swd_{r}_real']:.1f}" for r in (64, 32, 16) if f"swd_{r}_real" in ceiling)
     print(f"references ready in {time.perf_counter() - t0:.0f} s: {real_stats.count} real val images, "
