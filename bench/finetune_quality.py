@@ -173,7 +173,8 @@ def heldout_loss(pipe, images: torch.Tensor, captions: list[str], styles: list, 
     from edify.core.precond import EDMPrecond
 
     c = pipe.config
-    loss_fn = LaplacianEDMLoss(pipe.process, sigma_data=c.sigma_data, expert_ranges=c.expert_ranges)
+    loss_fn = LaplacianEDMLoss(pipe.process, sigma_data=c.sigma_data, expert_ranges=c.expert_ranges,
+                               min_sigma=c.min_sigma)
     denoiser = EDMPrecond(pipe.network, c.sigma_data)
     cond = pipe.encode(captions, styles)
     row = {}

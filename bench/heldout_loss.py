@@ -10,7 +10,9 @@ ranges) of every stage on
 
 each image under its own caption and style, at the same noise levels and noise for every model
 (`--reps` draws per image and stage, seeded by stage and draw): differences between models are the
-models', not the draws'. A stage whose `val` loss rises while its `train` loss falls has begun to
+models', not the draws'. Every model is scored on the same noise range: each stage's training range
+from `--min-sigma` up (default: the highest `min_sigma` any of the models was trained down to).
+A stage whose `val` loss rises while its `train` loss falls has begun to
 memorise its training images; one whose two losses fall together is still short of compute.
 
     python bench/heldout_loss.py --data data/emoji MODEL [MODEL ...] --threads 1
@@ -39,14 +41,15 @@ from edify.errors import EdifyError  # noqa: E402
 
 
 def stage_losses(pipe, images: torch.Tensor, captions: list[str], styles: list, reps: int,
-                 batch_size: int) -> dict[str, float]:
+                 batch_size: int, min_sigma: float = 0.0) -> dict[str, float]:
     """Mean EDM loss of each stage of `pipe` over `images` [N, 3, R, R] in [-1, 1], at noise seeded
-    by (stage, draw) only."""
+    by (stage, draw) only, on the stages' training ranges from `min_sigma` up."""
     from edify.core.losses import LaplacianEDMLoss
     from edify.core.precond import EDMPrecond
 
     c = pipe.config
-    loss_fn = LaplacianEDMLoss(pipe.process, sigma_data=c.sigma_data, expert_ranges=c.expert_ranges)
+    loss_fn = LaplacianEDMLoss(pipe.process, sigma_data=c.sigma_data, expert_ranges=c.expert_ranges,
+                               min_sigma=min_sigma)
     denoiser = EDMPrecond(pipe.network, c.sigma_data)
     pipe.network.eval()
     out = {}
@@ -69,8 +72,13 @@ def evaluate(args) -> list[dict]:
     from edify.pipelines.text2image import TextToImagePipeline
 
     rows, splits = [], {}
-    for model in args.models:
-        pipe = TextToImagePipeline.from_pretrained(model)
+    pipes = [TextToImagePipeline.from_pretrained(model) for model in args.models]
+    # one noise range for all: from the highest floor any of them was trained down to, unless given
+    floor = max(p.config.min_sigma for p in pipes) if args.min_sigma is None else args.min_sigma
+    low = [str(m) for m, p in zip(args.models, pipes) if p.config.min_sigma > floor]
+    if low:
+        raise EdifyError(f"--min-sigma {floor:g} is below the lowest sigma {', '.join(low)} was trained on")
+    for model, pipe in zip(args.models, pipes):
         res = pipe.config.resolution
         if res not in splits:
             val = load_split(args.data, "val", res, max_images=args.num)
@@ -82,9 +90,9 @@ def evaluate(args) -> list[dict]:
             splits[res] = {"val": (val.images, val.captions, val.styles),
                            "train": (train.images[pick], [train.captions[i] for i in pick],
                                      [train.styles[i] for i in pick])}
-        row = {"model": str(model), "images": len(splits[res]["val"][1]), "reps": args.reps}
+        row = {"model": str(model), "images": len(splits[res]["val"][1]), "reps": args.reps, "min_sigma": floor}
         for name, (images, captions, styles) in splits[res].items():
-            row[name] = stage_losses(pipe, images, captions, styles, args.reps, args.batch_size)
+            row[name] = stage_losses(pipe, images, captions, styles, args.reps, args.batch_size, floor)
         row["gap"] = {k: round(row["val"][k] - row["train"][k], 5) for k in row["val"]}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -145,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=None, help="the first NUM validation images (default all)")
     parser.add_argument("--reps", type=int, default=2, help="noise draws per image and stage")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training images drawn")
+    parser.add_argument("--min-sigma", type=float, default=None,
+                        help="score every stage from this sigma up (default: the highest min_sigma of the models)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="a tiny random model on made-up data")

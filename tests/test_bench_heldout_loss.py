@@ -15,7 +15,7 @@ def test_smoke_row_has_each_stage_on_both_splits_and_their_gap(capsys):
     assert heldout.main(["--smoke"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     row = json.loads(lines[0])
-    assert row["images"] == 12 and row["reps"] == 2
+    assert row["images"] == 12 and row["reps"] == 2 and row["min_sigma"] == 0.0
     for split in ("val", "train"):
         assert set(row[split]) == {"s0", "s1", "mean"}
         assert all(v > 0 for v in row[split].values())
@@ -36,6 +36,16 @@ def test_losses_depend_on_the_model_not_on_the_draw(tmp_path):
         for p in pipe.network.parameters():
             p.mul_(0.5)
     assert heldout.stage_losses(pipe, images, captions, styles, reps=2, batch_size=4) != first
+
+
+def test_a_noise_floor_scores_the_finest_stage_on_less_noise_range_only(capsys):
+    assert heldout.main(["--smoke", "--min-sigma", "1.5"]) == 0
+    floored = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert heldout.main(["--smoke"]) == 0
+    full = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert floored["min_sigma"] == 1.5
+    assert floored["val"]["s0"] != full["val"]["s0"]  # stage 0 (sigma in [0, 2]) now draws from [1.5, 2]
+    assert floored["val"]["s1"] == full["val"]["s1"]  # stage 1 (sigma >= 2) is untouched
 
 
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):

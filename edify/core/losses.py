@@ -4,7 +4,8 @@ For a stage-j expert (resolution R / 2^j) a training example is
     sigma_j = sigma / 2^j ~ log-normal(P_mean, P_std), truncated to the stage's range
             (sec. 2.2.2, `stage_sigma_ranges`: the paper's nested [0, s_{j+1}*], or
             [s_j*, s_{j+1}*] where a full-resolution sampler uses the expert), capped at
-            max_sigma for a cascade upsampler (sec. 2.3),
+            max_sigma for a cascade upsampler (sec. 2.3), and raised to min_sigma for a model
+            whose sampling always ends at sigma_min >= min_sigma (no evaluation below it),
     x     = down^j(A(sigma) x0 + sigma eps)        (per-pixel noise sigma_j = sigma / 2^j),
     loss  = lambda(sigma_j) * mean ||D(x, sigma_j) - down^j(x0)||^2,
     lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2   (Eq. 1, EDM weighting),
@@ -85,10 +86,16 @@ class LaplacianEDMLoss:
     sigma_data: float = 0.5
     expert_ranges: str = "truncated"  # or "nested" (the paper's): see stage_sigma_ranges
     max_sigma: float = math.inf  # a cascade upsampler's cap (section 2.3): every range ends there
+    # The lowest sigma trained (full-res units): every range starts there at the lowest. A sampler
+    # that ends at sigma_min never evaluates the denoiser below sigma_min, so training below it is
+    # compute the samples never use (with the EDM log-normal, most of the finest stage's).
+    min_sigma: float = 0.0
 
     def __post_init__(self):
         if not self.P_std > 0 or not self.sigma_data > 0:
             raise EdifyError(f"P_std and sigma_data must be positive, got {self.P_std}, {self.sigma_data}")
+        if not (math.isfinite(self.min_sigma) and 0 <= self.min_sigma < self.max_sigma):
+            raise EdifyError(f"min_sigma must be finite, >= 0 and below max_sigma, got {self.min_sigma}")
         stage_sigma_ranges(self.process, self.expert_ranges)  # validates the mode
 
     def sample_sigma(self, batch: int, stage: int, generator: Generators = None, device=None) -> Tensor:
@@ -98,9 +105,10 @@ class LaplacianEDMLoss:
         trained on the range its mode gives it."""
         stage = self._check_stage(stage)
         low, high = stage_sigma_ranges(self.process, self.expert_ranges)[stage]
-        high = min(high, self.max_sigma)
+        low, high = max(low, self.min_sigma), min(high, self.max_sigma)
         if not low < high:
-            raise EdifyError(f"stage {stage} trains on sigma >= {low:g}, above max_sigma {self.max_sigma:g}")
+            raise EdifyError(f"stage {stage} has no sigma to train: its range [{low:g}, {high:g}] is empty "
+                             f"(min_sigma {self.min_sigma:g}, max_sigma {self.max_sigma:g})")
         scale = 2**stage
         sigma_px = sample_lognormal_sigma(batch, self.P_mean, self.P_std, high / scale, generator, device,
                                           low=low / scale)

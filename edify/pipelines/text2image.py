@@ -87,6 +87,9 @@ class PipelineConfig:
     # larger outputs run in tiles of that size.
     max_sigma: float = 0.0
     train_size: int = 0
+    # The lowest sigma the model was trained on (full-res units; 0 = down to 0): a sampling call
+    # must end at sigma_min >= min_sigma. Folders written before the field existed have 0.
+    min_sigma: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -106,6 +109,11 @@ class PipelineConfig:
         with naming("field 'defaults'"):
             stage_etas(config.defaults.eta, config.levels)
             check_threshold(config.defaults.threshold)
+        if not (math.isfinite(config.min_sigma) and 0 <= config.min_sigma < config.defaults.sigma_max):
+            raise EdifyError(f"field 'min_sigma' must be a number in [0, sigma_max), got {config.min_sigma}")
+        if config.min_sigma > config.defaults.sigma_min:
+            raise EdifyError(f"field 'defaults': sigma_min {config.defaults.sigma_min:g} is below the model's "
+                             f"min_sigma {config.min_sigma:g}")
         return config
 
     @property
@@ -309,6 +317,9 @@ class TextToImagePipeline:
         sigma_min = d.sigma_min if sigma_min is None else float(sigma_min)
         if not (math.isfinite(sigma_min) and 0 < sigma_min < d.sigma_max):
             raise EdifyError(f"sigma_min must be a number in (0, {d.sigma_max:g}), got {sigma_min}")
+        if sigma_min < self.config.min_sigma:
+            raise EdifyError(f"sigma_min must be >= {self.config.min_sigma:g}, the lowest noise level this model "
+                             f"was trained on, got {sigma_min:g}")
         threshold = check_threshold(d.threshold if threshold is None else threshold)
         sampler = d.sampler if sampler is None else sampler
         if eta is not None and sampler not in STOCHASTIC:

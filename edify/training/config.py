@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -46,6 +47,11 @@ class TrainConfig:
     # (full-res units; its largest entry sigma, edify.core.cascade). Stages wholly above it are not
     # trained. 0 = every sigma.
     max_sigma: float = 0.0
+    # The lowest sigma trained (full-res units; 0 = down to 0): a model whose sampling ends at
+    # sigma_min >= min_sigma never evaluates below it (the demo's default end is 0.4), and with the
+    # EDM log-normal most of the finest stage's examples would lie there. Recorded in the exported
+    # config; the pipeline refuses a sigma_min below it. May change when a run resumes.
+    min_sigma: float = 0.0
     # Train on random crop x crop windows of the resolution-px images (0 = whole images), aligned
     # to the coarsest stage's Haar grid: valid for the fine stages of an upsampler (docs/upscale.md).
     crop: int = 0
@@ -143,12 +149,12 @@ class TrainConfig:
 
 
 # Fields that may change between a checkpoint and its resumption: bookkeeping, limits and a few
-# schedule knobs for the rest of the run (cool-down, precision, stage weights).
+# schedule knobs for the rest of the run (cool-down, precision, stage weights, lowest sigma).
 RESUMABLE_FIELDS = frozenset({
     "name", "total_images", "checkpoint_images", "keep_last", "log_images", "sample_images",
     "compile", "peak_tflops", "max_nonfinite", "num_workers", "sample_prompts", "sample_steps",
     "sample_guidance", "data", "data_masks", "text_cache", "dist", "max_minutes", "text_table", "max_cpu_minutes",
-    "cooldown_images", "precision", "stage_weights",
+    "cooldown_images", "precision", "stage_weights", "min_sigma",
 })
 
 
@@ -204,6 +210,8 @@ def validate(c: TrainConfig) -> None:
     _check(c.expert_ranges in ("nested", "truncated"),
            f"expert_ranges must be 'nested' or 'truncated', got {c.expert_ranges!r}")
     _check(c.max_sigma >= 0, f"max_sigma must be >= 0 (0 = every sigma), got {c.max_sigma}")
+    _check(0 <= c.min_sigma < (c.max_sigma or math.inf) and math.isfinite(c.min_sigma),
+           f"min_sigma must be >= 0 and below max_sigma, got {c.min_sigma}")
     _check(0 <= c.crop <= c.resolution, f"crop must be in [0, resolution={c.resolution}], got {c.crop}")
     _check(c.max_cpu_minutes >= 0, f"max_cpu_minutes must be >= 0, got {c.max_cpu_minutes}")
     for key, p in c.cond_drop.items():

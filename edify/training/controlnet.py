@@ -40,7 +40,7 @@ KINDS = ("canny", "softedge", "depth", "inpaint", "upsample")
 RUN_FILE = "controlnet.json"
 # TrainConfig fields the base model folder decides.
 BASE_FIELDS = ("model", "levels", "switch_sigmas", "sigma_data", "resolution", "text_encoder", "styles",
-               "expert_ranges", "max_sigma")
+               "expert_ranges", "max_sigma", "min_sigma")
 
 
 def load_make_control():
@@ -117,6 +117,7 @@ def base_train_config(config, base):
     return config.replace(model=dict(base.network), levels=base.levels, switch_sigmas=tuple(base.switch_sigmas),
                           sigma_data=base.sigma_data, resolution=base.resolution, text_encoder=base.text_encoder,
                           styles=tuple(base.styles), expert_ranges=base.expert_ranges, max_sigma=base.max_sigma,
+                          min_sigma=base.min_sigma,
                           sample_images=0)
 
 

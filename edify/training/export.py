@@ -56,9 +56,14 @@ def pipeline_config(config: TrainConfig, net: UNet, text_max_length: int | None 
         ramp=process.ramp, ramp_width=process.ramp_width, sigma_data=config.sigma_data,
         resolution=config.resolution, text_encoder=config.text_encoder, text_max_length=text_max_length,
         styles=tuple(config.styles), expert_ranges=config.expert_ranges,
-        max_sigma=config.max_sigma, train_size=config.crop,
-        defaults=SamplingDefaults(num_steps=config.sample_steps * config.levels,
-                                  guidance_scale=config.sample_guidance))
+        max_sigma=config.max_sigma, train_size=config.crop, min_sigma=config.min_sigma,
+        defaults=floored(SamplingDefaults(num_steps=config.sample_steps * config.levels,
+                                          guidance_scale=config.sample_guidance), config.min_sigma))
+
+
+def floored(defaults: SamplingDefaults, min_sigma: float) -> SamplingDefaults:
+    """`defaults` with the schedule's end raised to the lowest sigma the model was trained on."""
+    return defaults if defaults.sigma_min >= min_sigma else dataclasses.replace(defaults, sigma_min=min_sigma)
 
 
 INIT_NAME = "init_model.json"
@@ -163,7 +168,7 @@ def export_pipeline(run_or_checkpoint: str | Path, out: str | Path, use_ema: boo
     run = run if ckpt != run else run.parent
     inherited = inherited_defaults(config, pipe_config, run) if inherit_defaults else None
     if inherited is not None:
-        pipe_config = dataclasses.replace(pipe_config, defaults=inherited)
+        pipe_config = dataclasses.replace(pipe_config, defaults=floored(inherited, config.min_sigma))
     TextToImagePipeline(net, pipe_config).save_pretrained(
         out, dtype=dtype, max_shard_bytes=max_shard_bytes - header)
     too_big = [p.name for p in out.glob("model*.safetensors") if p.stat().st_size > max_shard_bytes]
