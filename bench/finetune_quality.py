@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from control_quality import batched, metrics_of  # noqa: E402
+from heldout_loss import mean_stage_losses  # noqa: E402
 from recipe import knn_styles, style_reference, style_scores  # noqa: E402
 
 from bench._cli import comma_list, run_bench  # noqa: E402
@@ -163,28 +164,12 @@ def measure_controlnet(args, cn_base, cn_tuned, real, extractor, reference, name
         log(f"controlnet: {arm} done")
 
 
-@torch.no_grad()
 def heldout_loss(pipe, images: torch.Tensor, captions: list[str], styles: list, repeats: int, seed: int,
                  batch: int = 64) -> dict:
-    """The mean EDM training loss of `pipe`'s network per Laplacian stage (edify.core.losses) on
-    images [N, 3, R, R] in [-1, 1]: `repeats` draws of sigma and noise per image and stage, seeded so
-    that every pipeline sees the same draws."""
-    from edify.core.losses import LaplacianEDMLoss
-    from edify.core.precond import EDMPrecond
-
-    c = pipe.config
-    loss_fn = LaplacianEDMLoss(pipe.process, sigma_data=c.sigma_data, expert_ranges=c.expert_ranges,
-                               min_sigma=c.min_sigma)
-    denoiser = EDMPrecond(pipe.network, c.sigma_data)
-    cond = pipe.encode(captions, styles)
-    row = {}
-    for stage in range(pipe.process.levels):
-        losses = []
-        for r in range(repeats):
-            gen = torch.Generator().manual_seed(seed + 1000 * stage + r)
-            for sl in batched(images.shape[0], batch):
-                losses.append(loss_fn(denoiser, images[sl].to(pipe.device), cond.index(sl), stage, generator=gen))
-        row[f"loss_stage{stage}"] = round(float(torch.cat(losses).mean()), 4)
+    """The mean EDM training loss of `pipe`'s network per Laplacian stage (heldout_loss.py's
+    `mean_stage_losses`, from the model's own min_sigma up) and their mean."""
+    means = mean_stage_losses(pipe, images, captions, styles, repeats, batch, pipe.config.min_sigma, seed)
+    row = {f"loss_stage{stage}": round(v, 4) for stage, v in enumerate(means)}
     row["loss"] = round(sum(row.values()) / len(row), 4)
     return row
 

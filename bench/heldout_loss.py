@@ -40,10 +40,13 @@ from bench._cli import run_bench  # noqa: E402
 from edify.errors import EdifyError  # noqa: E402
 
 
-def stage_losses(pipe, images: torch.Tensor, captions: list[str], styles: list, reps: int,
-                 batch_size: int, min_sigma: float = 0.0) -> dict[str, float]:
-    """Mean EDM loss of each stage of `pipe` over `images` [N, 3, R, R] in [-1, 1], at noise seeded
-    by (stage, draw) only, on the stages' training ranges from `min_sigma` up."""
+@torch.no_grad()
+def mean_stage_losses(pipe, images: torch.Tensor, captions: list[str], styles: list, repeats: int,
+                      batch_size: int = 64, min_sigma: float = 0.0, seed: int = 0) -> list[float]:
+    """The mean EDM training loss of `pipe`'s network per Laplacian stage (finest first) on images
+    [N, 3, R, R] in [-1, 1]: `repeats` draws of sigma and noise per image and stage, seeded by
+    (seed, stage, draw) only so that every pipeline sees the same draws, on the stages' training
+    ranges from `min_sigma` up."""
     from edify.core.losses import LaplacianEDMLoss
     from edify.core.precond import EDMPrecond
 
@@ -51,18 +54,26 @@ def stage_losses(pipe, images: torch.Tensor, captions: list[str], styles: list, 
     loss_fn = LaplacianEDMLoss(pipe.process, sigma_data=c.sigma_data, expert_ranges=c.expert_ranges,
                                min_sigma=min_sigma)
     denoiser = EDMPrecond(pipe.network, c.sigma_data)
+    cond = pipe.encode(captions, styles)
+    means = []
+    for stage in range(pipe.process.levels):
+        losses = []
+        for rep in range(repeats):
+            gen = torch.Generator().manual_seed(seed + 1000 * stage + rep)
+            for i in range(0, len(captions), batch_size):
+                part = slice(i, min(len(captions), i + batch_size))
+                losses.append(loss_fn(denoiser, images[part].to(pipe.device), cond.index(part), stage,
+                                      generator=gen))
+        means.append(float(torch.cat(losses).mean()))
+    return means
+
+
+def stage_losses(pipe, images: torch.Tensor, captions: list[str], styles: list, reps: int,
+                 batch_size: int, min_sigma: float = 0.0) -> dict[str, float]:
+    """`mean_stage_losses` of the network in eval mode, as {"s0": ..., "mean": ...}."""
     pipe.network.eval()
-    out = {}
-    with torch.no_grad():
-        cond = pipe.encode(captions, styles)
-        for stage in range(pipe.process.levels):
-            losses = []
-            for rep in range(reps):
-                gen = torch.Generator().manual_seed(1000 * stage + rep)
-                for i in range(0, len(captions), batch_size):
-                    part = slice(i, min(len(captions), i + batch_size))
-                    losses.append(loss_fn(denoiser, images[part], cond.index(part), stage, generator=gen))
-            out[f"s{stage}"] = round(torch.cat(losses).mean().item(), 5)
+    out = {f"s{stage}": round(v, 5) for stage, v in enumerate(
+        mean_stage_losses(pipe, images, captions, styles, reps, batch_size, min_sigma))}
     out["mean"] = round(sum(out.values()) / len(out), 5)
     return out
 
