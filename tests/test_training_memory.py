@@ -242,3 +242,32 @@ def test_export_writes_bf16_shards_under_the_limit_and_a_model_card_from_the_log
     assert "--max-minutes must be > 0, got 0.0" in capsys.readouterr().err
     with pytest.raises(EdifyError, match="max_shard_bytes must hold the largest tensor and a header"):
         export_pipeline(run, tmp_path / "m2", max_shard_bytes=1000)
+
+
+def test_run_numbers_count_only_what_led_to_the_exported_checkpoint(tmp_path):
+    """A checkpoint inside a session: its intervals up to the checkpoint, no wall-time estimate;
+    sessions that started after it are left out."""
+    def session(start, end, wall, train, command):
+        return {"device": "cpu", "gpu": "CPU", "start_images": start, "images": end, "wall_seconds": wall,
+                "train_seconds": train, "command": command, "precision": "fp32"}
+    (tmp_path / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        session(0, 200, 100.0, 90.0, "first"), session(200, 500, 160.0, 150.0, "second"),
+        session(500, 600, 60.0, 50.0, "third")]) + "\n")
+    rows = [{"images": i, "interval_images": 100, "interval_seconds": 10.0 * i / 100, "img_per_s": 1e3 / i,
+             "loss": 1.0 / i} for i in range(100, 700, 100)]
+    (tmp_path / "scalars.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    whole = run_numbers(tmp_path)
+    assert whole["wall_seconds"] == 320.0 and whole["train_seconds"] == 290.0 and whole["runs"] == 3
+    assert whole["final_loss"] == 1.0 / 600 and whole["commands"] == ["first", "second", "third"]
+
+    at_end_of_first = run_numbers(tmp_path, upto=200)
+    assert at_end_of_first["wall_seconds"] == 100.0 and at_end_of_first["train_seconds"] == 90.0
+    assert at_end_of_first["commands"] == ["first"] and at_end_of_first["final_loss"] == 1.0 / 200
+
+    inside_second = run_numbers(tmp_path, upto=400)  # the second session went on to 500
+    assert inside_second["wall_seconds"] is None  # not recorded at the checkpoint: never estimated
+    assert inside_second["train_seconds"] == 90.0 + 30.0 + 40.0  # its intervals at 300 and 400
+    assert inside_second["commands"] == ["first", "second"] and inside_second["runs"] == 2
+    assert inside_second["img_per_s"] == pytest.approx(400 / (10 + 20 + 30 + 40))
+    assert inside_second["final_loss"] == 1.0 / 400

@@ -206,7 +206,7 @@ def training_history(run: Path, ckpt: Path, config: TrainConfig) -> dict:
         except (ValueError, KeyError, TypeError, OSError) as err:
             raise EdifyError(f"{previous} is not a training history: {err}") from None
     meta = checkpoint.read_meta(ckpt)
-    n = run_numbers(run)
+    n = run_numbers(run, upto=meta["images"])
     this = {"run": run.name, "init_from": config.init_from or None, "images": meta["images"], "steps": meta["step"],
             "batch_size": config.batch_size, "accelerator": ", ".join(n["gpus"]) or None,
             "wall_minutes": None if n["wall_seconds"] is None else round(n["wall_seconds"] / 60, 1),
@@ -259,17 +259,25 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_numbers(run: Path) -> dict:
+def run_numbers(run: Path, upto: int | None = None) -> dict:
     """Throughput and MFU from the run's scalars.jsonl, wall time and GPU from its runs.jsonl.
 
     img/s over the whole run = sum of interval images / sum of interval training seconds (steps
     only: no checkpoints or samples, compilation included); MFU likewise, time-weighted; the
-    steady-state figures are the medians over log intervals. Missing logs give None."""
+    steady-state figures are the medians over log intervals. Missing logs give None.
+
+    With `upto` (the image count of an exported checkpoint), only what led to that checkpoint
+    counts: log intervals up to it, and the sessions (runs.jsonl lines) that started before it. A
+    session that went on past the checkpoint contributes its logged interval seconds up to it to
+    the time in training steps; its wall time up to the checkpoint was not recorded, so the wall
+    time is then None rather than an estimate."""
     rows = {}
     for row in _jsonl(run / "scalars.jsonl"):
         rows[row["images"]] = row  # a resumed run that repeats a log point replaces it
-    rows = [rows[k] for k in sorted(rows) if "interval_seconds" in rows[k]]
+    rows = [rows[k] for k in sorted(rows) if "interval_seconds" in rows[k] and (upto is None or k <= upto)]
     runs = _jsonl(run / "runs.jsonl")
+    if upto is not None:
+        runs = [r for r in runs if r.get("start_images", 0) < upto]
     out = {"img_per_s": None, "img_per_s_median": None, "mfu": None, "mfu_median": None, "final_loss": None,
            "wall_seconds": None, "train_seconds": None, "gpus": [], "commands": [], "runs": len(runs),
            "precisions": []}
@@ -282,8 +290,11 @@ def run_numbers(run: Path) -> dict:
             out["mfu"] = sum(r["mfu"] * r["interval_seconds"] for r in rows) / seconds
             out["mfu_median"] = statistics.median(r["mfu"] for r in rows)
     if runs:
-        out["wall_seconds"] = sum(r["wall_seconds"] for r in runs)
-        out["train_seconds"] = sum(r["train_seconds"] for r in runs)
+        whole = [r for r in runs if upto is None or r["images"] <= upto]
+        out["wall_seconds"] = sum(r["wall_seconds"] for r in whole) if len(whole) == len(runs) else None
+        out["train_seconds"] = sum(r["train_seconds"] for r in whole) + sum(
+            row["interval_seconds"] for part in runs if part not in whole for row in rows
+            if part.get("start_images", 0) < row["images"])
         out["gpus"] = sorted({r["gpu"] for r in runs})
         out["precisions"] = sorted({r["precision"] for r in runs if "precision" in r})
         out["commands"] = [r["command"] for r in runs if r.get("command")]
@@ -325,7 +336,7 @@ def model_card(run: Path, ckpt: Path, model_dir: Path, config: TrainConfig, mani
     if not template_path.is_file():
         raise EdifyError(f"model card template not found: {template_path}")
     meta = checkpoint.read_meta(ckpt)
-    n = run_numbers(run)
+    n = run_numbers(run, upto=meta["images"])
     weights = sorted(p for p in model_dir.glob("model*.safetensors"))
     params = sum(v.numel() for v in build_net(config).state_dict().values())
     commands = "\n".join(n["commands"]) or NOT_RECORDED
