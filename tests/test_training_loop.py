@@ -219,6 +219,27 @@ def test_condition_dropout_reaches_the_denoiser(tmp_path):
     assert dropped_media.text_mask.any(dim=1).all() and (dropped_media.media == -1).all()
 
 
+def test_stage_dropout_acts_only_on_its_stage_and_resumes_exactly(tmp_path):
+    # round robin over stages (0, 1): stage 1 trains with dropout 0.5, stage 0 with none
+    t = trainer(tmp_path / "on", stage_dropout=(0.0, 0.5))
+    off = trainer(tmp_path / "off")
+    rates = {}
+    for _ in range(2):
+        a, b = t.train_step(), off.train_step()
+        rates[t.last_stage] = {m.p for m in t.net.modules() if isinstance(m, nn.Dropout)}
+        if t.last_stage == 0:
+            assert a == b  # no dropout on stage 0: the same step as the run without the option
+        else:
+            assert a != b  # half the residual features dropped change the loss
+    assert rates == {0: {0.0}, 1: {0.5}}
+    # the dropout draws come from the generator the checkpoint keeps: a resumed run repeats them
+    straight = trainer(tmp_path / "a", stage_dropout=(0.0, 0.5)).run(max_steps=4).losses
+    first = trainer(tmp_path / "b", stage_dropout=(0.0, 0.5)).run(max_steps=2).losses
+    assert first + trainer(tmp_path / "b", stage_dropout=(0.0, 0.5)).run(max_steps=2).losses == straight
+    with pytest.raises(EdifyError, match="stage_dropout needs 2 values in"):
+        trainer(tmp_path / "bad", stage_dropout=(0.0, 1.0))
+
+
 def test_per_sample_loss_weights_scale_the_loss(tmp_path):
     # Same seeds, same data: weight 2 doubles the loss exactly; weight 0 leaves the weights alone.
     losses = {}

@@ -36,6 +36,11 @@ class TrainConfig:
     # empty = equal. May change when a run resumes (`--resume --set stage_weights=...`): a long run
     # can move its compute between stages, e.g. away from one that has begun to overfit.
     stage_weights: tuple[float, ...] = ()
+    # Dropout in the residual blocks while each stage trains (one value per trained stage, in the
+    # order of `stages`; empty = the network's own `dropout` for all). EDM's remedy for a stage that
+    # memorises its training images (a coarse stage sees few distinct layouts) without slowing the
+    # stages that do not. May change when a run resumes. Sampling never uses dropout.
+    stage_dropout: tuple[float, ...] = ()
     # Noise range of each expert (edify.core.precond.stage_sigma_ranges): "nested" (the paper's:
     # stage j on every sigma below s_{j+1}*, so a model can also finish at a low resolution) or
     # "truncated" (stage j only where a full-resolution sampler uses it). A saved config without
@@ -154,7 +159,7 @@ RESUMABLE_FIELDS = frozenset({
     "name", "total_images", "checkpoint_images", "keep_last", "log_images", "sample_images",
     "compile", "peak_tflops", "max_nonfinite", "num_workers", "sample_prompts", "sample_steps",
     "sample_guidance", "data", "data_masks", "text_cache", "dist", "max_minutes", "text_table", "max_cpu_minutes",
-    "cooldown_images", "precision", "stage_weights", "min_sigma",
+    "cooldown_images", "precision", "stage_weights", "min_sigma", "stage_dropout",
 })
 
 
@@ -179,6 +184,8 @@ def validate(c: TrainConfig) -> None:
     n_stages = len(c.stages) or c.levels
     _check(not c.stage_weights or (len(c.stage_weights) == n_stages and all(w > 0 for w in c.stage_weights)),
            f"stage_weights needs {n_stages} positive values, got {list(c.stage_weights)}")
+    _check(not c.stage_dropout or (len(c.stage_dropout) == n_stages and all(0 <= p < 1 for p in c.stage_dropout)),
+           f"stage_dropout needs {n_stages} values in [0, 1), got {list(c.stage_dropout)}")
     _check(c.P_std > 0, f"P_std must be > 0, got {c.P_std}")
     _check(c.sigma_data > 0, f"sigma_data must be > 0, got {c.sigma_data}")
     _check(c.batch_size > 0, f"batch_size must be > 0, got {c.batch_size}")

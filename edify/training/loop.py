@@ -284,6 +284,15 @@ class Trainer:
         g = torch.Generator().manual_seed(step_seed(self.config.seed, step, 0xA5))
         return self.stages[int(torch.multinomial(w, 1, generator=g))]
 
+    def set_dropout(self, stage: int) -> None:
+        """The residual blocks' dropout for `stage` (config.stage_dropout; a no-op when it is empty).
+        Its draws come from the global generator, whose state every checkpoint keeps."""
+        if self.config.stage_dropout:
+            p = float(self.config.stage_dropout[self.stages.index(stage)])
+            for m in self.net.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = p
+
     def make_cond(self, captions: list[str], styles: list[str | None]) -> Cond:
         media = self.vocab.indices(styles) if self.vocab is not None else None
         if self.text_encoder is None:
@@ -325,6 +334,7 @@ class Trainer:
         """One optimizer step (or a skipped one); returns the loss averaged over ranks and micro-steps."""
         c, step = self.config, self.state.step
         stage = self.stage_for(step)
+        self.set_dropout(stage)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for k in range(c.grad_accum):
