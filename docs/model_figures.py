@@ -3,6 +3,7 @@
     python docs/model_figures.py grid --model weights/emoji-64 --data data/emoji --out docs/emoji64_val_grid.png
     python docs/model_figures.py sheet --model weights/emoji-64 --out docs/emoji64_prompts.png
     python docs/model_figures.py concept --model weights/emoji-64 --delta DELTA --images DIR --prompt bicycle --out docs/finetune_concept.png
+    python docs/model_figures.py style --model weights/emoji-64 --delta weights/emoji-64-openmoji --data data/openmoji --style openmoji --base-style fluent-emoji-flat --out weights/emoji-64-openmoji/samples.png
     python docs/model_figures.py curves --run runs/emoji-64 --out docs/emoji64_curves.png   # needs matplotlib
 
 grid: `--captions` distinct captions of the validation split (seeded draw, captions the model never
@@ -13,6 +14,9 @@ sheet: a contact sheet of everyday prompts, one row per prompt and one column pe
 (`--prompts` separated by ";", CLDR names that are captions of the training split).
 concept: a concept finetune: its training images, then the base and the finetuned model on the
 same prompt, styles and seeds.
+style: a style finetune: validation images of the new style (`--data`, captions drawn with `--seed`),
+then the base in its closest style and the finetuned model in the new style on the same captions,
+one seed per caption.
 curves: loss (per optimizer step, smoothed) and img/s against images seen, from the run's
 scalars.jsonl.
 """
@@ -122,6 +126,33 @@ def concept(args) -> None:
           f"base and finetuned")
 
 
+def style(args) -> None:
+    from edify.eval.evaluate import load_split
+    from edify.pipelines.text2image import TextToImagePipeline, to_pil
+
+    pipe = TextToImagePipeline.from_pretrained(args.model)
+    real = load_split(args.data, "val", pipe.config.resolution)
+    order = list(range(len(real.captions)))
+    random.Random(args.seed).shuffle(order)
+    order = order[: args.num]
+    captions = [real.captions[i] for i in order]
+    seeds = list(range(len(captions)))
+    before = pipe(captions, style=args.base_style, seed=seeds, num_steps=args.steps, guidance_scale=args.guidance)
+    pipe.load_finetune(args.delta)
+    after = pipe(captions, style=args.style, seed=seeds, num_steps=args.steps, guidance_scale=args.guidance)
+    rows = [(f"{args.style} (real, val)", [to_pil(real.images[i][None])[0] for i in order]),
+            (f"base, {args.base_style}", before.images), (f"finetuned, {args.style}", after.images)]
+    page = Image.new("RGB", (LABEL_WIDTH // 2 + len(captions) * CELL, len(rows) * CELL), "white")
+    draw = ImageDraw.Draw(page)
+    for r, (label, images) in enumerate(rows):
+        draw.text((2, r * CELL + CELL // 2 - 6), label[:18], fill="black")
+        for j, im in enumerate(images):
+            page.paste(im.convert("RGB").resize((CELL, CELL)), (LABEL_WIDTH // 2 + j * CELL, r * CELL))
+    page.save(args.out)
+    print(f"{args.out}: {len(captions)} validation captions of {args.data}: real, base ({args.base_style}), "
+          f"finetuned ({args.style}); captions: {'; '.join(captions)}")
+
+
 def curves(args) -> None:
     import matplotlib
 
@@ -185,6 +216,17 @@ def main() -> None:
     k.add_argument("--seeds", default="0,1")
     k.add_argument("--steps", type=int, default=None)
     k.add_argument("--out", required=True)
+    t = sub.add_parser("style")
+    t.add_argument("--model", required=True)
+    t.add_argument("--delta", required=True)
+    t.add_argument("--data", required=True, help="the new style's dataset (its val split)")
+    t.add_argument("--style", required=True, help="the new style's name in the delta")
+    t.add_argument("--base-style", required=True, help="the base's closest style")
+    t.add_argument("--num", type=int, default=10)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--guidance", type=guidance_value, default=None)
+    t.add_argument("--out", required=True)
     c = sub.add_parser("curves")
     c.add_argument("--run", required=True)
     c.add_argument("--title", default=None)
@@ -192,7 +234,7 @@ def main() -> None:
     c.add_argument("--out", required=True)
     args = parser.parse_args()
     print("command: python " + " ".join(sys.argv))
-    {"grid": grid, "sheet": sheet, "concept": concept, "curves": curves}[args.what](args)
+    {"grid": grid, "sheet": sheet, "concept": concept, "style": style, "curves": curves}[args.what](args)
 
 
 if __name__ == "__main__":
