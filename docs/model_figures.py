@@ -98,6 +98,20 @@ def sheet(args) -> None:
           f"{out.nfe} network evaluations per image, guidance {args.guidance or pipe.config.defaults.guidance_scale}")
 
 
+def labelled_rows(rows) -> Image.Image:
+    """A page of (label, images) rows, one CELL tile per image, transparency over white."""
+    cols = max(len(r[1]) for r in rows)
+    page = Image.new("RGB", (LABEL_WIDTH // 2 + cols * CELL, len(rows) * CELL), "white")
+    draw = ImageDraw.Draw(page)
+    for r, (label, images) in enumerate(rows):
+        draw.text((2, r * CELL + CELL // 2 - 6), label, fill="black")
+        for j, im in enumerate(images):
+            tile = Image.new("RGBA", im.size, "white")
+            tile.alpha_composite(im.convert("RGBA"))
+            page.paste(tile.convert("RGB").resize((CELL, CELL)), (LABEL_WIDTH // 2 + j * CELL, r * CELL))
+    return page
+
+
 def concept(args) -> None:
     from edify.pipelines.text2image import TextToImagePipeline
 
@@ -112,16 +126,7 @@ def concept(args) -> None:
     after = pipe([args.prompt] * len(cells), **kwargs).images
     rows = [("training images", [Image.open(f).convert("RGBA") for f in files]), ("base", before),
             ("finetuned", after)]
-    cols = max(len(r[1]) for r in rows)
-    page = Image.new("RGB", (LABEL_WIDTH // 2 + cols * CELL, len(rows) * CELL), "white")
-    draw = ImageDraw.Draw(page)
-    for r, (label, images) in enumerate(rows):
-        draw.text((2, r * CELL + CELL // 2 - 6), label, fill="black")
-        for j, im in enumerate(images):
-            tile = Image.new("RGBA", im.size, "white")
-            tile.alpha_composite(im.convert("RGBA"))
-            page.paste(tile.convert("RGB").resize((CELL, CELL)), (LABEL_WIDTH // 2 + j * CELL, r * CELL))
-    page.save(args.out)
+    labelled_rows(rows).save(args.out)
     print(f"{args.out}: {len(files)} training images; {args.prompt!r} in {len(styles)} styles x {len(seeds)} seeds, "
           f"base and finetuned")
 
@@ -142,13 +147,7 @@ def style(args) -> None:
     after = pipe(captions, style=args.style, seed=seeds, num_steps=args.steps, guidance_scale=args.guidance)
     rows = [(f"{args.style} (real, val)", [to_pil(real.images[i][None])[0] for i in order]),
             (f"base, {args.base_style}", before.images), (f"finetuned, {args.style}", after.images)]
-    page = Image.new("RGB", (LABEL_WIDTH // 2 + len(captions) * CELL, len(rows) * CELL), "white")
-    draw = ImageDraw.Draw(page)
-    for r, (label, images) in enumerate(rows):
-        draw.text((2, r * CELL + CELL // 2 - 6), label[:18], fill="black")
-        for j, im in enumerate(images):
-            page.paste(im.convert("RGB").resize((CELL, CELL)), (LABEL_WIDTH // 2 + j * CELL, r * CELL))
-    page.save(args.out)
+    labelled_rows([(label[:18], images) for label, images in rows]).save(args.out)
     print(f"{args.out}: {len(captions)} validation captions of {args.data}: real, base ({args.base_style}), "
           f"finetuned ({args.style}); captions: {'; '.join(captions)}")
 
