@@ -326,6 +326,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     pipe.config = dataclasses.replace(pipe.config, defaults=dataclasses.replace(pipe.config.defaults, **overrides))
     sigma_min = pipe.config.defaults.sigma_min
     guide = None if args.guide_model is None else TextToImagePipeline.from_pretrained(args.guide_model).to("cpu")
+    experts = {stage: TextToImagePipeline.from_pretrained(folder).to("cpu") for stage, folder in args.expert}
     recorder = RecordingExtractor(extractor)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
@@ -333,7 +334,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
         metrics = evaluate_pipeline(pipe, real, args.num_samples, sampler=args.sampler, steps=args.steps,
                                     guidance=args.guidance, style_guidance=args.style_guidance, seed=args.seed, metrics=("fid", "kid", "swd", "retrieval"),
                                     batch_size=args.batch, extractor=recorder, real_stats=real_stats, guide=guide,
-                                    guide_uncond=args.guide_uncond)
+                                    guide_uncond=args.guide_uncond, experts=experts)
     fake = torch.cat(recorder.features)
     indices = draw_prompts(real, args.num_samples, args.seed)
     # KID's spread: edify eval's KID uses the full sets (one subset, no spread); kid_std is the std of
@@ -354,6 +355,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["stage_steps"] = list(pipe.stage_steps(args.steps))
     out["guide_model"] = args.guide_model
     out["guide_uncond"] = args.guide_uncond
+    out["experts"] = {str(stage): folder for stage, folder in args.expert} or None
     out["eval_wall_minutes"] = round((time.perf_counter() - wall0) / 60, 2)
     out["eval_cpu_minutes"] = round((time.process_time() - cpu0) / 60, 2)
     grid = torch.cat(recorder.images)[:GRID]
@@ -365,7 +367,8 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
         ("" if args.sigma_min is None else f"-smin{args.sigma_min:g}") + \
         ("" if args.stage_weights is None else f"-split{scales_text(args.stage_weights)}") + \
         ("" if args.guide_model is None else f"-auto-{Path(args.guide_model).name}") + \
-        ("-uncond" if args.guide_uncond else "")
+        ("-uncond" if args.guide_uncond else "") + \
+        "".join(f"-expert{stage}-{Path(folder).name}" for stage, folder in args.expert)
     save_grid(grid, grid_dir / f"samples{suffix}.png", columns=7)
     torch.save({"features": fake, "indices": indices, "requested_styles": requested},
                grid_dir / f"eval-features{suffix}.pt")  # for later metrics without regenerating
@@ -411,6 +414,7 @@ COLUMNS = (("candidate", "candidate", "{}"), ("sampler", "sampler", "{}"), ("eta
            ("guidance", "guidance", "{:g}"),
            ("style_guidance", "style guidance", "{:g}"), ("sigma_min", "last sigma", "{:g}"),
            ("stage_steps", "steps per stage", "{}"), ("guide_model", "guide model", "{}"),
+           ("experts", "stage experts", "{}"),
            ("images", "images seen", "{:,}"), ("train_cpu_minutes", "train CPU min", "{:.1f}"),
            ("wall_minutes", "wall min (all)", "{:.1f}"), ("final_loss", "final loss", "{:.4f}"),
            ("fid", "FID", "{:.1f}"), ("kid", "KID", "{:.4f}"), ("kid_std", "KID std", "{:.4f}"),
@@ -430,6 +434,14 @@ def stage_weights_value(text: str) -> tuple[float, ...]:
     return values
 
 
+def expert_value(text: str) -> tuple[int, str]:
+    """An argparse type: '0=runs/expert' -> (0, 'runs/expert')."""
+    stage, sep, folder = text.partition("=")
+    if not sep or not stage.strip().isdigit() or not folder.strip():
+        raise argparse.ArgumentTypeError(f"STAGE=DIR with a stage number (0 = finest), got {text!r}")
+    return int(stage), folder.strip()
+
+
 def scales_text(v) -> str:
     """A guidance scale as written on the command line: 7 or 1,7,7 (one per stage)."""
     return ",".join(f"{x:g}" for x in v) if isinstance(v, (list, tuple)) else f"{v:g}"
@@ -446,6 +458,8 @@ def table(rows: list[dict]) -> str:
                 v += " (eval only)"
             if key == "guide_model" and v is not None:
                 v = Path(v).name + (" (uncond)" if r.get("guide_uncond") else "")  # autoguidance: the guide
+            if key == "experts" and v is not None:
+                v = ", ".join(f"{stage}={Path(folder).name}" for stage, folder in v.items())
             cells.append("-" if v is None else scales_text(v) if isinstance(v, (list, tuple)) else fmt.format(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -516,6 +530,9 @@ def main(argv: list[str] | None = None) -> None:
                              "the unconditional branch")
     parser.add_argument("--guide-uncond", action="store_true",
                         help="with --guide-model: the guide's unconditional estimate is the second branch")
+    parser.add_argument("--expert", type=expert_value, action="append", default=[], metavar="STAGE=DIR",
+                        help="a separate expert model for one stage (0 = finest; edify.core.experts), "
+                             "the scored model serving the others; repeatable")
     parser.add_argument("--stage-weights", type=stage_weights_value, default=None, metavar="W0,W1,W2",
                         help="split the steps across the stages by these weights, finest first "
                              "(default: the model's defaults.stage_weights)")

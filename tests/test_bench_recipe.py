@@ -43,3 +43,16 @@ def test_network_candidates_and_a_continuation_build_the_configs_they_name():
     scratch = recipe.train_config(Namespace(**{**vars(args), "init_from": None}), "pooled")
     assert scratch.model["pooled_cond"] and scratch.model["cross_attention_levels"] == [1, 2]
     assert scratch.init_from == "" and scratch.lr_decay_images == 0
+
+
+def test_stage_expert_arguments_and_their_table_cell():
+    import argparse
+
+    import pytest
+
+    assert recipe.expert_value("0=runs/e0") == (0, "runs/e0")
+    for bad in ("runs/e0", "x=runs/e0", "0=", "-1=runs/e0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="STAGE=DIR"):
+            recipe.expert_value(bad)
+    row = recipe.table([{"candidate": "m", "experts": {"0": "runs/p/e0"}, "fid": 1.0}]).splitlines()[-1]
+    assert "| 0=e0 |" in row

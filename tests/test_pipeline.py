@@ -160,7 +160,7 @@ def test_autoguidance_with_a_weaker_model_of_the_same_task():
     assert not torch.allclose(auto, pipe(["red apple"] * 2, guidance_scale=3.0, guide=weaker, guide_uncond=True,
                                          **kw).images)
     other = tiny_pipeline(styles=("noto",))
-    with pytest.raises(EdifyError, match="differs from this one in styles"):
+    with pytest.raises(EdifyError, match="differs from this model in styles"):
         pipe("red apple", guide=other)
     with pytest.raises(EdifyError, match="no negative prompt"):
         pipe("red apple", guidance_scale=3.0, guide=weaker, negative_prompt="blue")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from edify.conditioning import Cond
+from edify.core.experts import StageExperts
 from edify.core.guidance import CFGDenoiser, check_guidance, unguided
 from edify.core.laplacian import LaplacianProcess
 from edify.core.precond import EDMPrecond, finishing_stages
@@ -282,7 +283,8 @@ class TextToImagePipeline:
                  style_guidance: float | None = None, sigma_min: float | None = None,
                  guide: TextToImagePipeline | None = None, guide_uncond: bool = False,
                  eta: float | Sequence[float] | None = None,
-                 threshold: float | None = None) -> TextToImageOutput:
+                 threshold: float | None = None,
+                 experts: Mapping[int, TextToImagePipeline] | None = None) -> TextToImageOutput:
         """Images for the prompts. num_steps: sampler steps over all stages, split by the model's
         `defaults.stage_weights` (or give `steps_per_stage`, finest first). guidance_scale: one
         classifier-free guidance scale, or one per stage (finest first, e.g. (1, 7, 7): no guidance
@@ -302,7 +304,9 @@ class TextToImagePipeline:
         counterpart, 1 = the reverse SDE; or one per stage, finest first; default: the model's
         `defaults.eta`). threshold: Imagen's
         thresholding of the guided estimate (`edify.core.thresholding`: 0 off, p in (0, 1) dynamic at
-        the p-quantile, 1 static; default: the model's `defaults.threshold`)."""
+        the p-quantile, 1 static; default: the model's `defaults.threshold`). experts: {stage:
+        model}, a separate expert network for a stage (`edify.core.experts`; stage 0 is the finest),
+        a model of the same task like the guide; this model's network serves the other stages."""
         d = self.config.defaults
         if self.config.max_sigma and d.sigma_max > self.config.max_sigma:
             raise EdifyError(f"this model is an upsampler, trained only up to sigma {self.config.max_sigma:g}: "
@@ -340,7 +344,10 @@ class TextToImagePipeline:
         if negative_prompt is not None and not unguided(guidance_scale):
             negative = self.encode([negative_prompt], [None])
         denoiser = EDMPrecond(self.network, self.config.sigma_data, dtype=self.dtype)
-        guide_denoiser = None if guide is None else self.guide_denoiser(guide)
+        if experts:
+            denoiser = StageExperts(denoiser, {s: self.partner_denoiser(m, "a stage expert")
+                                               for s, m in experts.items()}, self.process.levels)
+        guide_denoiser = None if guide is None else self.partner_denoiser(guide, "the guide")
         if denoiser_wrapper is not None:
             denoiser = denoiser_wrapper(denoiser)
             guide_denoiser = None if guide_denoiser is None else denoiser_wrapper(guide_denoiser)
@@ -359,18 +366,19 @@ class TextToImagePipeline:
         images = x.cpu() if output_type == "tensor" else to_pil(x)
         return TextToImageOutput(images=images, seeds=seeds, nfe=sampler_nfe(sampler, len(sigmas) - 1))
 
-    def guide_denoiser(self, guide: TextToImagePipeline) -> EDMPrecond:
-        """The preconditioned denoiser of an autoguidance model, once it is checked to do this
-        model's task: the same Laplacian process, resolution, text encoder and styles."""
-        if not isinstance(guide, TextToImagePipeline):
-            raise EdifyError(f"the guide must be a TextToImagePipeline, got {type(guide).__name__}")
-        a, b = self.config, guide.config
+    def partner_denoiser(self, other: TextToImagePipeline, role: str = "the guide") -> EDMPrecond:
+        """The preconditioned denoiser of another model that joins this one's sampling (the
+        autoguidance guide, a stage expert), once it is checked to do this model's task: the same
+        Laplacian process, resolution, text encoder and styles."""
+        if not isinstance(other, TextToImagePipeline):
+            raise EdifyError(f"{role} must be a TextToImagePipeline, got {type(other).__name__}")
+        a, b = self.config, other.config
         for name in ("levels", "switch_sigmas", "ramp", "ramp_width", "sigma_data", "resolution",
                      "text_encoder", "text_max_length", "styles"):
             if getattr(a, name) != getattr(b, name):
-                raise EdifyError(f"the guide model differs from this one in {name} ({getattr(b, name)!r} vs "
-                                 f"{getattr(a, name)!r}): autoguidance needs a model of the same task")
-        return EDMPrecond(guide.network.to(self.device), b.sigma_data, dtype=self.dtype)
+                raise EdifyError(f"{role} differs from this model in {name} ({getattr(b, name)!r} vs "
+                                 f"{getattr(a, name)!r}): it needs a model of the same task")
+        return EDMPrecond(other.network.to(self.device), b.sigma_data, dtype=self.dtype)
 
     def stage_steps(self, num_steps: int, final_stage: int = 0,
                     steps_per_stage: tuple[int, ...] | None = None) -> tuple[int, ...]:
