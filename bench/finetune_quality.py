@@ -63,6 +63,8 @@ def generate(pipe, captions, styles, args, control=None) -> torch.Tensor:
                   guidance_scale=args.guidance, style_guidance=args.style_guidance, output_type="tensor")
         if control is not None:
             kw.update(control_image=control[sl], control_weight=args.control_weight)
+        elif args.sigma_min is not None:
+            kw.update(sigma_min=args.sigma_min)  # the ControlNet arms keep the ControlNet's own end
         parts.append(pipe(captions[sl], **kw).images)
     return torch.cat(parts)
 
@@ -240,7 +242,8 @@ def report(args, rows, started: float) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for row in rows:
-        row = {"bench": "finetune_quality", **row, "wall_s": round(time.time() - started, 1)}
+        row = {"bench": "finetune_quality", **row, "guidance": args.guidance, "sigma_min": args.sigma_min,
+               "wall_s": round(time.time() - started, 1)}
         print(json.dumps(row), flush=True)
         with open(out / "finetune_quality.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -319,6 +322,9 @@ def main(argv=None) -> int:
     p.add_argument("--style-ref-per-style", type=int, default=200)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--sigma-min", type=float, default=None,
+                   help="where the uncontrolled arms' schedule ends (default: the base's); the ControlNet "
+                        "arms end at the ControlNet's own default")
     p.add_argument("--style-guidance", type=float, default=None,
                    help="extra guidance along the style's direction (default: the base's)")
     p.add_argument("--control-weight", type=float, default=1.0)

@@ -142,9 +142,10 @@ def style(args) -> None:
     order = order[: args.num]
     captions = [real.captions[i] for i in order]
     seeds = list(range(len(captions)))
-    before = pipe(captions, style=args.base_style, seed=seeds, num_steps=args.steps, guidance_scale=args.guidance)
+    kw = dict(seed=seeds, num_steps=args.steps, guidance_scale=args.guidance, sigma_min=args.sigma_min)
+    before = pipe(captions, style=args.base_style, **kw)
     pipe.load_finetune(args.delta)
-    after = pipe(captions, style=args.style, seed=seeds, num_steps=args.steps, guidance_scale=args.guidance)
+    after = pipe(captions, style=args.style, **kw)
     rows = [(f"{args.style} (real, val)", [to_pil(real.images[i][None])[0] for i in order]),
             (f"base, {args.base_style}", before.images), (f"finetuned, {args.style}", after.images)]
     labelled_rows([(label[:18], images) for label, images in rows]).save(args.out)
@@ -225,6 +226,7 @@ def main() -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--guidance", type=guidance_value, default=None)
+    t.add_argument("--sigma-min", type=float, default=None, help="where the schedule ends (default: the model's)")
     t.add_argument("--out", required=True)
     c = sub.add_parser("curves")
     c.add_argument("--run", required=True)

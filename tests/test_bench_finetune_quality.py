@@ -10,7 +10,7 @@ fq = load_bench("finetune_quality")
 
 
 def test_smoke_run_prints_every_measure_and_scale_zero_is_the_base(capsys):
-    assert fq.main(["--smoke", "--threads", "1"]) == 0
+    assert fq.main(["--smoke", "--threads", "1", "--sigma-min", "0.5"]) == 0
     out = capsys.readouterr().out.splitlines()  # the smoke's own finetune logs its progress there too
     rows = [json.loads(line) for line in out if line.startswith("{")]
     assert [(r["measure"], r.get("arm")) for r in rows] == [
@@ -18,6 +18,7 @@ def test_smoke_run_prints_every_measure_and_scale_zero_is_the_base(capsys):
         ("forgetting", "scale 0"), ("forgetting", "scale 1"), ("controlnet", "base"), ("controlnet", "finetune"),
         ("loss", "base"), ("loss", "finetune"), ("loss", "base"), ("loss", "scale 1")]
     assert rows[0]["trained_values"] > 0 and 0 < rows[0]["trained_share"] < 1
+    assert all(r["sigma_min"] == 0.5 and r["guidance"] == 2.0 for r in rows)  # the settings it ran at
     assert next(r for r in rows if r.get("arm") == "scale 0")["bit_exact"] is True
     assert all(0 <= r["edge_f1"] <= 1 for r in rows if r["measure"] == "controlnet")
     losses = [r for r in rows if r["measure"] == "loss"]
