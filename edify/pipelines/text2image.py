@@ -21,10 +21,9 @@ import torch
 from PIL import Image
 
 from edify.conditioning import Cond
-from edify.core.experts import StageExperts
 from edify.core.guidance import CFGDenoiser, check_guidance, unguided
 from edify.core.laplacian import LaplacianProcess
-from edify.core.precond import EDMPrecond, finishing_stages
+from edify.core.precond import EDMPrecond, StageDenoisers, finishing_stages
 from edify.core.samplers import SAMPLERS, STOCHASTIC, initial_state, sampler_nfe, stage_etas
 from edify.core.schedules import SAMPLING, default_stage_weights, laplacian_sigmas, split_steps
 from edify.core.seeding import generators
@@ -305,8 +304,9 @@ class TextToImagePipeline:
         `defaults.eta`). threshold: Imagen's
         thresholding of the guided estimate (`edify.core.thresholding`: 0 off, p in (0, 1) dynamic at
         the p-quantile, 1 static; default: the model's `defaults.threshold`). experts: {stage:
-        model}, a separate expert network for a stage (`edify.core.experts`; stage 0 is the finest),
-        a model of the same task like the guide; this model's network serves the other stages."""
+        model}, a separate expert network for a stage (stage 0 is the finest; section 2.2.2's mixture
+        of experts), a model of the same task like the guide; this model's network serves the other
+        stages."""
         d = self.config.defaults
         if self.config.max_sigma and d.sigma_max > self.config.max_sigma:
             raise EdifyError(f"this model is an upsampler, trained only up to sigma {self.config.max_sigma:g}: "
@@ -345,8 +345,7 @@ class TextToImagePipeline:
             negative = self.encode([negative_prompt], [None])
         denoiser = EDMPrecond(self.network, self.config.sigma_data, dtype=self.dtype)
         if experts:
-            denoiser = StageExperts(denoiser, {s: self.partner_denoiser(m, "a stage expert")
-                                               for s, m in experts.items()}, self.process.levels)
+            denoiser = self.with_experts(denoiser, experts)
         guide_denoiser = None if guide is None else self.partner_denoiser(guide, "the guide")
         if denoiser_wrapper is not None:
             denoiser = denoiser_wrapper(denoiser)
@@ -365,6 +364,17 @@ class TextToImagePipeline:
         x = x.clamp(-1, 1)
         images = x.cpu() if output_type == "tensor" else to_pil(x)
         return TextToImageOutput(images=images, seeds=seeds, nfe=sampler_nfe(sampler, len(sigmas) - 1))
+
+    def with_experts(self, shared: EDMPrecond, experts: Mapping[int, TextToImagePipeline]) -> StageDenoisers:
+        """`shared` for every stage but those in `experts` ({stage: model}), which get that model's
+        preconditioned network (`edify.core.precond.StageDenoisers` routes each call by its stage)."""
+        levels = self.process.levels
+        for s in experts:
+            if not isinstance(s, int) or not 0 <= s < levels:
+                raise EdifyError(f"an expert's stage must be an integer in 0..{levels - 1} (0 = finest), got {s!r}")
+        routed = {s: self.partner_denoiser(experts[s], "a stage expert") if s in experts else shared
+                  for s in range(levels)}
+        return StageDenoisers(routed)
 
     def partner_denoiser(self, other: TextToImagePipeline, role: str = "the guide") -> EDMPrecond:
         """The preconditioned denoiser of another model that joins this one's sampling (the
