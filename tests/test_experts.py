@@ -32,3 +32,51 @@ def test_pipeline_experts_replace_exactly_their_stages():
         pipe("red apple", experts={0: "weights/emoji-64"})
     with pytest.raises(EdifyError, match=r"integer in 0..2 \(0 = finest\), got 3"):
         pipe("red apple", experts={3: other})
+
+
+def test_a_saved_expert_loads_with_its_model_and_is_the_default(tmp_path):
+    import json
+    import shutil
+
+    from edify.pipelines.text2image import TextToImagePipeline
+
+    pipe, other = tiny_pipeline(), tiny_pipeline()
+    torch.manual_seed(11)
+    for p in other.network.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    kw = dict(seed=[4, 5], output_type="tensor", guidance_scale=3.0)
+    plain = pipe(["red apple"] * 2, **kw).images
+    routed = pipe(["red apple"] * 2, experts={0: other}, **kw).images
+    pipe.experts = {0: other.network}
+    assert torch.equal(pipe(["red apple"] * 2, **kw).images, routed)  # its own expert, by default
+    assert torch.equal(pipe(["red apple"] * 2, experts={}, **kw).images, plain)
+    pipe.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["stage_experts"] == [0]
+    assert json.loads((tmp_path / "m" / "expert-0" / "config.json").read_text())["stage_experts"] == []
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "m", text_encoder=pipe.text_encoder)
+    assert set(loaded.experts) == {0}
+    assert torch.equal(loaded(["red apple"] * 2, **kw).images, routed)
+    # the expert's folder is a model folder of its own: the expert network alone
+    alone = TextToImagePipeline.from_pretrained(tmp_path / "m" / "expert-0", text_encoder=pipe.text_encoder)
+    assert torch.equal(alone(["red apple"] * 2, **kw).images, other(["red apple"] * 2, **kw).images)
+    # a loaded finetune changed the main network only: the experts stand aside
+    loaded.finetunes = ["a finetune"]
+    assert torch.equal(loaded(["red apple"] * 2, **kw).images, plain)
+    # a folder that lists an expert it does not hold, or a stage the process does not have
+    shutil.rmtree(tmp_path / "m" / "expert-0")
+    with pytest.raises(EdifyError, match="lists an expert for stage 0 but has no folder expert-0"):
+        TextToImagePipeline.from_pretrained(tmp_path / "m")
+    config["stage_experts"] = [3]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EdifyError, match=r"'stage_experts' must list distinct stages in 0..2, got \[3\]"):
+        TextToImagePipeline.from_pretrained(tmp_path / "m")
+
+
+def test_an_expert_network_of_another_config_is_refused():
+    from edify.networks.unet import UNet, UNetConfig
+
+    pipe = tiny_pipeline()
+    cfg = UNetConfig.from_dict({**pipe.config.network, "num_res_blocks": 2})
+    with pytest.raises(EdifyError, match="expert network of stage 0 has another config"):
+        pipe("red apple", experts={0: UNet(cfg)})

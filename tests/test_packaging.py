@@ -22,7 +22,7 @@ from edify.errors import EdifyError
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "weights" / "emoji-64"
-MODEL_FILES = sorted(p.name for p in MODEL.iterdir() if p.is_file())
+MODEL_FILES = sorted(p.relative_to(MODEL).as_posix() for p in MODEL.rglob("*") if p.is_file())  # expert-N/ too
 
 
 def sha256(data: bytes) -> str:
@@ -79,7 +79,7 @@ def test_installed_wheel_resolves_its_own_model(wheel, tmp_path):
     package, model = (Path(line) for line in done.stdout.split())
     assert package == site / "edify" / "__init__.py"  # the installed copy, not the checkout
     assert model == site / "edify" / "_weights" / "emoji-64"
-    assert sorted(p.name for p in model.iterdir()) == MODEL_FILES
+    assert sorted(p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file()) == MODEL_FILES
 
 
 def test_source_checkout_model_comes_first():

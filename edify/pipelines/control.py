@@ -239,13 +239,16 @@ class ControlNetPipeline(TextToImagePipeline):
                 guidance_scale, seed, height, width, sampler, num_images_per_prompt, output_type, callback,
                 final_stage, steps_per_stage, style_guidance=None, sigma_min=None, eta=None,
                 threshold=None) -> TextToImageOutput:
-        """`TextToImagePipeline.__call__` with the preconditioned denoiser wrapped before guidance."""
+        """`TextToImagePipeline.__call__` with the preconditioned denoiser wrapped before guidance.
+        A wrapped call runs the main network at every stage, the one the ControlNets were trained
+        on, not the model's stage experts; an unwrapped one (no control) is plain text-to-image."""
         return TextToImagePipeline.__call__(
             self, prompt, negative_prompt=negative_prompt, style=style, num_steps=num_steps,
             guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
             num_images_per_prompt=num_images_per_prompt, output_type=output_type, callback=callback,
             final_stage=final_stage, steps_per_stage=steps_per_stage, denoiser_wrapper=denoiser_wrapper,
-            style_guidance=style_guidance, sigma_min=sigma_min, eta=eta, threshold=threshold)
+            style_guidance=style_guidance, sigma_min=sigma_min, eta=eta, threshold=threshold,
+            experts={} if denoiser_wrapper is not None else None)
 
 
 # ---- inpainting, outpainting, object replacement -----------------------------------------------

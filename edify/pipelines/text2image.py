@@ -11,10 +11,12 @@ pieces of `edify.core`: a preconditioned network, classifier-free guidance, a sc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,10 +92,15 @@ class PipelineConfig:
     # The lowest sigma the model was trained on (full-res units; 0 = down to 0): a sampling call
     # must end at sigma_min >= min_sigma. Folders written before the field existed have 0.
     min_sigma: float = 0.0
+    # Stages with a separate expert network (section 2.2.2's mixture of experts; 0 = finest), each
+    # saved in the subfolder `expert-<stage>` (a model folder of its own, the same network config);
+    # the main network serves the other stages. Empty: one network for every stage.
+    stage_experts: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["switch_sigmas"], d["styles"] = list(self.switch_sigmas), list(self.styles)
+        d["stage_experts"] = list(self.stage_experts)
         return {"format": FORMAT, **d}
 
     @staticmethod
@@ -111,6 +118,10 @@ class PipelineConfig:
             check_threshold(config.defaults.threshold)
         if not (math.isfinite(config.min_sigma) and 0 <= config.min_sigma < config.defaults.sigma_max):
             raise EdifyError(f"field 'min_sigma' must be a number in [0, sigma_max), got {config.min_sigma}")
+        if any(not 0 <= s < config.levels for s in config.stage_experts) or \
+                len(set(config.stage_experts)) != len(config.stage_experts):
+            raise EdifyError(f"field 'stage_experts' must list distinct stages in 0..{config.levels - 1}, "
+                             f"got {list(config.stage_experts)}")
         if config.min_sigma > config.defaults.sigma_min:
             raise EdifyError(f"field 'defaults': sigma_min {config.defaults.sigma_min:g} is below the model's "
                              f"min_sigma {config.min_sigma:g}")
@@ -139,6 +150,8 @@ class TextToImagePipeline:
         self._text_encoder = text_encoder
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        # separate expert networks of some stages ({stage: UNet}; config.stage_experts when saved)
+        self.experts: dict[int, UNet] = {}
 
     # -- loading and saving --------------------------------------------------------------------
 
@@ -159,6 +172,16 @@ class TextToImagePipeline:
         network = UNet(net_config)
         pipe = cls(network, config, text_encoder)
         pipe.weights_dtype = weights.load_into(network)  # what save_pretrained writes unless told
+        for stage in config.stage_experts:
+            sub = inside(folder, expert_folder(stage), "field 'stage_experts'")
+            if not sub.is_dir():
+                raise EdifyError(f"model folder {str(folder)!r} lists an expert for stage {stage} but has no "
+                                 f"folder {expert_folder(stage)}")
+            expert_weights = scan_weights(sub)
+            expert_weights.check_count(net_config.num_weights)
+            expert = UNet(net_config)
+            expert_weights.load_into(expert)
+            pipe.experts[stage] = expert.eval().requires_grad_(False)
         return pipe
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -170,9 +193,15 @@ class TextToImagePipeline:
         """
         if dtype is None:
             dtype = getattr(self, "weights_dtype", None) or next(self.network.parameters()).dtype
-        state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-                 for k, v in self.network.state_dict().items()}
-        return save_model(path, self.config.to_dict(), state, max_shard_bytes)
+        def state_of(net):
+            return {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+                    for k, v in net.state_dict().items()}
+
+        config = dataclasses.replace(self.config, stage_experts=tuple(sorted(self.experts)))
+        alone = dataclasses.replace(config, stage_experts=()).to_dict()
+        for stage, expert in sorted(self.experts.items()):  # each a model folder of its own
+            save_model(Path(path) / expert_folder(stage), alone, state_of(expert), max_shard_bytes)
+        return save_model(path, config.to_dict(), state_of(self.network), max_shard_bytes)
 
     def load_finetune(self, path: str | os.PathLike, scale: float = 1.0) -> TextToImagePipeline:
         """Apply a finetune delta folder at `scale` (0 = the base bit for bit, 1 = the finetune);
@@ -194,6 +223,8 @@ class TextToImagePipeline:
         if device is not None:
             self.device = torch.device(device)
             self.network.to(self.device)
+            for expert in self.experts.values():
+                expert.to(self.device)
             if self._text_encoder is not None:
                 self._text_encoder.to(self.device)
         if dtype is not None:
@@ -304,9 +335,11 @@ class TextToImagePipeline:
         `defaults.eta`). threshold: Imagen's
         thresholding of the guided estimate (`edify.core.thresholding`: 0 off, p in (0, 1) dynamic at
         the p-quantile, 1 static; default: the model's `defaults.threshold`). experts: {stage:
-        model}, a separate expert network for a stage (stage 0 is the finest; section 2.2.2's mixture
-        of experts), a model of the same task like the guide; this model's network serves the other
-        stages."""
+        model or network}, a separate expert for a stage (stage 0 is the finest; section 2.2.2's
+        mixture of experts): a model of the same task, checked like the guide, or a network of this
+        model's config; this model's network serves the other stages. Default: the model's own
+        (`self.experts`, saved in its folder), none while a finetune is loaded (the finetune changed
+        the main network only); {} runs the main network at every stage."""
         d = self.config.defaults
         if self.config.max_sigma and d.sigma_max > self.config.max_sigma:
             raise EdifyError(f"this model is an upsampler, trained only up to sigma {self.config.max_sigma:g}: "
@@ -344,6 +377,8 @@ class TextToImagePipeline:
         if negative_prompt is not None and not unguided(guidance_scale):
             negative = self.encode([negative_prompt], [None])
         denoiser = EDMPrecond(self.network, self.config.sigma_data, dtype=self.dtype)
+        if experts is None:  # the model's own; a loaded finetune changed only the main network
+            experts = {} if getattr(self, "finetunes", None) else self.experts
         if experts:
             denoiser = self.with_experts(denoiser, experts)
         guide_denoiser = None if guide is None else self.partner_denoiser(guide, "the guide")
@@ -365,16 +400,21 @@ class TextToImagePipeline:
         images = x.cpu() if output_type == "tensor" else to_pil(x)
         return TextToImageOutput(images=images, seeds=seeds, nfe=sampler_nfe(sampler, len(sigmas) - 1))
 
-    def with_experts(self, shared: EDMPrecond, experts: Mapping[int, TextToImagePipeline]) -> StageDenoisers:
-        """`shared` for every stage but those in `experts` ({stage: model}), which get that model's
-        preconditioned network (`edify.core.precond.StageDenoisers` routes each call by its stage)."""
+    def with_experts(self, shared: EDMPrecond, experts: Mapping[int, TextToImagePipeline | UNet]) -> StageDenoisers:
+        """`shared` for every stage but those in `experts` ({stage: model or network}), which get that
+        model's preconditioned network (`edify.core.precond.StageDenoisers` routes each call by its stage)."""
         levels = self.process.levels
         for s in experts:
             if not isinstance(s, int) or not 0 <= s < levels:
                 raise EdifyError(f"an expert's stage must be an integer in 0..{levels - 1} (0 = finest), got {s!r}")
-        routed = {s: self.partner_denoiser(experts[s], "a stage expert") if s in experts else shared
-                  for s in range(levels)}
-        return StageDenoisers(routed)
+
+        def expert(s: int, e) -> EDMPrecond:
+            if isinstance(e, UNet):
+                if e.config != UNetConfig.from_dict(self.config.network):
+                    raise EdifyError(f"the expert network of stage {s} has another config than this model's network")
+                return EDMPrecond(e.to(self.device), self.config.sigma_data, dtype=self.dtype)
+            return self.partner_denoiser(e, "a stage expert")
+        return StageDenoisers({s: expert(s, experts[s]) if s in experts else shared for s in range(levels)})
 
     def partner_denoiser(self, other: TextToImagePipeline, role: str = "the guide") -> EDMPrecond:
         """The preconditioned denoiser of another model that joins this one's sampling (the
@@ -401,6 +441,11 @@ class TextToImagePipeline:
             raise EdifyError(f"the model's stage_weights need {self.process.levels} values, got {len(weights)}")
         used = split_steps(num_steps, weights[final_stage:])
         return (1,) * final_stage + used  # stages below final_stage are never run
+
+
+def expert_folder(stage: int) -> str:
+    """The subfolder of a model folder that holds the stage's expert network."""
+    return f"expert-{int(stage)}"
 
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
