@@ -326,7 +326,8 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     pipe.config = dataclasses.replace(pipe.config, defaults=dataclasses.replace(pipe.config.defaults, **overrides))
     sigma_min = pipe.config.defaults.sigma_min
     guide = None if args.guide_model is None else TextToImagePipeline.from_pretrained(args.guide_model).to("cpu")
-    experts = {stage: TextToImagePipeline.from_pretrained(folder).to("cpu") for stage, folder in args.expert}
+    # --expert: these stages' experts instead of the model's own (None: the model's, as saved in its folder)
+    experts = {stage: TextToImagePipeline.from_pretrained(folder).to("cpu") for stage, folder in args.expert} or None
     recorder = RecordingExtractor(extractor)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
@@ -355,7 +356,8 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["stage_steps"] = list(pipe.stage_steps(args.steps))
     out["guide_model"] = args.guide_model
     out["guide_uncond"] = args.guide_uncond
-    out["experts"] = {str(stage): folder for stage, folder in args.expert} or None
+    out["experts"] = {str(stage): folder for stage, folder in args.expert} or \
+        ({str(stage): f"{model_dir}/expert-{stage}" for stage in sorted(pipe.experts)} or None)
     out["eval_wall_minutes"] = round((time.perf_counter() - wall0) / 60, 2)
     out["eval_cpu_minutes"] = round((time.process_time() - cpu0) / 60, 2)
     grid = torch.cat(recorder.images)[:GRID]
