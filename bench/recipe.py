@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guide-uncond", action="store_true",
                         help="with --guide-model: the guide's unconditional estimate is the second branch")
     parser.add_argument("--expert", type=expert_value, action="append", default=[], metavar="STAGE=DIR",
-                        help="a separate expert model for one stage (0 = finest; edify.core.experts), "
+                        help="a separate expert model for one stage (0 = finest; docs/laplacian.md), "
                              "the scored model serving the others; repeatable")
     parser.add_argument("--stage-weights", type=stage_weights_value, default=None, metavar="W0,W1,W2",
                         help="split the steps across the stages by these weights, finest first "

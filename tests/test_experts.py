@@ -9,11 +9,17 @@ from edify.errors import EdifyError
 from test_pipeline import tiny_pipeline
 
 
-def test_pipeline_experts_replace_exactly_their_stages():
+def two_models(seed: int):
+    """A tiny model and another of the same task whose weights differ by a little seeded noise."""
     pipe, other = tiny_pipeline(), tiny_pipeline()
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     for p in other.network.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
+    return pipe, other
+
+
+def test_pipeline_experts_replace_exactly_their_stages():
+    pipe, other = two_models(7)
     kw = dict(seed=[2, 3], output_type="tensor", guidance_scale=3.0)
     base = pipe(["red apple"] * 2, **kw).images
     alone = other(["red apple"] * 2, **kw).images
@@ -40,10 +46,7 @@ def test_a_saved_expert_loads_with_its_model_and_is_the_default(tmp_path):
 
     from edify.pipelines.text2image import TextToImagePipeline
 
-    pipe, other = tiny_pipeline(), tiny_pipeline()
-    torch.manual_seed(11)
-    for p in other.network.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
+    pipe, other = two_models(11)
     kw = dict(seed=[4, 5], output_type="tensor", guidance_scale=3.0)
     plain = pipe(["red apple"] * 2, **kw).images
     routed = pipe(["red apple"] * 2, experts={0: other}, **kw).images

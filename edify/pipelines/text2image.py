@@ -167,21 +167,15 @@ class TextToImagePipeline:
         with naming(config_path):
             config = PipelineConfig.from_dict(data)
         net_config = UNetConfig.from_dict(config.network)
-        weights = scan_weights(folder)
-        weights.check_count(net_config.num_weights)  # before the network is allocated
-        network = UNet(net_config)
+        network, weights_dtype = load_network(folder, net_config)
         pipe = cls(network, config, text_encoder)
-        pipe.weights_dtype = weights.load_into(network)  # what save_pretrained writes unless told
+        pipe.weights_dtype = weights_dtype  # what save_pretrained writes unless told
         for stage in config.stage_experts:
             sub = inside(folder, expert_folder(stage), "field 'stage_experts'")
             if not sub.is_dir():
                 raise EdifyError(f"model folder {str(folder)!r} lists an expert for stage {stage} but has no "
                                  f"folder {expert_folder(stage)}")
-            expert_weights = scan_weights(sub)
-            expert_weights.check_count(net_config.num_weights)
-            expert = UNet(net_config)
-            expert_weights.load_into(expert)
-            pipe.experts[stage] = expert.eval().requires_grad_(False)
+            pipe.experts[stage] = load_network(sub, net_config)[0].eval().requires_grad_(False)
         return pipe
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -314,7 +308,7 @@ class TextToImagePipeline:
                  guide: TextToImagePipeline | None = None, guide_uncond: bool = False,
                  eta: float | Sequence[float] | None = None,
                  threshold: float | None = None,
-                 experts: Mapping[int, TextToImagePipeline] | None = None) -> TextToImageOutput:
+                 experts: Mapping[int, TextToImagePipeline | UNet] | None = None) -> TextToImageOutput:
         """Images for the prompts. num_steps: sampler steps over all stages, split by the model's
         `defaults.stage_weights` (or give `steps_per_stage`, finest first). guidance_scale: one
         classifier-free guidance scale, or one per stage (finest first, e.g. (1, 7, 7): no guidance
@@ -441,6 +435,15 @@ class TextToImagePipeline:
             raise EdifyError(f"the model's stage_weights need {self.process.levels} values, got {len(weights)}")
         used = split_steps(num_steps, weights[final_stage:])
         return (1,) * final_stage + used  # stages below final_stage are never run
+
+
+def load_network(folder: Path, net_config: UNetConfig) -> tuple[UNet, torch.dtype]:
+    """A network of `net_config` with the weights of `folder` (counted before it is allocated) and
+    the dtype they were stored in."""
+    weights = scan_weights(folder)
+    weights.check_count(net_config.num_weights)
+    network = UNet(net_config)
+    return network, weights.load_into(network)
 
 
 def expert_folder(stage: int) -> str:
