@@ -83,3 +83,28 @@ def test_an_expert_network_of_another_config_is_refused():
     cfg = UNetConfig.from_dict({**pipe.config.network, "num_res_blocks": 2})
     with pytest.raises(EdifyError, match="expert network of stage 0 has another config"):
         pipe("red apple", experts={0: UNet(cfg)})
+
+
+def test_one_expert_network_for_several_stages_is_saved_once(tmp_path):
+    import json
+
+    from edify.pipelines.text2image import TextToImagePipeline
+
+    pipe, other = two_models(13)
+    _, third = two_models(17)
+    kw = dict(seed=[6, 7], output_type="tensor", guidance_scale=3.0)
+    routed = pipe(["red apple"] * 2, experts={0: third, 1: other, 2: other}, **kw).images
+    pipe.experts = {0: third.network, 1: other.network, 2: other.network}
+    pipe.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["stage_experts"] == [0, [1, 2]]
+    assert sorted(p.name for p in (tmp_path / "m").glob("expert-*")) == ["expert-0", "expert-1-2"]
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "m", text_encoder=pipe.text_encoder)
+    assert loaded.experts[1] is loaded.experts[2] and loaded.experts[0] is not loaded.experts[1]
+    assert torch.equal(loaded(["red apple"] * 2, **kw).images, routed)
+    # a stage in two groups, or an empty group
+    for bad in ([0, [0, 1]], [[]]):
+        config["stage_experts"] = bad
+        (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(EdifyError, match=r"'stage_experts' must list distinct stages in 0..2"):
+            TextToImagePipeline.from_pretrained(tmp_path / "m")

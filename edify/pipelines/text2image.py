@@ -92,15 +92,16 @@ class PipelineConfig:
     # The lowest sigma the model was trained on (full-res units; 0 = down to 0): a sampling call
     # must end at sigma_min >= min_sigma. Folders written before the field existed have 0.
     min_sigma: float = 0.0
-    # Stages with a separate expert network (section 2.2.2's mixture of experts; 0 = finest), each
-    # saved in the subfolder `expert-<stage>` (a model folder of its own, the same network config);
-    # the main network serves the other stages. Empty: one network for every stage.
-    stage_experts: tuple[int, ...] = ()
+    # Separate expert networks (section 2.2.2's mixture of experts; stage 0 = finest): one entry per
+    # network, the stages it serves, saved in the subfolder `expert-<stages joined by '-'>` (a model
+    # folder of its own, the same network config); the main network serves the other stages. A bare
+    # stage number stands for a network of that stage alone. Empty: one network for every stage.
+    stage_experts: tuple[tuple[int, ...], ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["switch_sigmas"], d["styles"] = list(self.switch_sigmas), list(self.styles)
-        d["stage_experts"] = list(self.stage_experts)
+        d["stage_experts"] = [group[0] if len(group) == 1 else list(group) for group in self.stage_experts]
         return {"format": FORMAT, **d}
 
     @staticmethod
@@ -109,7 +110,11 @@ class PipelineConfig:
         become tuples), then the network config, the Laplacian process and the style list it holds."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise EdifyError(f"not an {FORMAT} config (missing or wrong 'format' field)")
-        config = from_json(PipelineConfig, {k: v for k, v in d.items() if k != "format"}, "pipeline config")
+        d = {k: v for k, v in d.items() if k != "format"}
+        if isinstance(d.get("stage_experts"), list):  # a bare stage number is a one-stage group
+            d["stage_experts"] = [[s] if isinstance(s, int) and not isinstance(s, bool) else s
+                                  for s in d["stage_experts"]]
+        config = from_json(PipelineConfig, d, "pipeline config")
         with naming("field 'network'"):
             UNetConfig.from_dict(config.network)
         _ = config.process, StyleVocab(config.styles)  # their own checks: a bad process or style list
@@ -118,10 +123,11 @@ class PipelineConfig:
             check_threshold(config.defaults.threshold)
         if not (math.isfinite(config.min_sigma) and 0 <= config.min_sigma < config.defaults.sigma_max):
             raise EdifyError(f"field 'min_sigma' must be a number in [0, sigma_max), got {config.min_sigma}")
-        if any(not 0 <= s < config.levels for s in config.stage_experts) or \
-                len(set(config.stage_experts)) != len(config.stage_experts):
+        stages = [s for group in config.stage_experts for s in group]
+        if any(not 0 <= s < config.levels for s in stages) or len(set(stages)) != len(stages) or \
+                not all(config.stage_experts):
             raise EdifyError(f"field 'stage_experts' must list distinct stages in 0..{config.levels - 1}, "
-                             f"got {list(config.stage_experts)}")
+                             f"got {config.to_dict()['stage_experts']}")
         if config.min_sigma > config.defaults.sigma_min:
             raise EdifyError(f"field 'defaults': sigma_min {config.defaults.sigma_min:g} is below the model's "
                              f"min_sigma {config.min_sigma:g}")
@@ -170,12 +176,13 @@ class TextToImagePipeline:
         network, weights_dtype = load_network(folder, net_config)
         pipe = cls(network, config, text_encoder)
         pipe.weights_dtype = weights_dtype  # what save_pretrained writes unless told
-        for stage in config.stage_experts:
-            sub = inside(folder, expert_folder(stage), "field 'stage_experts'")
+        for stages in config.stage_experts:
+            sub = inside(folder, expert_folder(stages), "field 'stage_experts'")
             if not sub.is_dir():
-                raise EdifyError(f"model folder {str(folder)!r} lists an expert for stage {stage} but has no "
-                                 f"folder {expert_folder(stage)}")
-            pipe.experts[stage] = load_network(sub, net_config)[0].eval().requires_grad_(False)
+                raise EdifyError(f"model folder {str(folder)!r} lists an expert for stage "
+                                 f"{'/'.join(map(str, stages))} but has no folder {expert_folder(stages)}")
+            expert = load_network(sub, net_config)[0].eval().requires_grad_(False)
+            pipe.experts.update(dict.fromkeys(stages, expert))
         return pipe
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -191,10 +198,14 @@ class TextToImagePipeline:
             return {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
                     for k, v in net.state_dict().items()}
 
-        config = dataclasses.replace(self.config, stage_experts=tuple(sorted(self.experts)))
+        groups: dict[int, list[int]] = {}  # one folder per network, however many stages it serves
+        for stage, expert in sorted(self.experts.items()):
+            groups.setdefault(id(expert), []).append(stage)
+        config = dataclasses.replace(self.config, stage_experts=tuple(map(tuple, groups.values())))
         alone = dataclasses.replace(config, stage_experts=()).to_dict()
-        for stage, expert in sorted(self.experts.items()):  # each a model folder of its own
-            save_model(Path(path) / expert_folder(stage), alone, state_of(expert), max_shard_bytes)
+        for stages in config.stage_experts:  # each a model folder of its own
+            save_model(Path(path) / expert_folder(stages), alone, state_of(self.experts[stages[0]]),
+                       max_shard_bytes)
         return save_model(path, config.to_dict(), state_of(self.network), max_shard_bytes)
 
     def load_finetune(self, path: str | os.PathLike, scale: float = 1.0) -> TextToImagePipeline:
@@ -446,9 +457,9 @@ def load_network(folder: Path, net_config: UNetConfig) -> tuple[UNet, torch.dtyp
     return network, weights.load_into(network)
 
 
-def expert_folder(stage: int) -> str:
-    """The subfolder of a model folder that holds the stage's expert network."""
-    return f"expert-{int(stage)}"
+def expert_folder(stages: tuple[int, ...]) -> str:
+    """The subfolder of a model folder that holds the expert network of these stages."""
+    return "expert-" + "-".join(str(int(s)) for s in stages)
 
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
