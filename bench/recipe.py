@@ -315,7 +315,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
 
     from edify.eval.evaluate import draw_prompts, evaluate_pipeline
     from edify.eval.fid import kid
-    from edify.pipelines.text2image import TextToImagePipeline
+    from edify.pipelines.text2image import TextToImagePipeline, expert_folder
     from edify.training.monitor import save_grid
 
     pipe = TextToImagePipeline.from_pretrained(model_dir).to("cpu")
@@ -327,7 +327,9 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     sigma_min = pipe.config.defaults.sigma_min
     guide = None if args.guide_model is None else TextToImagePipeline.from_pretrained(args.guide_model).to("cpu")
     # --expert: these stages' experts instead of the model's own (None: the model's, as saved in its folder)
-    experts = {stage: TextToImagePipeline.from_pretrained(folder).to("cpu") for stage, folder in args.expert} or None
+    experts = {}
+    for stages, folder in args.expert:  # one model per folder, however many stages it serves
+        experts.update(dict.fromkeys(stages, TextToImagePipeline.from_pretrained(folder).to("cpu")))
     recorder = RecordingExtractor(extractor)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
@@ -335,7 +337,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
         metrics = evaluate_pipeline(pipe, real, args.num_samples, sampler=args.sampler, steps=args.steps,
                                     guidance=args.guidance, style_guidance=args.style_guidance, seed=args.seed, metrics=("fid", "kid", "swd", "retrieval"),
                                     batch_size=args.batch, extractor=recorder, real_stats=real_stats, guide=guide,
-                                    guide_uncond=args.guide_uncond, experts=experts)
+                                    guide_uncond=args.guide_uncond, experts=experts or None)
     fake = torch.cat(recorder.features)
     indices = draw_prompts(real, args.num_samples, args.seed)
     # KID's spread: edify eval's KID uses the full sets (one subset, no spread); kid_std is the std of
@@ -356,8 +358,8 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["stage_steps"] = list(pipe.stage_steps(args.steps))
     out["guide_model"] = args.guide_model
     out["guide_uncond"] = args.guide_uncond
-    out["experts"] = {str(stage): folder for stage, folder in args.expert} or \
-        ({str(stage): f"{model_dir}/expert-{stage}" for stage in sorted(pipe.experts)} or None)
+    out["experts"] = {",".join(map(str, stages)): folder for stages, folder in args.expert} or \
+        ({",".join(map(str, g)): f"{model_dir}/{expert_folder(g)}" for g in pipe.config.stage_experts} or None)
     out["eval_wall_minutes"] = round((time.perf_counter() - wall0) / 60, 2)
     out["eval_cpu_minutes"] = round((time.process_time() - cpu0) / 60, 2)
     grid = torch.cat(recorder.images)[:GRID]
@@ -370,7 +372,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
         ("" if args.stage_weights is None else f"-split{scales_text(args.stage_weights)}") + \
         ("" if args.guide_model is None else f"-auto-{Path(args.guide_model).name}") + \
         ("-uncond" if args.guide_uncond else "") + \
-        "".join(f"-expert{stage}-{Path(folder).name}" for stage, folder in args.expert)
+        "".join(f"-expert{''.join(map(str, stages))}-{Path(folder).name}" for stages, folder in args.expert)
     save_grid(grid, grid_dir / f"samples{suffix}.png", columns=7)
     torch.save({"features": fake, "indices": indices, "requested_styles": requested},
                grid_dir / f"eval-features{suffix}.pt")  # for later metrics without regenerating
@@ -436,12 +438,13 @@ def stage_weights_value(text: str) -> tuple[float, ...]:
     return values
 
 
-def expert_value(text: str) -> tuple[int, str]:
-    """An argparse type: '0=runs/expert' -> (0, 'runs/expert')."""
-    stage, sep, folder = text.partition("=")
-    if not sep or not stage.strip().isdigit() or not folder.strip():
-        raise argparse.ArgumentTypeError(f"STAGE=DIR with a stage number (0 = finest), got {text!r}")
-    return int(stage), folder.strip()
+def expert_value(text: str) -> tuple[tuple[int, ...], str]:
+    """An argparse type: '0=runs/expert' -> ((0,), 'runs/expert'); '1,2=DIR' -> ((1, 2), 'DIR')."""
+    stages, sep, folder = text.partition("=")
+    stages = stages.split(",")
+    if not sep or not all(s.strip().isdigit() for s in stages) or not folder.strip():
+        raise argparse.ArgumentTypeError(f"STAGES=DIR with stage numbers (0 = finest), got {text!r}")
+    return tuple(int(s) for s in stages), folder.strip()
 
 
 def scales_text(v) -> str:
@@ -532,8 +535,9 @@ def main(argv: list[str] | None = None) -> None:
                              "the unconditional branch")
     parser.add_argument("--guide-uncond", action="store_true",
                         help="with --guide-model: the guide's unconditional estimate is the second branch")
-    parser.add_argument("--expert", type=expert_value, action="append", default=[], metavar="STAGE=DIR",
-                        help="a separate expert model for one stage (0 = finest; docs/laplacian.md), "
+    parser.add_argument("--expert", type=expert_value, action="append", default=[], metavar="STAGES=DIR",
+                        help="a separate expert model for one stage or several (0 = finest, 1,2 = the "
+                             "two coarser; docs/laplacian.md), "
                              "the scored model serving the others; repeatable")
     parser.add_argument("--stage-weights", type=stage_weights_value, default=None, metavar="W0,W1,W2",
                         help="split the steps across the stages by these weights, finest first "

@@ -50,9 +50,12 @@ def test_stage_expert_arguments_and_their_table_cell():
 
     import pytest
 
-    assert recipe.expert_value("0=runs/e0") == (0, "runs/e0")
-    for bad in ("runs/e0", "x=runs/e0", "0=", "-1=runs/e0"):
-        with pytest.raises(argparse.ArgumentTypeError, match="STAGE=DIR"):
+    assert recipe.expert_value("0=runs/e0") == ((0,), "runs/e0")
+    assert recipe.expert_value("1,2=runs/e12") == ((1, 2), "runs/e12")
+    for bad in ("runs/e0", "x=runs/e0", "0=", "-1=runs/e0", "1,=runs/e1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="STAGES=DIR"):
             recipe.expert_value(bad)
     row = recipe.table([{"candidate": "m", "experts": {"0": "runs/p/e0"}, "fid": 1.0}]).splitlines()[-1]
     assert "| 0=e0 |" in row
+    row = recipe.table([{"candidate": "m", "experts": {"0": "w/expert-0", "1,2": "w/expert-1-2"}}]).splitlines()[-1]
+    assert "| 0=expert-0, 1,2=expert-1-2 |" in row
