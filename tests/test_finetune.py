@@ -396,3 +396,24 @@ def test_finetune_help_does_not_import_torch():
                             cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "--params" in result.stdout and "--finetune" not in result.stdout
+
+
+def test_a_finetune_at_scale_zero_keeps_the_base_experts(setup):
+    import copy
+
+    root, deltas, _ = setup
+    pipe = load_base(root)
+    main_only = sample(pipe)
+    expert = copy.deepcopy(pipe.network)
+    torch.manual_seed(3)
+    for p in expert.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    pipe.experts = {0: expert}
+    reference = sample(pipe)
+    assert not torch.equal(reference, main_only)
+    pipe.load_finetune(deltas["crossattn"], scale=0.0)  # changes nothing, so the expert stays
+    assert torch.equal(sample(pipe), reference)
+    pipe.unload_finetune().load_finetune(deltas["crossattn"], scale=1.0)
+    tuned = sample(pipe)  # the finetuned main network at every stage
+    pipe.experts = {}
+    assert torch.equal(sample(pipe), tuned)
