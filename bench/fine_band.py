@@ -14,8 +14,8 @@ setting changes `flat` little, the speckle is the network's, not the sampler's.
         --setting end0.3:sigma_min=0.3 --setting g3:guidance=3
     python bench/fine_band.py --smoke        # seconds: a tiny random model, made-up images
 
-A setting is NAME:KEY=VALUE,... with keys guidance, sigma_min, eta (one per stage, finest first,
-'/'-separated), steps, experts=none (the main network at every stage); the rest are the model's
+A setting is NAME:KEY=VALUE,... with keys guidance and eta (one value, or one per stage, finest
+first, '/'-separated), sigma_min, steps, experts=none (the main network at every stage); the rest are the model's
 defaults. Images are drawn as `edify eval` draws them (the validation captions and styles, image i
 with seed i), `--num` per setting, and compared with every validation image. One JSON line per set.
 """
@@ -49,15 +49,17 @@ def setting_value(text: str) -> tuple[str, dict]:
                 if value != "none":
                     raise ValueError
                 kw["experts"] = {}
+            elif key in ("eta", "guidance") and "/" in value:  # one per stage, finest first
+                kw["guidance_scale" if key == "guidance" else key] = [float(v) for v in value.split("/")]
             elif key == "eta":
-                kw["eta"] = [float(v) for v in value.split("/")]
+                kw["eta"] = [float(value)]
             elif key == "steps":
                 kw["num_steps"] = int(value)
             else:
                 kw["guidance_scale" if key == "guidance" else key] = float(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"bad {item!r} in setting {text!r}: keys {', '.join(KEYS)} "
-                                             f"(experts=none, eta=A/B/C)") from None
+                                             f"(experts=none, eta=A or A/B/C)") from None
     return name, kw
 
 

@@ -30,6 +30,7 @@ def test_setting_arguments():
     assert fine_band.setting_value("a:") == ("a", {})
     assert fine_band.setting_value("b:guidance=3,sigma_min=0.3,eta=1/0/0,steps=12,experts=none") == \
         ("b", {"guidance_scale": 3.0, "sigma_min": 0.3, "eta": [1.0, 0.0, 0.0], "num_steps": 12, "experts": {}})
+    assert fine_band.setting_value("c:guidance=2/4/4,eta=1") == ("c", {"guidance_scale": [2.0, 4.0, 4.0], "eta": [1.0]})
     for bad in ("nocolon", ":guidance=3", "c:size=3", "d:experts=all", "e:guidance=x", "f:guidance"):
         with pytest.raises(argparse.ArgumentTypeError):
             fine_band.setting_value(bad)
