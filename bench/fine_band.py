@@ -17,7 +17,7 @@ setting changes `flat` little, the speckle is the network's, not the sampler's.
 A setting is NAME:KEY=VALUE,... with keys guidance and eta (one value, or one per stage, finest
 first, '/'-separated), sigma_min, steps, experts=none (the main network at every stage); the rest are the model's
 defaults. Images are drawn as `edify eval` draws them (the validation captions and styles, image i
-with seed i), `--num` per setting, and compared with every validation image. One JSON line per set.
+with seed + i), `--num` per setting, and compared with every validation image. One JSON line per set.
 """
 
 from __future__ import annotations
@@ -73,21 +73,10 @@ def band_shares(images) -> dict:
             "faint": round(float(((band >= 0.5) & (band < 3)).float().mean()), 4)}
 
 
-def generate(pipe, real, indices, kw: dict, batch: int):
+def run(args) -> int:
     import torch
 
-    known = set(pipe.vocab.names)
-    parts = []
-    for i in range(0, len(indices), batch):
-        chunk = indices[i:i + batch]
-        parts.append(pipe([real.captions[j] for j in chunk],
-                          style=[real.styles[j] if real.styles[j] in known else None for j in chunk],
-                          seed=[i + k for k in range(len(chunk))], output_type="tensor", **kw).images)
-    return torch.cat(parts)
-
-
-def run(args) -> int:
-    from edify.eval.evaluate import draw_prompts, load_split
+    from edify.eval.evaluate import draw_prompts, generate_for_prompts, load_split
     from edify.eval.swd import swd
     from edify.pipelines.text2image import TextToImagePipeline
 
@@ -110,7 +99,8 @@ def run(args) -> int:
     rows = [{"set": "real (validation)", "num": len(reference), **band_shares(reference)}]
     print(json.dumps({"bench": "fine_band", **rows[0]}), flush=True)
     for name, kw in settings:
-        images = generate(pipe, real, indices, kw, args.batch)
+        images = torch.cat([out.images for out in generate_for_prompts(pipe, real, indices, args.batch, args.seed,
+                                                                        **kw)])
         row = {"set": name, "num": len(images), **band_shares(images),
                **{k: round(v, 1) for k, v in swd(reference, images).items()}}
         rows.append(row)

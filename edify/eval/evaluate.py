@@ -379,18 +379,12 @@ def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, 
         raise EdifyError(f"batch size must be >= 1, got {batch_size}")
     metrics = parse_metrics(metrics)
     indices = draw_prompts(real, num_samples, seed)
-    known = set(pipe.vocab.names)
     nfe = [0]
 
     def generated():
-        for i in range(0, len(indices), batch_size):
-            chunk = indices[i:i + batch_size]
-            seeds = [seed + i + k for k in range(len(chunk))]
-            out = pipe([real.captions[j] for j in chunk],
-                       style=[real.styles[j] if real.styles[j] in known else None for j in chunk],
-                       num_steps=steps, guidance_scale=guidance, style_guidance=style_guidance,
-                       sampler=sampler, seed=seeds, guide=guide, guide_uncond=guide_uncond,
-                       experts=experts, output_type="tensor", callback=_finite_steps(seeds, callback))
+        for out in generate_for_prompts(pipe, real, indices, batch_size, seed, callback, num_steps=steps,
+                                        guidance_scale=guidance, style_guidance=style_guidance, sampler=sampler,
+                                        guide=guide, guide_uncond=guide_uncond, experts=experts):
             nfe[0] = out.nfe
             yield out.images
 
@@ -399,6 +393,20 @@ def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, 
                       real_stats=real_stats, fake_labels=[real.captions[j] for j in indices],
                       real_labels=real.captions, batch_size=batch_size, seed=seed, warn=warn)
     return {**result, "nfe": nfe[0]}
+
+
+def generate_for_prompts(pipe, real: RealSplit, indices: list[int], batch_size: int, seed: int = 0,
+                         callback: Callable[[dict], None] | None = None, **kwargs):
+    """The pipeline's outputs (tensors) for the captions and styles of `real` at `indices`, in batches
+    of `batch_size`, image i with seed + i; styles the model does not know become no style; `kwargs`
+    go to the pipeline call. A sampler step that produces NaN or infinity raises EdifyError."""
+    known = set(pipe.vocab.names)
+    for i in range(0, len(indices), batch_size):
+        chunk = indices[i:i + batch_size]
+        seeds = [seed + i + k for k in range(len(chunk))]
+        yield pipe([real.captions[j] for j in chunk],
+                   style=[real.styles[j] if real.styles[j] in known else None for j in chunk],
+                   seed=seeds, output_type="tensor", callback=_finite_steps(seeds, callback), **kwargs)
 
 
 def _finite_steps(seeds: list[int], callback: Callable[[dict], None] | None) -> Callable[[dict], None]:
