@@ -63,12 +63,15 @@ def test_a_saved_expert_loads_with_its_model_and_is_the_default(tmp_path):
     # the expert's folder is a model folder of its own: the expert network alone
     alone = TextToImagePipeline.from_pretrained(tmp_path / "m" / "expert-0", text_encoder=pipe.text_encoder)
     assert torch.equal(alone(["red apple"] * 2, **kw).images, other(["red apple"] * 2, **kw).images)
-    # a loaded finetune changed the main network only: the experts stand aside, unless its scale is 0
+    # a loaded finetune of the main network only: the experts stand aside, unless its scale is 0;
+    # one with a part for the expert keeps it
     from types import SimpleNamespace
 
-    loaded.finetunes = [SimpleNamespace(scale=0.5)]
+    loaded.finetunes = [SimpleNamespace(scale=0.5, experts=())]
     assert torch.equal(loaded(["red apple"] * 2, **kw).images, plain)
-    loaded.finetunes = [SimpleNamespace(scale=0.0)]
+    loaded.finetunes = [SimpleNamespace(scale=0.0, experts=())]
+    assert torch.equal(loaded(["red apple"] * 2, **kw).images, routed)
+    loaded.finetunes = [SimpleNamespace(scale=0.5, experts=((0,),))]
     assert torch.equal(loaded(["red apple"] * 2, **kw).images, routed)
     loaded.finetunes = []
     # a folder that lists an expert it does not hold, or a stage the process does not have

@@ -417,3 +417,126 @@ def test_a_finetune_at_scale_zero_keeps_the_base_experts(setup):
     tuned = sample(pipe)  # the finetuned main network at every stage
     pipe.experts = {}
     assert torch.equal(sample(pipe), tuned)
+
+
+# ---- bases with stage experts -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def expert_setup(tmp_path_factory):
+    """A tiny base with a stage-0 expert (a perturbed copy of its network), and deltas made for it
+    through the command: one with the expert's part, one of the main network only."""
+    root = tmp_path_factory.mktemp("finetune-experts")
+    pipe = tiny_pipeline()
+    expert = copy.deepcopy(pipe.network)
+    torch.manual_seed(3)
+    for p in expert.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    pipe.experts = {0: expert}
+    pipe.save_pretrained(root / "base")
+    data = image_folder(root / "images")
+    deltas, logs = {}, {}
+    for name, extra in (("parts", []), ("main-only", ["--no-experts"])):
+        args = finetune_args("--base", str(root / "base"), "--data", str(data), "--out", str(root / name),
+                             "--steps", "3", "--batch-size", "2", "--lr", "1e-2", "--style", "pixel",
+                             "--preset", "tiny-cpu", "--run", str(root / f"run-{name}"), "--set", "text_cache=false",
+                             "--set", "log_images=2", "--threads", "1", *extra)
+        lines = []
+        import edify.training.distributed as distributed
+
+        print0 = distributed.print0
+        distributed.print0 = lambda *a, **k: lines.append(" ".join(map(str, a)))
+        try:
+            assert training.run(args, text_encoder=HashEncoder()) == 0
+        finally:
+            distributed.print0 = print0
+        deltas[name], logs[name] = root / name, lines
+    return root, deltas, logs
+
+
+def test_a_base_with_an_expert_gets_a_part_for_it(expert_setup):
+    root, deltas, logs = expert_setup
+    info, tensors = ft.read_delta(deltas["parts"])
+    parts = ft.read_parts(deltas["parts"], info)
+    assert [p.stages for p in info.experts] == [(0,)] and set(parts) == {(0,)}
+    part_info, part_tensors = parts[(0,)]
+    base = load_base(root)
+    assert part_info.base == ft.base_fingerprint(base, "expert-0") != info.base
+    assert part_info.styles == info.styles and part_info.parameters == info.parameters
+    # the part trained the expert's own weights, on its stage only, for steps x 1/levels steps
+    levels = base.config.levels
+    assert part_info.trained["stages"] == [0] and part_info.trained["steps"] == max(1, round(3 / levels))
+    expert = dict(base.experts[0].named_parameters())
+    assert any(not torch.equal(part_tensors[n], expert[n].float()) for n in part_info.parameters)
+    assert any("the expert of stage 0" in line for line in logs["parts"])
+    main_only, _ = ft.read_delta(deltas["main-only"])
+    assert main_only.experts == () and not (deltas["main-only"] / "expert-0").exists()
+
+
+def test_the_expert_part_keeps_the_expert_in_sampling(expert_setup):
+    root, deltas, _ = expert_setup
+    pipe = load_base(root)
+    base_images = sample(pipe)
+    pipe.load_finetune(deltas["parts"])
+    assert pipe.experts_kept()
+    tuned = sample(pipe, "pixel")
+    # the same as the main network and the expert each with its own part, by hand
+    info, tensors = ft.read_delta(deltas["parts"])
+    part_info, part_tensors = ft.read_parts(deltas["parts"], info)[(0,)]
+    manual = load_base(root)
+    with torch.no_grad():
+        for net, i, t in ((manual.network, info, tensors), (manual.experts[0], part_info, part_tensors)):
+            params = dict(net.named_parameters())
+            for name in i.parameters:
+                params[name].copy_(t[name])
+            params[ft.MEDIA_TABLE][i.styles[0].slot] = t[ft.STYLE_PREFIX + "pixel"]
+    manual.vocab = pipe.vocab
+    assert torch.equal(sample(manual, "pixel"), tuned)
+    pipe.unload_finetune()
+    assert torch.equal(sample(pipe), base_images)
+    assert ft.base_fingerprint(pipe, "expert-0") == part_info.base
+    # a delta without the part drops the expert at scale 1 and keeps it at scale 0
+    pipe.load_finetune(deltas["main-only"], scale=0.0)
+    assert pipe.experts_kept() and torch.equal(sample(pipe), base_images)
+    pipe.unload_finetune().load_finetune(deltas["main-only"])
+    assert not pipe.experts_kept()
+    # on a model without the expert, the main part alone applies
+    plain = load_base(root)
+    plain.experts = {}
+    plain.load_finetune(deltas["parts"])
+    assert all(p.owner == ft.NETWORK for p in plain.finetunes[0].patches)
+
+
+def test_a_part_from_another_save_or_base_is_refused(expert_setup, tmp_path):
+    import shutil
+
+    root, deltas, _ = expert_setup
+    broken = tmp_path / "broken"
+    shutil.copytree(deltas["parts"], broken)
+    info, _ = ft.read_delta(broken)
+    part = json.loads((broken / "expert-0" / ft.INFO_FILE).read_text())
+    part["save"] = "0" * 16
+    (broken / "expert-0" / ft.INFO_FILE).write_text(json.dumps(part))
+    with pytest.raises(EdifyError, match="is not from the save|interrupted"):
+        ft.read_parts(broken, info)
+    shutil.rmtree(broken / "expert-0")
+    with pytest.raises(EdifyError, match="has no folder expert-0"):
+        load_base(root).load_finetune(broken)
+    # the expert's part checked against the expert's own weights
+    pipe = load_base(root)
+    with torch.no_grad():
+        next(pipe.experts[0].parameters()).add_(1.0)
+    with pytest.raises(EdifyError, match="expert-0.*another base model"):
+        pipe.load_finetune(deltas["parts"])
+
+
+def test_resuming_a_finished_run_with_parts_writes_the_same_delta(expert_setup, tmp_path):
+    root, deltas, _ = expert_setup
+    args = finetune_args("--base", str(root / "base"), "--data", str(root / "images"), "--out", str(tmp_path / "again"),
+                         "--steps", "3", "--batch-size", "2", "--lr", "1e-2", "--style", "pixel",
+                         "--preset", "tiny-cpu", "--run", str(root / "run-parts"), "--set", "text_cache=false",
+                         "--set", "log_images=2", "--threads", "1", "--resume")
+    assert training.run(args, text_encoder=HashEncoder()) == 0
+    for folder in ("", "expert-0"):
+        _, before = ft.read_delta(deltas["parts"] / folder)
+        _, after = ft.read_delta(tmp_path / "again" / folder)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -27,13 +27,18 @@ A delta is a folder holding two files:
                            each new style's media-table row as `style.<name>` [context_dim]
     finetune.json          format, version, mode, rank and alpha (lora), the trained parameter or
                            module names, the new styles and their slots, the base's fingerprint,
-                           a save id shared with the tensors' header, and how it was trained
+                           a save id shared with the tensors' header, how it was trained, and
+                           its parts for the base's stage experts (`experts`: stages, save id)
+
+and, for a base with stage experts, one subfolder per expert named like the model's (`expert-0`),
+a delta folder of its own for that expert's network (trained on its stages only). Loading applies
+each part to its expert; sampling keeps the experts while every active finetune has parts for them.
 
 The base fingerprint is the sha256 of the base's config (network, process, text encoder, styles) and
 the sha256 of its weights as loaded, so a delta made for another base, or for the same network with
 other weights, is refused in one line. Files are untrusted input, checked like model folders
 (`edify.pipelines.model_io`); they are written under temporary names and renamed into place, the
-JSON last.
+parts first and the main JSON last.
 
 Loading (`load_finetune(pipe, path, scale)`) keeps a copy of every value it replaces and writes
 `lerp(base, finetuned, scale)` (lora: the base plus `scale` times the adapter, merged by peft), so
@@ -73,6 +78,7 @@ CONDITION_EMBEDDER = "cond_embed."
 MEDIA_TABLE = CONDITION_EMBEDDER + "media.table.weight"
 STYLE_PREFIX = "style."
 LORA_ADAPTER = "finetune"
+NETWORK = "network"  # the owner name of a pipeline's main network (see `networks`)
 # The base config fields a finetune depends on (the network, its process, text encoder and styles);
 # fields added to model configs later, or sampling defaults, do not change a base's fingerprint.
 FINGERPRINT_FIELDS = ("network", "levels", "switch_sigmas", "ramp", "ramp_width", "sigma_data", "resolution",
@@ -138,6 +144,15 @@ class NewStyle:
 
 
 @dataclass(frozen=True)
+class ExpertPart:
+    """The delta's part for one of the base's stage experts (a network of its own serving these
+    stages): a delta folder of its own in the subfolder `expert_folder(stages)`, with this save id."""
+
+    stages: tuple[int, ...]
+    save: str
+
+
+@dataclass(frozen=True)
 class BaseFingerprint:
     config_sha256: str
     weights_sha256: str
@@ -157,6 +172,7 @@ class FinetuneInfo:
     alpha: float = 0.0
     save: str = ""
     trained: dict = field(default_factory=dict)  # how it was made (steps, images, data, command)
+    experts: tuple[ExpertPart, ...] = ()  # parts for the base's stage experts, each in its subfolder
 
     def __post_init__(self):
         if self.format != FORMAT:
@@ -172,11 +188,17 @@ class FinetuneInfo:
             raise EdifyError("field 'styles' or 'parameters' repeats a name")
         if not self.parameters and not self.styles:
             raise EdifyError("the finetune trains nothing (no parameters, no styles)")
+        stages = [s for part in self.experts for s in part.stages]
+        if (any(not part.stages for part in self.experts) or len(set(stages)) != len(stages)
+                or any(isinstance(s, bool) or s < 0 for s in stages)):
+            raise EdifyError(f"field 'experts' must list distinct stages >= 0 in non-empty groups, got "
+                             f"{[list(part.stages) for part in self.experts]}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["parameters"] = list(self.parameters)
         d["styles"] = [dataclasses.asdict(s) for s in self.styles]
+        d["experts"] = [{"stages": list(part.stages), "save": part.save} for part in self.experts]
         return d
 
     def tensor_names(self) -> list[str]:
@@ -188,13 +210,15 @@ class FinetuneInfo:
         return names + [STYLE_PREFIX + s.name for s in self.styles]
 
 
-def base_fingerprint(pipe) -> BaseFingerprint:
-    """sha256 of the base's config (its FINGERPRINT_FIELDS) and of its network weights as loaded.
+def base_fingerprint(pipe, owner: str = NETWORK) -> BaseFingerprint:
+    """sha256 of the base's config (its FINGERPRINT_FIELDS) and of one of its networks' weights as
+    loaded: the main network, or a stage expert (`owner` = its folder name, e.g. "expert-0"; an
+    expert's own model folder has the same fingerprint fields as the main one).
 
     The pipeline's finetunes, if any, are undone in the hash: it is always the base's."""
     config = {k: v for k, v in pipe.config.to_dict().items() if k in FINGERPRINT_FIELDS}
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    state = _base_state(pipe)
+    state = _base_state(pipe, owner)
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().to("cpu").contiguous()
@@ -203,12 +227,12 @@ def base_fingerprint(pipe) -> BaseFingerprint:
     return BaseFingerprint(config_hash, h.hexdigest())
 
 
-def _base_state(pipe) -> dict[str, Tensor]:
-    """The network's state dict with every loaded finetune's replaced values put back."""
-    state = dict(pipe.network.state_dict())
+def _base_state(pipe, owner: str = NETWORK) -> dict[str, Tensor]:
+    """A network's state dict with every loaded finetune's replaced values put back."""
+    state = dict(networks(pipe)[owner].state_dict())
     copied = set()
     for loaded in reversed(getattr(pipe, "finetunes", [])):
-        for patch in (p for p in loaded.patches if p.owner == 0):
+        for patch in (p for p in loaded.patches if p.owner == owner):
             if patch.row is None:
                 state[patch.name] = patch.original
                 continue
@@ -221,13 +245,30 @@ def _base_state(pipe) -> dict[str, Tensor]:
 
 # ---- reading and writing ----------------------------------------------------------------------
 
-def save_delta(folder: str | os.PathLike, info: FinetuneInfo, tensors: dict[str, Tensor]) -> Path:
+def save_delta(folder: str | os.PathLike, info: FinetuneInfo, tensors: dict[str, Tensor],
+               parts: dict[tuple[int, ...], tuple[FinetuneInfo, dict[str, Tensor]]] | None = None) -> Path:
     """Write finetune.safetensors and finetune.json into `folder`, each under a temporary name
-    renamed into place (the JSON last); returns the folder."""
+    renamed into place (the JSON last); returns the folder. `parts` ({stages: (info, tensors)}):
+    the parts for the base's stage experts, each written first as a delta folder of its own in
+    `expert_folder(stages)`, their save ids recorded in the main finetune.json."""
+    from edify.pipelines.text2image import expert_folder
+
+    folder = Path(folder)
+    recorded = []
+    for stages, (part_info, part_tensors) in sorted((parts or {}).items()):
+        if part_info.experts:
+            raise EdifyError("an expert's part of a finetune cannot hold parts of its own")
+        save = _save_one(folder / expert_folder(stages), part_info, part_tensors)
+        recorded.append(ExpertPart(tuple(stages), save))
+    _save_one(folder, dataclasses.replace(info, experts=tuple(recorded)), tensors)
+    return folder
+
+
+def _save_one(folder: Path, info: FinetuneInfo, tensors: dict[str, Tensor]) -> str:
+    """One delta folder's two files; returns their save id."""
     if sorted(tensors) != sorted(info.tensor_names()):
         raise EdifyError(f"the tensors to save do not match the finetune's description: {len(tensors)} given, "
                          f"{len(info.tensor_names())} described")
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save = secrets.token_hex(8)
     info = dataclasses.replace(info, save=save)
@@ -237,7 +278,7 @@ def save_delta(folder: str | os.PathLike, info: FinetuneInfo, tensors: dict[str,
     for tmp, final in staged:
         os.replace(tmp, final)
     fsync(folder)
-    return folder
+    return save
 
 
 def read_delta(path: str | os.PathLike) -> tuple[FinetuneInfo, dict[str, Tensor]]:
@@ -279,14 +320,35 @@ def read_delta(path: str | os.PathLike) -> tuple[FinetuneInfo, dict[str, Tensor]
     return info, tensors
 
 
-def check_fits(info: FinetuneInfo, tensors: dict[str, Tensor], pipe, fingerprint: BaseFingerprint,
-               path) -> None:
-    """Refuse a delta made for another base, or whose tensors do not fit this network."""
+def read_parts(path: str | os.PathLike, info: FinetuneInfo) -> dict[tuple[int, ...], tuple[FinetuneInfo, dict[str, Tensor]]]:
+    """The parts of a delta for the base's stage experts ({stages: (info, tensors)}), each read like
+    a delta folder and checked against the main description (the same save, mode and new styles)."""
+    from edify.pipelines.text2image import expert_folder
+
+    folder = Path(path)
+    folder = folder.parent if folder.name == INFO_FILE else folder
+    parts = {}
+    for part in info.experts:
+        sub = inside(folder, expert_folder(part.stages), "finetune folder")
+        if not sub.is_dir():
+            raise EdifyError(f"finetune folder {str(folder)!r} lists a part for the expert of stage "
+                             f"{'/'.join(map(str, part.stages))} but has no folder {expert_folder(part.stages)}")
+        part_info, tensors = read_delta(sub)
+        if part_info.save != part.save:
+            raise EdifyError(f"{sub} is not the part {INFO_FILE} in {folder} names (an interrupted save?)")
+        if part_info.experts or part_info.mode != info.mode or part_info.styles != info.styles:
+            raise EdifyError(f"{sub} does not match the finetune in {folder} (its mode, styles or parts differ)")
+        parts[tuple(part.stages)] = (part_info, tensors)
+    return parts
+
+
+def check_fits(info: FinetuneInfo, tensors: dict[str, Tensor], net: nn.Module, base_styles,
+               fingerprint: BaseFingerprint, path) -> None:
+    """Refuse a delta made for another base, or whose tensors do not fit the network `net`."""
     if info.base != fingerprint:
         what = "config" if info.base.config_sha256 != fingerprint.config_sha256 else "weights"
         raise EdifyError(f"the finetune {str(path)!r} was made for another base model (its {what} differ "
                          f"from this model's); load it on the base it was trained on")
-    net = pipe.network
     params = dict(net.named_parameters())
     modules = dict(net.named_modules())
     for name in info.parameters:
@@ -302,7 +364,7 @@ def check_fits(info: FinetuneInfo, tensors: dict[str, Tensor], pipe, fingerprint
             raise EdifyError(f"the finetune {str(path)!r} holds {name!r}, which this network lacks or has in "
                              f"another shape")
     table = params[MEDIA_TABLE]
-    free = free_slots(table.shape[0] - 1, pipe.config.styles)
+    free = free_slots(table.shape[0] - 1, base_styles)
     for style in info.styles:
         if style.slot not in free:
             raise EdifyError(f"the finetune's style {style.name!r} needs media slot {style.slot}, which this base "
@@ -316,10 +378,11 @@ def check_fits(info: FinetuneInfo, tensors: dict[str, Tensor], pipe, fingerprint
 
 @dataclass
 class Patch:
-    """One replaced value: a parameter (or one row of it) of network `owner` (0 = the base,
-    i = ControlNet i - 1), and the base's value to put back."""
+    """One replaced value: a parameter (or one row of it) of network `owner` (a name of
+    `networks(pipe)`: the main network, a stage expert or a ControlNet), and the base's value to
+    put back."""
 
-    owner: int
+    owner: str
     name: str
     row: int | None
     original: Tensor
@@ -335,6 +398,28 @@ class LoadedFinetune:
     info: FinetuneInfo
     scale: float
     patches: list[Patch]
+    experts: tuple[tuple[int, ...], ...] = ()  # the pipeline's expert groups this finetune changed
+
+
+def networks(pipe) -> dict[str, nn.Module]:
+    """A pipeline's networks by owner name: NETWORK (the main one), each stage expert by its folder
+    name (`expert-0`, ...), each ControlNet as `controlnet-<i>`."""
+    from edify.pipelines.text2image import expert_folder
+
+    found = {NETWORK: pipe.network}
+    found.update((expert_folder(stages), net) for stages, net in expert_groups(pipe).items())
+    found.update((f"controlnet-{i}", cn) for i, cn in enumerate(getattr(pipe, "controlnets", [])))
+    return found
+
+
+def expert_groups(pipe) -> dict[tuple[int, ...], nn.Module]:
+    """The pipeline's stage experts as {stages it serves: network}, one entry per network."""
+    groups: dict[int, list[int]] = {}
+    nets = {}
+    for stage, net in sorted(getattr(pipe, "experts", {}).items()):
+        groups.setdefault(id(net), []).append(stage)
+        nets[id(net)] = net
+    return {tuple(stages): nets[key] for key, stages in groups.items()}
 
 
 def check_scale(scale) -> float:
@@ -380,20 +465,37 @@ def new_values(info: FinetuneInfo, tensors: dict[str, Tensor], net: nn.Module, s
 
 
 def load_finetune(pipe, path: str | os.PathLike, scale: float = 1.0) -> LoadedFinetune:
-    """Apply a delta folder to `pipe` at `scale`; see the module docstring."""
+    """Apply a delta folder to `pipe` at `scale`; see the module docstring.
+
+    A delta with parts for stage experts changes each of the pipeline's experts it has a part for;
+    parts for experts the pipeline lacks are not used (its main part was trained on every stage)."""
+    from edify.pipelines.text2image import expert_folder
+
     scale = check_scale(scale)
     info, tensors = read_delta(path)
+    parts = read_parts(path, info)
     loaded_list = getattr(pipe, "finetunes", [])
     if not loaded_list:
-        pipe._finetune_base = base_fingerprint(pipe)
-    check_fits(info, tensors, pipe, pipe._finetune_base, path)
-    taken = {p.key: f.path for f in loaded_list for p in f.patches if p.owner == 0}
+        pipe._finetune_bases = {}
+    groups = expert_groups(pipe)
+    # (owner, its network, the delta's description and tensors for it)
+    targets = [(NETWORK, pipe.network, info, tensors)]
+    targets += [(expert_folder(stages), groups[stages], *parts[stages]) for stages in groups if stages in parts]
+    for owner, net, part_info, part_tensors in targets:
+        if owner not in pipe._finetune_bases:
+            pipe._finetune_bases[owner] = base_fingerprint(pipe, owner)
+        where = str(path) if owner == NETWORK else f"{path}/{owner}"
+        check_fits(part_info, part_tensors, net, pipe.config.styles, pipe._finetune_bases[owner], where)
+    taken = {(p.owner, p.key): f.path for f in loaded_list for p in f.patches if not p.owner.startswith("controlnet-")}
     taken_styles = {name: f.path for f in loaded_list for name in (s.name for s in f.info.styles)}
-    keys = [f"{m}.weight" for m in info.parameters] if info.mode == "lora" else list(info.parameters)
-    keys += [f"{MEDIA_TABLE}[{s.slot}]" for s in info.styles]
-    for key in keys:
-        if key in taken:
-            raise EdifyError(f"the finetunes {taken[key]!r} and {str(path)!r} both change {key}: load one at a time")
+    for owner, _, part_info, _ in targets:
+        keys = [f"{m}.weight" for m in part_info.parameters] if part_info.mode == "lora" else list(part_info.parameters)
+        keys += [f"{MEDIA_TABLE}[{s.slot}]" for s in part_info.styles]
+        for key in keys:
+            if (owner, key) in taken:
+                what = key if owner == NETWORK else f"{key} of {owner}"
+                raise EdifyError(f"the finetunes {taken[owner, key]!r} and {str(path)!r} both change {what}: "
+                                 f"load one at a time")
     for style in info.styles:
         if style.name in taken_styles:
             raise EdifyError(f"the finetunes {taken_styles[style.name]!r} and {str(path)!r} both add the style "
@@ -401,23 +503,25 @@ def load_finetune(pipe, path: str | os.PathLike, scale: float = 1.0) -> LoadedFi
         if style.name in pipe.config.styles:
             raise EdifyError(f"the finetune {str(path)!r} adds the style {style.name!r}, which the base already has")
 
-    net = pipe.network
-    params = dict(net.named_parameters())
     patches = []
     with torch.no_grad():
-        values = new_values(info, tensors, net, scale) if scale != 0 else {}
-        for name, value in values.items():
-            patches.append(Patch(0, name, None, params[name].detach().clone()))
-            params[name].copy_(value.to(params[name].dtype))
-        tables = [net] + list(getattr(pipe, "controlnets", []))
-        for owner, module in enumerate(tables):
-            table = dict(module.named_parameters())[MEDIA_TABLE]
-            for style in info.styles:
+        # a ControlNet gets the main network's new style rows (it reads the same condition embedder)
+        controlnets = [(f"controlnet-{i}", cn, info, tensors) for i, cn in enumerate(getattr(pipe, "controlnets", []))]
+        for owner, net, part_info, part_tensors in targets + controlnets:
+            params = dict(net.named_parameters())
+            if not owner.startswith("controlnet-"):
+                values = new_values(part_info, part_tensors, net, scale) if scale != 0 else {}
+                for name, value in values.items():
+                    patches.append(Patch(owner, name, None, params[name].detach().clone()))
+                    params[name].copy_(value.to(params[name].dtype))
+            table = params[MEDIA_TABLE]
+            for style in part_info.styles:
                 patches.append(Patch(owner, MEDIA_TABLE, style.slot, table[style.slot].detach().clone()))
                 if scale != 0:
-                    row = tensors[STYLE_PREFIX + style.name].to(table.device)
+                    row = part_tensors[STYLE_PREFIX + style.name].to(table.device)
                     table[style.slot] = torch.lerp(table[style.slot].float(), row, scale).to(table.dtype)
-    loaded = LoadedFinetune(str(path), info, scale, patches)
+    changed = tuple(stages for stages in groups if stages in parts)
+    loaded = LoadedFinetune(str(path), info, scale, patches, changed)
     pipe.finetunes = loaded_list + [loaded]
     _update_vocab(pipe)
     return loaded
@@ -432,14 +536,22 @@ def unload_finetune(pipe, path: str | os.PathLike | None = None) -> None:
             raise EdifyError(f"no finetune {str(path)!r} is loaded (loaded: {[f.path for f in loaded_list]})")
     else:
         chosen = loaded_list
-    modules = [pipe.network] + list(getattr(pipe, "controlnets", []))
+    owners = networks(pipe)
     with torch.no_grad():
         for loaded in reversed(chosen):
             for patch in loaded.patches:
-                target = dict(modules[patch.owner].named_parameters())[patch.name]
+                target = dict(owners[patch.owner].named_parameters())[patch.name]
                 (target if patch.row is None else target[patch.row]).copy_(patch.original)
     pipe.finetunes = [f for f in loaded_list if f not in chosen]
     _update_vocab(pipe)
+
+
+def experts_kept(pipe) -> bool:
+    """Whether sampling may use the pipeline's stage experts: yes unless a loaded finetune at a
+    scale other than 0 changed the main network but not every expert (then the main network, which
+    the finetune trained on every stage, serves every stage)."""
+    groups = set(expert_groups(pipe))
+    return all(f.scale == 0 or groups <= set(f.experts) for f in getattr(pipe, "finetunes", []))
 
 
 def _update_vocab(pipe) -> None:

@@ -343,9 +343,9 @@ class TextToImagePipeline:
         model or network}, a separate expert for a stage (stage 0 is the finest; section 2.2.2's
         mixture of experts): a model of the same task, checked like the guide, or a network of this
         model's config; this model's network serves the other stages. Default: the model's own
-        (`self.experts`, saved in its folder), none while a finetune is loaded at a scale other than 0
-        (the finetune changed the main network only; at scale 0 it changed nothing); {} runs the
-        main network at every stage."""
+        (`self.experts`, saved in its folder), none while a finetune without parts for them is
+        loaded at a scale other than 0 (it changed the main network only; at scale 0 it changed
+        nothing); {} runs the main network at every stage."""
         d = self.config.defaults
         if self.config.max_sigma and d.sigma_max > self.config.max_sigma:
             raise EdifyError(f"this model is an upsampler, trained only up to sigma {self.config.max_sigma:g}: "
@@ -383,8 +383,8 @@ class TextToImagePipeline:
         if negative_prompt is not None and not unguided(guidance_scale):
             negative = self.encode([negative_prompt], [None])
         denoiser = EDMPrecond(self.network, self.config.sigma_data, dtype=self.dtype)
-        if experts is None:  # the model's own; a loaded finetune changed only the main network
-            experts = {} if self.finetune_active() else self.experts
+        if experts is None:  # the model's own, unless a loaded finetune changed the main network only
+            experts = self.experts if self.experts_kept() else {}
         if experts:
             denoiser = self.with_experts(denoiser, experts)
         guide_denoiser = None if guide is None else self.partner_denoiser(guide, "the guide")
@@ -406,9 +406,12 @@ class TextToImagePipeline:
         images = x.cpu() if output_type == "tensor" else to_pil(x)
         return TextToImageOutput(images=images, seeds=seeds, nfe=sampler_nfe(sampler, len(sigmas) - 1))
 
-    def finetune_active(self) -> bool:
-        """Whether a loaded finetune changes the main network (one at a scale other than 0)."""
-        return any(f.scale != 0 for f in getattr(self, "finetunes", []))
+    def experts_kept(self) -> bool:
+        """Whether sampling uses the model's stage experts with the loaded finetunes: unless one at a
+        scale other than 0 changed the main network but not every expert (edify.pipelines.finetune)."""
+        from edify.pipelines.finetune import experts_kept
+
+        return experts_kept(self)
 
     def with_experts(self, shared: EDMPrecond, experts: Mapping[int, TextToImagePipeline | UNet]) -> StageDenoisers:
         """`shared` for every stage but those in `experts` ({stage: model or network}), which get that

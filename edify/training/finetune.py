@@ -347,8 +347,20 @@ def read_run_file(run: Path) -> dict:
     return data
 
 
-def export_delta(run: str | Path, out: str | Path, use_ema: bool = True, trained: dict | None = None) -> Path:
-    """Write the latest checkpoint of a finetune run folder as a delta folder."""
+def export_delta(run: str | Path, out: str | Path, use_ema: bool = True, trained: dict | None = None,
+                 parts: dict[tuple[int, ...], tuple[str | Path, dict]] | None = None) -> Path:
+    """Write the latest checkpoint of a finetune run folder as a delta folder; `parts` ({stages:
+    (run folder, trained)}): the runs of the base's stage experts, written as the delta's parts."""
+    from edify.pipelines import finetune as ft
+
+    info, tensors = delta_from_run(run, use_ema, trained)
+    made = {tuple(stages): delta_from_run(part_run, use_ema, part_trained)
+            for stages, (part_run, part_trained) in (parts or {}).items()}
+    return ft.save_delta(out, info, tensors, made)
+
+
+def delta_from_run(run: str | Path, use_ema: bool = True, trained: dict | None = None):
+    """The description and tensors of a finetune run folder's latest checkpoint."""
     from edify.pipelines import finetune as ft
     from edify.training import checkpoint
 
@@ -368,7 +380,7 @@ def export_delta(run: str | Path, out: str | Path, use_ema: bool = True, trained
             tensors[name] = weights[name]
     for style in styles:
         tensors[ft.STYLE_PREFIX + style.name] = weights[ft.MEDIA_TABLE][style.slot]
-    return ft.save_delta(out, info, tensors)
+    return info, tensors
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -402,6 +414,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "new style is what tells the data apart")
     parser.add_argument("--prior-share", type=float, default=0.5, metavar="P",
                         help="with --prior-data: the share of every batch it makes up (default 0.5)")
+    parser.add_argument("--expert-steps", type=int, default=None, metavar="N",
+                        help="optimizer steps of each stage expert's part, for a base with stage experts "
+                             "(default: the steps times the share of the stages it serves, i.e. as many "
+                             "images of those stages as the main network trains on)")
+    parser.add_argument("--no-experts", action="store_true",
+                        help="train the main network only, even when the base has stage experts (the "
+                             "finetune then runs the main network at every stage)")
     parser.add_argument("--preset", default="emoji-64-cpu", choices=sorted(PRESETS),
                         help="training preset for the optimisation (its network and process come from --base)")
     parser.add_argument("--run", default=None, metavar="DIR",
@@ -422,7 +441,8 @@ def command_line(args: argparse.Namespace) -> str:
         if args.params == "lora" else []
     if args.prior_data is not None:
         words += ["--prior-data", args.prior_data, "--prior-share", f"{args.prior_share:g}"]
-    for flag in ("batch_size", "caption", "style", "init_style", "run", "max_minutes"):
+    words += ["--no-experts"] if args.no_experts else []
+    for flag in ("expert_steps", "batch_size", "caption", "style", "init_style", "run", "max_minutes"):
         value = getattr(args, flag)
         words += [f"--{flag.replace('_', '-')}", str(value)] if value is not None else []
     for item in args.overrides:
@@ -436,6 +456,8 @@ def check_args(args: argparse.Namespace) -> None:
 
     if args.steps < 1:
         raise EdifyError(f"--steps must be >= 1, got {args.steps}")
+    if args.expert_steps is not None and args.expert_steps < 1:
+        raise EdifyError(f"--expert-steps must be >= 1, got {args.expert_steps}")
     if args.batch_size is not None and args.batch_size < 1:
         raise EdifyError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not args.lr > 0:
@@ -459,30 +481,54 @@ def check_args(args: argparse.Namespace) -> None:
         raise EdifyError(f"{args.out} already holds a finetune; pass --overwrite to replace it")
 
 
+def expert_parts(base: str | Path, steps: int, expert_steps: int | None) -> dict[tuple[int, ...], int]:
+    """{stages: optimizer steps} for each stage expert of the base model folder (none without)."""
+    from edify.pipelines.model_io import read_json
+    from edify.pipelines.text2image import PipelineConfig
+
+    config = PipelineConfig.from_dict(read_json(Path(base) / "config.json"))
+    return {tuple(stages): expert_steps or max(1, round(steps * len(stages) / config.levels))
+            for stages in config.stage_experts}
+
+
 def run(args: argparse.Namespace, text_encoder=None) -> int:
+    """Train the delta: the main network on every stage, then (for a base with stage experts,
+    unless --no-experts) each expert on its own stages, in run subfolders named like the model's
+    expert folders; the delta holds them all."""
     import time
 
     import torch
 
+    from edify.pipelines.text2image import expert_folder
     from edify.runtime import threads
     from edify.training import checkpoint, distributed
     from edify.training.cli import training_device
     from edify.training.config import apply_overrides, get_preset
 
     check_args(args)
-    config = get_preset(args.preset)
-    batch = args.batch_size or config.batch_size
-    config = config.replace(batch_size=batch, grad_accum=1, total_images=args.steps * batch, lr=args.lr,
-                            warmup_images=min(config.warmup_images, args.steps * batch // 10), lr_decay_images=0,
-                            sample_images=0, data=args.data, data_in_memory=False, text_table="",
-                            checkpoint_images=max(batch, args.steps * batch // 4), init_from="")
-    config = apply_overrides(config, args.overrides)
-    if args.max_minutes is not None:
-        config = config.replace(max_minutes=args.max_minutes)
+    parts = {} if args.no_experts else expert_parts(args.base, args.steps, args.expert_steps)
+    preset = get_preset(args.preset)
+    batch = args.batch_size or preset.batch_size
+
+    def config_for(steps: int, stages: tuple[int, ...] | None):
+        config = preset.replace(batch_size=batch, grad_accum=1, total_images=steps * batch, lr=args.lr,
+                                warmup_images=min(preset.warmup_images, steps * batch // 10), lr_decay_images=0,
+                                sample_images=0, data=args.data, data_in_memory=False, text_table="",
+                                checkpoint_images=max(batch, steps * batch // 4), init_from="")
+        config = apply_overrides(config, args.overrides)
+        if stages is not None:  # an expert trains on its own stages only
+            config = config.replace(stages=stages, stage_weights=(), stage_dropout=())
+        return config.replace(max_minutes=args.max_minutes) if args.max_minutes is not None else config
+
     run_dir = Path(args.run) if args.run else Path("runs") / "finetune" / (Path(args.out).resolve().name or "delta")
-    if not args.resume and checkpoint.latest_checkpoint(run_dir) is not None:
-        raise EdifyError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --run")
+    plan = [(None, Path(args.base), run_dir, config_for(args.steps, None))]
+    plan += [(stages, Path(args.base) / expert_folder(stages), run_dir / expert_folder(stages),
+              config_for(steps, stages)) for stages, steps in parts.items()]
+    for *_, part_run, _ in plan:
+        if not args.resume and checkpoint.latest_checkpoint(part_run) is not None:
+            raise EdifyError(f"{part_run} already holds checkpoints; pass --resume to continue or choose another --run")
     device = training_device(args.device)
+    results = []
     with threads(args.threads):
         from edify.pipelines.model_io import read_json
 
@@ -493,25 +539,39 @@ def run(args: argparse.Namespace, text_encoder=None) -> int:
         if args.prior_data is not None:
             prior = read_data(args.prior_data, int(resolution))
             distributed.print0(f"prior data: {len(prior.captions)} images from {args.prior_data}")
-        started, cpu_started = time.perf_counter(), time.process_time()
-        trainer = make_trainer(config, args.base, run_dir, data, mode=args.params, rank=args.rank, alpha=args.alpha,
-                               init_style=args.init_style, resume=args.resume, text_encoder=text_encoder,
-                               device=device, command=command_line(args), log=distributed.print0,
-                               prior=prior, prior_share=args.prior_share)
-        result = trainer.run()
-        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-        used_threads = torch.get_num_threads()
-    distributed.print0(f"trained to {result.images} images ({result.step} steps, stopped by {result.stop}) in "
-                       f"{seconds / 60:.1f} min ({cpu / 60:.1f} CPU min); checkpoint: {result.checkpoint}")
+        for stages, base, part_run, config in plan:
+            if stages is not None:
+                distributed.print0(f"the expert of stage {'/'.join(map(str, stages))} ({base}): "
+                                   f"{config.total_images // batch} steps on its own stages")
+            started, cpu_started = time.perf_counter(), time.process_time()
+            trainer = make_trainer(config, str(base), part_run, data, mode=args.params, rank=args.rank,
+                                   alpha=args.alpha, init_style=args.init_style, resume=args.resume,
+                                   text_encoder=text_encoder, device=device, command=command_line(args),
+                                   log=distributed.print0, prior=prior, prior_share=args.prior_share)
+            result = trainer.run()
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+            distributed.print0(f"trained to {result.images} images ({result.step} steps, stopped by {result.stop}) "
+                               f"in {seconds / 60:.1f} min ({cpu / 60:.1f} CPU min); checkpoint: {result.checkpoint}")
+            trained = {"steps": result.step, "images": result.images, "data": args.data,
+                       "command": command_line(args), "prior_data": args.prior_data,
+                       "prior_share": trainer.finetune_record["prior_share"],
+                       "wall_minutes": round(seconds / 60, 2), "cpu_minutes": round(cpu / 60, 2),
+                       "threads": torch.get_num_threads(),
+                       "trained_values": trainer.finetune_record["trained_values"],
+                       "network_values": trainer.finetune_record["network_values"]}
+            if stages is not None:
+                trained["stages"] = list(stages)
+            results.append((stages, part_run, trained))
     if distributed.is_main():
-        trained = {"steps": result.step, "images": result.images, "data": args.data, "command": command_line(args),
-                   "prior_data": args.prior_data, "prior_share": trainer.finetune_record["prior_share"],
-                   "wall_minutes": round(seconds / 60, 2), "cpu_minutes": round(cpu / 60, 2),
-                   "threads": used_threads,
-                   "trained_values": trainer.finetune_record["trained_values"],
-                   "network_values": trainer.finetune_record["network_values"]}
-        out = export_delta(run_dir, args.out, trained=trained)
-        size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        main = results[0][2]
+        if len(results) > 1:
+            for key in ("wall_minutes", "cpu_minutes"):
+                main[f"total_{key}"] = round(sum(r[2][key] for r in results), 2)
+            distributed.print0(f"all parts: {main['total_wall_minutes']:.1f} min "
+                               f"({main['total_cpu_minutes']:.1f} CPU min)")
+        out = export_delta(run_dir, args.out, trained=main,
+                           parts={stages: (part_run, trained) for stages, part_run, trained in results[1:]})
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         distributed.print0(f"finetune: {out} ({size / 2**20:.2f} MiB)")
     distributed.shutdown()
     return 0
