@@ -82,17 +82,25 @@ def closest_style(reference, base_styles, name: str) -> str:
 
 
 def cost_row(delta: Path) -> dict:
-    from edify.pipelines.finetune import read_delta
+    """The main network's share and steps; size and minutes of the whole delta (its experts' parts
+    included, each also listed under `parts`)."""
+    from edify.pipelines.finetune import read_delta, read_parts
+    from edify.pipelines.text2image import expert_folder
 
     info, tensors = read_delta(delta)
     t = info.trained
     total = t.get("network_values")
     trained = t.get("trained_values", sum(v.numel() for v in tensors.values()))
+    parts = {expert_folder(stages): {k: part.trained.get(k) for k in ("steps", "images", "trained_values",
+                                                                        "cpu_minutes", "wall_minutes")}
+             for stages, (part, _) in read_parts(delta, info).items()}
     return {"measure": "cost", "mode": info.mode, "trained_values": trained, "network_values": total,
             "trained_share": round(trained / total, 5) if total else None,
-            "delta_bytes": sum(f.stat().st_size for f in delta.iterdir() if f.is_file()),
-            "steps": t.get("steps"), "images": t.get("images"), "cpu_minutes": t.get("cpu_minutes"),
-            "wall_minutes": t.get("wall_minutes"), "threads": t.get("threads")}
+            "delta_bytes": sum(f.stat().st_size for f in Path(delta).rglob("*") if f.is_file()),
+            "steps": t.get("steps"), "images": t.get("images"),
+            "cpu_minutes": t.get("total_cpu_minutes", t.get("cpu_minutes")),
+            "wall_minutes": t.get("total_wall_minutes", t.get("wall_minutes")), "threads": t.get("threads"),
+            **({"parts": parts} if parts else {})}
 
 
 MEASURES = ("cost", "style", "forgetting", "controlnet", "loss")

@@ -3,7 +3,8 @@
 The training loss a run logs falls as long as it trains; whether a stage still learns something that
 carries over to new images shows only on images it never saw. For each model folder this bench
 computes the EDM loss (the trainer's own `LaplacianEDMLoss`, the same weighting and expert noise
-ranges) of every stage on
+ranges) of every stage, each on the network that samples it (a folder's stage expert where it has
+one), on
 
 - `val`: the dataset's validation split (all of it, or the first `--num`), and
 - `train`: as many training images, drawn with a fixed seed,
@@ -43,7 +44,8 @@ from edify.errors import EdifyError  # noqa: E402
 @torch.no_grad()
 def mean_stage_losses(pipe, images: torch.Tensor, captions: list[str], styles: list, repeats: int,
                       batch_size: int = 64, min_sigma: float = 0.0, seed: int = 0) -> list[float]:
-    """The mean EDM training loss of `pipe`'s network per Laplacian stage (finest first) on images
+    """The mean EDM training loss of `pipe`'s networks per Laplacian stage (finest first; a stage with
+    an expert in use scored on the expert, as sampling runs it) on images
     [N, 3, R, R] in [-1, 1]: `repeats` draws of sigma and noise per image and stage, seeded by
     (seed, stage, draw) only so that every pipeline sees the same draws, on the stages' training
     ranges from `min_sigma` up."""
@@ -53,10 +55,12 @@ def mean_stage_losses(pipe, images: torch.Tensor, captions: list[str], styles: l
     c = pipe.config
     loss_fn = LaplacianEDMLoss(pipe.process, sigma_data=c.sigma_data, expert_ranges=c.expert_ranges,
                                min_sigma=min_sigma)
-    denoiser = EDMPrecond(pipe.network, c.sigma_data)
+    # each stage's network as sampling uses it: the model's expert of that stage, if it has one in use
+    experts = pipe.experts if pipe.experts_kept() else {}
     cond = pipe.encode(captions, styles)
     means = []
     for stage in range(pipe.process.levels):
+        denoiser = EDMPrecond(experts.get(stage, pipe.network), c.sigma_data)
         losses = []
         for rep in range(repeats):
             gen = torch.Generator().manual_seed(seed + 1000 * stage + rep)

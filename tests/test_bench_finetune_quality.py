@@ -43,6 +43,29 @@ def test_heldout_loss_is_seeded_and_the_same_draws_for_every_arm():
     assert fq.heldout_loss(pipe, *args, repeats=2, seed=3, batch=2)["loss"] != first["loss"]
 
 
+def test_heldout_loss_scores_a_stage_on_its_expert():
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+    from test_pipeline import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    args = (images, ["a red heart"] * 4, ["noto"] * 4)
+    plain = fq.heldout_loss(pipe, *args, repeats=1, seed=3, batch=2)
+    expert = copy.deepcopy(pipe.network)
+    with torch.no_grad():
+        for p in expert.parameters():
+            p.mul_(3.0)
+    pipe.experts = {0: expert}
+    routed = fq.heldout_loss(pipe, *args, repeats=1, seed=3, batch=2)
+    assert routed["loss_stage0"] != plain["loss_stage0"]
+    assert all(routed[f"loss_stage{j}"] == plain[f"loss_stage{j}"] for j in (1, 2))
+    pipe.finetunes = [SimpleNamespace(scale=1.0, experts=())]  # a finetune of the main network only
+    assert fq.heldout_loss(pipe, *args, repeats=1, seed=3, batch=2) == plain
+
+
 def test_unknown_measure_is_one_line(capsys):
     assert fq.main(["--smoke", "--measures", "style,nope"]) != 0
     assert "--measures takes a comma list" in capsys.readouterr().err

@@ -540,3 +540,17 @@ def test_resuming_a_finished_run_with_parts_writes_the_same_delta(expert_setup, 
         _, before = ft.read_delta(deltas["parts"] / folder)
         _, after = ft.read_delta(tmp_path / "again" / folder)
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_cost_of_a_delta_counts_its_parts(expert_setup):
+    from _training_helpers import load_bench
+
+    _, deltas, _ = expert_setup
+    row = load_bench("finetune_quality").cost_row(deltas["parts"])
+    info, _ = ft.read_delta(deltas["parts"])
+    part, _ = ft.read_parts(deltas["parts"], info)[(0,)]
+    assert row["parts"]["expert-0"]["steps"] == part.trained["steps"]
+    assert row["cpu_minutes"] == info.trained["total_cpu_minutes"]
+    files = [deltas["parts"] / name for name in (ft.INFO_FILE, ft.WEIGHTS_FILE)]
+    files += [deltas["parts"] / "expert-0" / name for name in (ft.INFO_FILE, ft.WEIGHTS_FILE)]
+    assert row["delta_bytes"] == sum(f.stat().st_size for f in files)
