@@ -122,6 +122,12 @@ def metrics_of(images: torch.Tensor, real_stats, extractor) -> dict:
     return {"fid": round(r["fid"], 2), "kid": round(r["kid"], 4), "kid_std": round(r["kid_std"], 4)}
 
 
+def controlled_experts(args, pipe):
+    """The stage experts of the controlled arm: the model's with --experts, else none (the main
+    network at every stage, the pipeline's default for a controlled call)."""
+    return pipe.experts if args.experts else None
+
+
 def run_canny(args, pipe, real, real_stats, extractor, log, emit):
     from edify.data.annotators import canny_edges
     from edify.data.controls import edge_f1
@@ -139,7 +145,8 @@ def run_canny(args, pipe, real, real_stats, extractor, log, emit):
         kw = dict(style=real.styles[at], seed=list(range(at.start, at.stop)), num_steps=args.steps,
                   guidance_scale=args.guidance, sigma_min=args.sigma_min, output_type="tensor")
         arms["controlnet"].append(pipe(real.captions[at], control_image=control[sl],
-                                       control_weight=args.control_weight, **kw).images)
+                                       control_weight=args.control_weight, experts=controlled_experts(args, pipe),
+                                       **kw).images)
         arms["base"].append(TextToImagePipeline.__call__(pipe, real.captions[at], **kw).images)
         log(f"canny: {sl.stop}/{n} images")
     outs = {}
@@ -148,6 +155,7 @@ def run_canny(args, pipe, real, real_stats, extractor, log, emit):
         f1 = edge_f1(canny_edges(out), control)
         emit({"bench": "control_quality", "control": "canny", "arm": arm, "num": n, "first": first,
                      "control_weight": args.control_weight if arm == "controlnet" else 0.0,
+                     "experts": sorted(pipe.experts) if arm == "base" or args.experts else [],
                      "steps": args.steps, "guidance": args.guidance, "sigma_min": args.sigma_min,
                      "edge_f1": round(float(f1.mean()), 4),
                      "edge_f1_std": round(float(f1.std()), 4), **metrics_of(out, real_stats, extractor)})
@@ -175,7 +183,7 @@ def run_inpaint(args, pipe, real, real_stats, extractor, log, emit):
                 parts.append(pipe(captions[sl], image=images[sl], mask=masks[sl], task=task, method=method,
                                   style=styles[sl], seed=list(range(sl.start, sl.stop)), num_steps=args.steps,
                                   guidance_scale=args.guidance, sigma_min=args.sigma_min,
-                                  output_type="tensor").images)
+                                  experts=controlled_experts(args, pipe), output_type="tensor").images)
                 log(f"{task} {method}: {sl.stop}/{len(chosen)} images")
             out = outs[method] = torch.cat(parts)
             kept = (masks < 0.5).expand_as(out)
@@ -184,6 +192,7 @@ def run_inpaint(args, pipe, real, real_stats, extractor, log, emit):
             emit({"bench": "control_quality", "control": "inpaint", "task": task, "arm": method,
                          "num": len(chosen), "steps": args.steps, "guidance": args.guidance,
                          "sigma_min": args.sigma_min, "mask_cover": round(float(masks.mean()), 3),
+                         "experts": sorted(pipe.experts) if args.experts else [],
                          "kept_max_err_255": round(kept_err, 3),
                          "seam_energy": round(float(energy.mean()), 5),
                          "seam_energy_real": round(float(real_energy.mean()), 5),
@@ -234,6 +243,9 @@ def main(argv=None) -> int:
     p.add_argument("--sigma-min", type=float, default=None,
                    help="where every arm's schedule ends (default: the ControlNet's, else the model's)")
     p.add_argument("--control-weight", type=float, default=1.0)
+    p.add_argument("--experts", action="store_true",
+                   help="controlled calls use the model's stage experts (default: its main network at every "
+                        "stage, the one the ControlNet was trained on); the base arm always uses them")
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/control-quality")

@@ -89,6 +89,32 @@ def test_weight_zero_is_the_text_to_image_output_bit_for_bit():
     assert torch.equal(off.images, plain("red apple", **kwargs).images)
 
 
+def test_a_controlled_call_reaches_the_experts_only_when_asked():
+    import copy
+
+    plain = tiny_pipeline()
+    net = trained_controlnet(plain.network, 1, "canny", seed=3)
+    pipe = controlled(plain, net)
+    edges = canny_edges(image_tensor(picture()))
+    kwargs = dict(control_image=edges, seed=[5, 9], num_images_per_prompt=2, output_type="tensor", style="noto")
+    main_only = pipe("red apple", **kwargs).images
+    # an expert identical to the main network: the ControlNet's residuals enter it the same way
+    pipe.experts = {0: copy.deepcopy(plain.network)}
+    assert torch.equal(pipe("red apple", **kwargs).images, main_only)  # default: the main network only
+    assert torch.equal(pipe("red apple", experts=pipe.experts, **kwargs).images, main_only)
+    with torch.no_grad():
+        for p in pipe.experts[0].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    routed = pipe("red apple", experts=pipe.experts, **kwargs).images
+    assert not torch.equal(routed, main_only)
+    assert torch.equal(pipe("red apple", **kwargs).images, main_only)
+    # at weight 0 the controlled call with experts is text-to-image with them, bit for bit
+    off = pipe("red apple", control_weight=0.0, experts=pipe.experts, **kwargs).images
+    plain.experts = pipe.experts
+    del kwargs["control_image"]
+    assert torch.equal(off, plain("red apple", **kwargs).images)
+
+
 def test_several_controlnets_one_weight_each():
     plain = tiny_pipeline()
     a = trained_controlnet(plain.network, 1, "canny", seed=3)

@@ -217,11 +217,15 @@ class ControlNetPipeline(TextToImagePipeline):
                  control_start: float | Sequence[float] = math.inf,
                  control_end: float | Sequence[float] = 0.0, resize: bool = False,
                  style_guidance: float | None = None, sigma_min: float | None = None,
-                 eta: float | Sequence[float] | None = None, threshold: float | None = None) -> TextToImageOutput:
+                 eta: float | Sequence[float] | None = None, threshold: float | None = None,
+                 experts=None) -> TextToImageOutput:
         """Images for the prompts, steered by one control image per ControlNet (a list for several).
 
         control_weight, control_start, control_end: a number for every ControlNet or a list of one
-        each. The other arguments are those of `TextToImagePipeline.__call__`."""
+        each. experts: as for `TextToImagePipeline.__call__`, but a controlled call runs the main
+        network at every stage unless given (`experts=pipe.experts`: the ControlNets' residuals then
+        enter each stage's expert as they enter the main network). The other arguments are those of
+        `TextToImagePipeline.__call__`."""
         height = self.config.resolution if height is None else height
         width = self.config.resolution if width is None else width
         controls = self.controls(control_image, (height, width), control_weight, control_start, control_end,
@@ -233,22 +237,24 @@ class ControlNetPipeline(TextToImagePipeline):
                             guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
                             num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                             callback=callback, final_stage=final_stage, steps_per_stage=steps_per_stage,
-                            style_guidance=style_guidance, sigma_min=sigma_min, eta=eta, threshold=threshold)
+                            style_guidance=style_guidance, sigma_min=sigma_min, eta=eta, threshold=threshold,
+                            experts=experts)
 
     def _sample(self, denoiser_wrapper: DenoiserWrapper | None, *, prompt, negative_prompt, style, num_steps,
                 guidance_scale, seed, height, width, sampler, num_images_per_prompt, output_type, callback,
                 final_stage, steps_per_stage, style_guidance=None, sigma_min=None, eta=None,
-                threshold=None) -> TextToImageOutput:
+                threshold=None, experts=None) -> TextToImageOutput:
         """`TextToImagePipeline.__call__` with the preconditioned denoiser wrapped before guidance.
         A wrapped call runs the main network at every stage, the one the ControlNets were trained
-        on, not the model's stage experts; an unwrapped one (no control) is plain text-to-image."""
+        on, unless `experts` are given (each stage's denoiser is then wrapped on its own); an
+        unwrapped one (no control) is plain text-to-image."""
         return TextToImagePipeline.__call__(
             self, prompt, negative_prompt=negative_prompt, style=style, num_steps=num_steps,
             guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
             num_images_per_prompt=num_images_per_prompt, output_type=output_type, callback=callback,
             final_stage=final_stage, steps_per_stage=steps_per_stage, denoiser_wrapper=denoiser_wrapper,
             style_guidance=style_guidance, sigma_min=sigma_min, eta=eta, threshold=threshold,
-            experts={} if denoiser_wrapper is not None else None)
+            experts={} if denoiser_wrapper is not None and experts is None else experts)
 
 
 # ---- inpainting, outpainting, object replacement -----------------------------------------------
@@ -281,7 +287,7 @@ class InpaintPipeline(ControlNetPipeline):
                  output_type: str = "pil", callback=None, steps_per_stage: tuple[int, ...] | None = None,
                  control_weight: float = 1.0, control_start: float = math.inf, control_end: float = 0.0,
                  resize: bool = False, sigma_min: float | None = None, eta: float | Sequence[float] | None = None,
-                 threshold: float | None = None) -> TextToImageOutput:
+                 threshold: float | None = None, experts=None) -> TextToImageOutput:
         """Regenerate the white part of `mask` in `image` (1 = generate, 0 = keep).
 
         task: "inpaint" (fill a region), "replace" (a new object where the mask covers the old one)
@@ -337,7 +343,7 @@ class InpaintPipeline(ControlNetPipeline):
                            guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
                            num_images_per_prompt=num_images_per_prompt, output_type="tensor", callback=callback,
                            final_stage=0, steps_per_stage=steps_per_stage, sigma_min=sigma_min, eta=eta,
-                           threshold=threshold)
+                           threshold=threshold, experts=experts)
         B = out.images.shape[0]
         if canvas.shape[0] not in (1, B):
             raise EdifyError(f"the image batch must be 1 or the number of images ({B}), got {canvas.shape[0]}")

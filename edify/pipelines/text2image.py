@@ -389,7 +389,7 @@ class TextToImagePipeline:
             denoiser = self.with_experts(denoiser, experts)
         guide_denoiser = None if guide is None else self.partner_denoiser(guide, "the guide")
         if denoiser_wrapper is not None:
-            denoiser = denoiser_wrapper(denoiser)
+            denoiser = wrap_stages(denoiser, denoiser_wrapper)
             guide_denoiser = None if guide_denoiser is None else denoiser_wrapper(guide_denoiser)
         styled = style_guidance != 0 and any(s is not None for s in styles) and len(self.vocab) > 0
         guided = CFGDenoiser(denoiser, guidance_scale, negative=negative,
@@ -463,6 +463,18 @@ def load_network(folder: Path, net_config: UNetConfig) -> tuple[UNet, torch.dtyp
     weights.check_count(net_config.num_weights)
     network = UNet(net_config)
     return network, weights.load_into(network)
+
+
+def wrap_stages(denoiser, wrapper):
+    """`wrapper(denoiser)`; for a StageDenoisers (a model with experts) each distinct stage
+    denoiser wrapped on its own, so that a wrapper that needs a plain preconditioned network (a
+    ControlNet's) reaches every stage's."""
+    if not isinstance(denoiser, StageDenoisers):
+        return wrapper(denoiser)
+    wrapped: dict[int, torch.nn.Module] = {}
+    for stage, d in denoiser.denoisers.items():
+        wrapped[id(d)] = wrapped.get(id(d)) or wrapper(d)
+    return StageDenoisers({int(stage): wrapped[id(d)] for stage, d in denoiser.denoisers.items()})
 
 
 def expert_folder(stages: tuple[int, ...]) -> str:
