@@ -123,9 +123,9 @@ def metrics_of(images: torch.Tensor, real_stats, extractor) -> dict:
 
 
 def controlled_experts(args, pipe):
-    """The stage experts of the controlled arm: the model's with --experts, else none (the main
-    network at every stage, the pipeline's default for a controlled call)."""
-    return pipe.experts if args.experts else None
+    """The stage experts of the controlled arm: the model's (the pipeline's default), or none with
+    --no-experts (the main network at every stage)."""
+    return {} if args.no_experts else None
 
 
 def run_canny(args, pipe, real, real_stats, extractor, log, emit):
@@ -155,7 +155,7 @@ def run_canny(args, pipe, real, real_stats, extractor, log, emit):
         f1 = edge_f1(canny_edges(out), control)
         emit({"bench": "control_quality", "control": "canny", "arm": arm, "num": n, "first": first,
                      "control_weight": args.control_weight if arm == "controlnet" else 0.0,
-                     "experts": sorted(pipe.experts) if arm == "base" or args.experts else [],
+                     "experts": sorted(pipe.experts) if arm == "base" or not args.no_experts else [],
                      "steps": args.steps, "guidance": args.guidance, "sigma_min": args.sigma_min,
                      "edge_f1": round(float(f1.mean()), 4),
                      "edge_f1_std": round(float(f1.std()), 4), **metrics_of(out, real_stats, extractor)})
@@ -192,7 +192,7 @@ def run_inpaint(args, pipe, real, real_stats, extractor, log, emit):
             emit({"bench": "control_quality", "control": "inpaint", "task": task, "arm": method,
                          "num": len(chosen), "steps": args.steps, "guidance": args.guidance,
                          "sigma_min": args.sigma_min, "mask_cover": round(float(masks.mean()), 3),
-                         "experts": sorted(pipe.experts) if args.experts else [],
+                         "experts": [] if args.no_experts else sorted(pipe.experts),
                          "kept_max_err_255": round(kept_err, 3),
                          "seam_energy": round(float(energy.mean()), 5),
                          "seam_energy_real": round(float(real_energy.mean()), 5),
@@ -243,9 +243,9 @@ def main(argv=None) -> int:
     p.add_argument("--sigma-min", type=float, default=None,
                    help="where every arm's schedule ends (default: the ControlNet's, else the model's)")
     p.add_argument("--control-weight", type=float, default=1.0)
-    p.add_argument("--experts", action="store_true",
-                   help="controlled calls use the model's stage experts (default: its main network at every "
-                        "stage, the one the ControlNet was trained on); the base arm always uses them")
+    p.add_argument("--no-experts", action="store_true",
+                   help="controlled calls run the model's main network at every stage (the one the ControlNet "
+                        "was trained on) instead of its stage experts; the base arm always uses them")
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/control-quality")

@@ -63,7 +63,7 @@ def generate(pipe, captions, styles, args, control=None) -> torch.Tensor:
                   guidance_scale=args.guidance, style_guidance=args.style_guidance, output_type="tensor")
         if control is not None:
             kw.update(control_image=control[sl], control_weight=args.control_weight,
-                      experts=pipe.experts if args.control_experts else {})
+                      **({"experts": {}} if args.control_no_experts else {}))
         elif args.sigma_min is not None:
             kw.update(sigma_min=args.sigma_min)  # the ControlNet arms keep the ControlNet's own end
         parts.append(pipe(captions[sl], **kw).images)
@@ -170,7 +170,7 @@ def measure_controlnet(args, cn_base, cn_tuned, real, extractor, reference, name
         images = generate(pipe, captions, arm_styles, args, control)
         f1 = edge_f1(canny_edges(images), control)
         yield ({"measure": "controlnet", "arm": arm, "num": n, "control_weight": args.control_weight,
-                "experts": bool(args.control_experts),
+                "experts": not args.control_no_experts,
                 "edge_f1": round(float(f1.mean()), 4), "edge_f1_std": round(float(f1.std()), 4),
                 "new_style_rate": new_style_rate(images, name, extractor, reference)})
         log(f"controlnet: {arm} done")
@@ -338,9 +338,9 @@ def main(argv=None) -> int:
     p.add_argument("--style-guidance", type=float, default=None,
                    help="extra guidance along the style's direction (default: the base's)")
     p.add_argument("--control-weight", type=float, default=1.0)
-    p.add_argument("--control-experts", action="store_true",
-                   help="the ControlNet arms use the model's stage experts (with the finetune's parts for "
-                        "them); default: the main network at every stage")
+    p.add_argument("--control-no-experts", action="store_true",
+                   help="the ControlNet arms run the main network at every stage instead of the model's "
+                        "stage experts (which carry the finetune's parts for them, if it has any)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss-repeats", type=int, default=2,
                    help="loss: sigma and noise draws per image and stage (default 2)")

@@ -89,7 +89,7 @@ def test_weight_zero_is_the_text_to_image_output_bit_for_bit():
     assert torch.equal(off.images, plain("red apple", **kwargs).images)
 
 
-def test_a_controlled_call_reaches_the_experts_only_when_asked():
+def test_a_controlled_call_reaches_the_experts_unless_told_not_to():
     import copy
 
     plain = tiny_pipeline()
@@ -100,16 +100,16 @@ def test_a_controlled_call_reaches_the_experts_only_when_asked():
     main_only = pipe("red apple", **kwargs).images
     # an expert identical to the main network: the ControlNet's residuals enter it the same way
     pipe.experts = {0: copy.deepcopy(plain.network)}
-    assert torch.equal(pipe("red apple", **kwargs).images, main_only)  # default: the main network only
-    assert torch.equal(pipe("red apple", experts=pipe.experts, **kwargs).images, main_only)
+    assert torch.equal(pipe("red apple", **kwargs).images, main_only)  # default: the model's experts
+    assert torch.equal(pipe("red apple", experts={}, **kwargs).images, main_only)
     with torch.no_grad():
         for p in pipe.experts[0].parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    routed = pipe("red apple", experts=pipe.experts, **kwargs).images
+    routed = pipe("red apple", **kwargs).images
     assert not torch.equal(routed, main_only)
-    assert torch.equal(pipe("red apple", **kwargs).images, main_only)
+    assert torch.equal(pipe("red apple", experts={}, **kwargs).images, main_only)
     # at weight 0 the controlled call with experts is text-to-image with them, bit for bit
-    off = pipe("red apple", control_weight=0.0, experts=pipe.experts, **kwargs).images
+    off = pipe("red apple", control_weight=0.0, **kwargs).images
     plain.experts = pipe.experts
     del kwargs["control_image"]
     assert torch.equal(off, plain("red apple", **kwargs).images)
@@ -359,6 +359,27 @@ def files(tmp_path_factory) -> dict[str, Path]:
     Image.new("L", (32, 32), 255).save(root / "full.png")
     (root / "notes.png").write_text("not an image")
     return {p.stem: p for p in root.iterdir()} | {"root": root}
+
+
+def test_control_command_uses_the_experts_unless_told_not_to(files, tmp_path):
+    import copy
+
+    pipe = TextToImagePipeline.from_pretrained(files["model"])
+    expert = copy.deepcopy(pipe.network)
+    with torch.no_grad():
+        for p in expert.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    pipe.experts = {0: expert}
+    pipe.save_pretrained(tmp_path / "with-expert")
+    out = {}
+    for name, model, extra in (("plain", files["model"], []), ("expert", tmp_path / "with-expert", []),
+                               ("main", tmp_path / "with-expert", ["--no-experts"])):
+        result = edify("control", "--type", "canny", "--image", str(files["in"]), "red apple", "--model", str(model),
+                       "--controlnet", str(files["canny"]), "-o", str(tmp_path / f"{name}.png"), "--steps", "3",
+                       "--style", "noto", *extra)
+        assert result.returncode == 0, result.stderr
+        out[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    assert np.array_equal(out["main"], out["plain"]) and not np.array_equal(out["expert"], out["plain"])
 
 
 def test_control_command_writes_images_and_the_edge_map(files, tmp_path):

@@ -222,10 +222,10 @@ class ControlNetPipeline(TextToImagePipeline):
         """Images for the prompts, steered by one control image per ControlNet (a list for several).
 
         control_weight, control_start, control_end: a number for every ControlNet or a list of one
-        each. experts: as for `TextToImagePipeline.__call__`, but a controlled call runs the main
-        network at every stage unless given (`experts=pipe.experts`: the ControlNets' residuals then
-        enter each stage's expert as they enter the main network). The other arguments are those of
-        `TextToImagePipeline.__call__`."""
+        each. experts: as for `TextToImagePipeline.__call__` (default: the model's stage experts,
+        each stage's network receiving the ControlNets' residuals as the main network does; `{}`
+        runs the main network, the one the ControlNets were trained on, at every stage). The other
+        arguments are those of `TextToImagePipeline.__call__`."""
         height = self.config.resolution if height is None else height
         width = self.config.resolution if width is None else width
         controls = self.controls(control_image, (height, width), control_weight, control_start, control_end,
@@ -244,17 +244,16 @@ class ControlNetPipeline(TextToImagePipeline):
                 guidance_scale, seed, height, width, sampler, num_images_per_prompt, output_type, callback,
                 final_stage, steps_per_stage, style_guidance=None, sigma_min=None, eta=None,
                 threshold=None, experts=None) -> TextToImageOutput:
-        """`TextToImagePipeline.__call__` with the preconditioned denoiser wrapped before guidance.
-        A wrapped call runs the main network at every stage, the one the ControlNets were trained
-        on, unless `experts` are given (each stage's denoiser is then wrapped on its own); an
-        unwrapped one (no control) is plain text-to-image."""
+        """`TextToImagePipeline.__call__` with the preconditioned denoiser wrapped before guidance:
+        each stage's denoiser (the model's experts unless `experts` says otherwise) wrapped on its
+        own; an unwrapped call (no control) is plain text-to-image."""
         return TextToImagePipeline.__call__(
             self, prompt, negative_prompt=negative_prompt, style=style, num_steps=num_steps,
             guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
             num_images_per_prompt=num_images_per_prompt, output_type=output_type, callback=callback,
             final_stage=final_stage, steps_per_stage=steps_per_stage, denoiser_wrapper=denoiser_wrapper,
             style_guidance=style_guidance, sigma_min=sigma_min, eta=eta, threshold=threshold,
-            experts={} if denoiser_wrapper is not None and experts is None else experts)
+            experts=experts)
 
 
 # ---- inpainting, outpainting, object replacement -----------------------------------------------
