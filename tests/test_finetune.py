@@ -554,3 +554,14 @@ def test_the_cost_of_a_delta_counts_its_parts(expert_setup):
     files = [deltas["parts"] / name for name in (ft.INFO_FILE, ft.WEIGHTS_FILE)]
     files += [deltas["parts"] / "expert-0" / name for name in (ft.INFO_FILE, ft.WEIGHTS_FILE)]
     assert row["delta_bytes"] == sum(f.stat().st_size for f in files)
+
+
+def test_generate_says_when_a_finetune_sets_the_experts_aside(expert_setup, tmp_path):
+    root, deltas, _ = expert_setup
+    common = ("generate", "red thing", "--style", "pixel", "--steps", "3", "--model", str(root / "base"))
+    result = edify(*common, "-o", str(tmp_path / "a.png"), "--finetune", str(deltas["main-only"]))
+    assert result.returncode == 0, result.stderr
+    assert "no part for the model's expert(s) (32 px); the main network serves every stage" in result.stdout
+    result = edify(*common, "-o", str(tmp_path / "b.png"), "--finetune", str(deltas["parts"]))
+    assert result.returncode == 0, result.stderr
+    assert "no part for the model's expert" not in result.stdout and (tmp_path / "b.png").exists()

@@ -38,7 +38,12 @@ def finetune_scales(args: argparse.Namespace) -> list[float]:
 
 
 def apply_finetunes(pipe, args: argparse.Namespace):
-    """Load every --finetune onto `pipe` at its scale; returns `pipe`."""
+    """Load every --finetune onto `pipe` at its scale; returns `pipe`. Says so when the model's
+    stage experts stand aside (a finetune without parts for them changed the main network only)."""
     for delta, scale in zip(getattr(args, "finetune", []), finetune_scales(args)):
         pipe.load_finetune(delta, scale)
+    if getattr(pipe, "experts", None) and not pipe.experts_kept():
+        stages = ", ".join(str(pipe.config.resolution >> s) + " px" for s in sorted(pipe.experts))
+        print(f"note: a finetune has no part for the model's expert(s) ({stages}); the main network serves "
+              f"every stage (make the finetune for this model to keep them)")
     return pipe
