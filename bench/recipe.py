@@ -358,8 +358,8 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["stage_steps"] = list(pipe.stage_steps(args.steps))
     out["guide_model"] = args.guide_model
     out["guide_uncond"] = args.guide_uncond
-    out["experts"] = {",".join(map(str, stages)): folder for stages, folder in args.expert} or \
-        ({",".join(map(str, g)): f"{model_dir}/{expert_folder(g)}" for g in pipe.config.stage_experts} or None)
+    out["experts"] = {stage_key(stages): folder for stages, folder in args.expert} or \
+        ({stage_key(g): f"{model_dir}/{expert_folder(g)}" for g in pipe.config.stage_experts} or None)
     out["eval_wall_minutes"] = round((time.perf_counter() - wall0) / 60, 2)
     out["eval_cpu_minutes"] = round((time.process_time() - cpu0) / 60, 2)
     grid = torch.cat(recorder.images)[:GRID]
@@ -436,6 +436,11 @@ def stage_weights_value(text: str) -> tuple[float, ...]:
     if not all(v > 0 and v < float("inf") for v in values):
         raise argparse.ArgumentTypeError(f"every stage weight must be finite and > 0, got {text!r}")
     return values
+
+
+def stage_key(stages) -> str:
+    """The stages an expert serves as a row key: (1, 2) -> '1,2' (the form --expert takes)."""
+    return ",".join(map(str, stages))
 
 
 def expert_value(text: str) -> tuple[tuple[int, ...], str]:
