@@ -42,6 +42,20 @@ def finetune_args(*words: str) -> argparse.Namespace:
     return parser.parse_args(list(words))
 
 
+def run_logged(args: argparse.Namespace) -> list[str]:
+    """Run `edify finetune` with these arguments (tiny text encoder); returns the lines it logged."""
+    import edify.training.distributed as distributed
+
+    lines = []
+    print0 = distributed.print0
+    distributed.print0 = lambda *a, **k: lines.append(" ".join(map(str, a)))
+    try:
+        assert training.run(args, text_encoder=HashEncoder()) == 0
+    finally:
+        distributed.print0 = print0
+    return lines
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny base model, four captioned images, and a 3-step delta of every mode (through the command)."""
@@ -54,16 +68,7 @@ def setup(tmp_path_factory):
                              "--params", mode, "--rank", "2", "--steps", "3", "--batch-size", "2", "--lr", "1e-2",
                              "--style", "pixel", "--preset", "tiny-cpu", "--run", str(root / f"run-{mode}"),
                              "--set", "text_cache=false", "--set", "log_images=2", "--threads", "1")
-        lines = []
-        import edify.training.distributed as distributed
-
-        print0 = distributed.print0
-        distributed.print0 = lambda *a, **k: lines.append(" ".join(map(str, a)))
-        try:
-            assert training.run(args, text_encoder=HashEncoder()) == 0
-        finally:
-            distributed.print0 = print0
-        deltas[mode], logs[mode] = root / f"delta-{mode}", lines
+        deltas[mode], logs[mode] = root / f"delta-{mode}", run_logged(args)
     return root, deltas, logs
 
 
@@ -440,16 +445,7 @@ def expert_setup(tmp_path_factory):
                              "--steps", "3", "--batch-size", "2", "--lr", "1e-2", "--style", "pixel",
                              "--preset", "tiny-cpu", "--run", str(root / f"run-{name}"), "--set", "text_cache=false",
                              "--set", "log_images=2", "--threads", "1", *extra)
-        lines = []
-        import edify.training.distributed as distributed
-
-        print0 = distributed.print0
-        distributed.print0 = lambda *a, **k: lines.append(" ".join(map(str, a)))
-        try:
-            assert training.run(args, text_encoder=HashEncoder()) == 0
-        finally:
-            distributed.print0 = print0
-        deltas[name], logs[name] = root / name, lines
+        deltas[name], logs[name] = root / name, run_logged(args)
     return root, deltas, logs
 
 

@@ -413,13 +413,10 @@ def networks(pipe) -> dict[str, nn.Module]:
 
 
 def expert_groups(pipe) -> dict[tuple[int, ...], nn.Module]:
-    """The pipeline's stage experts as {stages it serves: network}, one entry per network."""
-    groups: dict[int, list[int]] = {}
-    nets = {}
-    for stage, net in sorted(getattr(pipe, "experts", {}).items()):
-        groups.setdefault(id(net), []).append(stage)
-        nets[id(net)] = net
-    return {tuple(stages): nets[key] for key, stages in groups.items()}
+    """The pipeline's stage experts as {stages it serves: network} (text2image.expert_groups)."""
+    from edify.pipelines.text2image import expert_groups as groups
+
+    return groups(getattr(pipe, "experts", {}))
 
 
 def check_scale(scale) -> float:

@@ -198,14 +198,11 @@ class TextToImagePipeline:
             return {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
                     for k, v in net.state_dict().items()}
 
-        groups: dict[int, list[int]] = {}  # one folder per network, however many stages it serves
-        for stage, expert in sorted(self.experts.items()):
-            groups.setdefault(id(expert), []).append(stage)
-        config = dataclasses.replace(self.config, stage_experts=tuple(map(tuple, groups.values())))
+        groups = expert_groups(self.experts)  # one folder per network, however many stages it serves
+        config = dataclasses.replace(self.config, stage_experts=tuple(groups))
         alone = dataclasses.replace(config, stage_experts=()).to_dict()
-        for stages in config.stage_experts:  # each a model folder of its own
-            save_model(Path(path) / expert_folder(stages), alone, state_of(self.experts[stages[0]]),
-                       max_shard_bytes)
+        for stages, expert in groups.items():  # each a model folder of its own
+            save_model(Path(path) / expert_folder(stages), alone, state_of(expert), max_shard_bytes)
         return save_model(path, config.to_dict(), state_of(self.network), max_shard_bytes)
 
     def load_finetune(self, path: str | os.PathLike, scale: float = 1.0) -> TextToImagePipeline:
@@ -475,6 +472,14 @@ def wrap_stages(denoiser, wrapper):
     for stage, d in denoiser.denoisers.items():
         wrapped[id(d)] = wrapped.get(id(d)) or wrapper(d)
     return StageDenoisers({int(stage): wrapped[id(d)] for stage, d in denoiser.denoisers.items()})
+
+
+def expert_groups(experts: Mapping[int, torch.nn.Module]) -> dict[tuple[int, ...], torch.nn.Module]:
+    """Stage experts {stage: network} as {the stages a network serves: network}, one entry per network."""
+    groups: dict[int, list[int]] = {}
+    for stage, net in sorted(experts.items()):
+        groups.setdefault(id(net), []).append(stage)
+    return {tuple(stages): experts[stages[0]] for stages in groups.values()}
 
 
 def expert_folder(stages: tuple[int, ...]) -> str:
