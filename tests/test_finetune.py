@@ -538,6 +538,17 @@ def test_resuming_a_finished_run_with_parts_writes_the_same_delta(expert_setup, 
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_resumed_part_records_the_time_of_every_session(tmp_path):
+    # a run's runs.jsonl holds one line per session; a resumed finetune counts them all
+    rows = [{"wall_seconds": 600.0, "cpu_seconds": 540.0}, {"wall_seconds": 3.0, "cpu_seconds": 0.5}]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert training.session_time(tmp_path, 3.2, 0.6) == (603.0, 540.5)
+    # no record (or an old one without CPU time): this session's own measurement
+    assert training.session_time(tmp_path / "none", 3.2, 0.6) == (3.2, 0.6)
+    (tmp_path / "runs.jsonl").write_text(json.dumps({"wall_seconds": 600.0}) + "\n")
+    assert training.session_time(tmp_path, 3.2, 0.6) == (3.2, 0.6)
+
+
 def test_the_cost_of_a_delta_counts_its_parts(expert_setup):
     from _training_helpers import load_bench
 

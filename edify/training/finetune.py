@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import shlex
 from pathlib import Path
@@ -237,6 +238,18 @@ def init_style_rows(table, styles, base_styles, init_style: str | None) -> None:
 
 
 # ---- the trainer --------------------------------------------------------------------------------
+
+def session_time(run_dir: Path, wall: float, cpu: float) -> tuple[float, float]:
+    """Wall and CPU seconds a finetune part took over every session of its run (the trainer's
+    runs.jsonl, one line per session), so that a resumed finetune records its whole cost rather than
+    its last session's. `wall` and `cpu` (this session, measured around it) serve where the run has
+    no such record."""
+    log = Path(run_dir) / "runs.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    if not rows or any("cpu_seconds" not in r for r in rows):
+        return wall, cpu
+    return sum(r["wall_seconds"] for r in rows), sum(r["cpu_seconds"] for r in rows)
+
 
 def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "crossattn", rank: int = 4,
                  alpha: float | None = None, init_style: str | None = None, resume: bool = False,
@@ -549,9 +562,10 @@ def run(args: argparse.Namespace, text_encoder=None) -> int:
                                    text_encoder=text_encoder, device=device, command=command_line(args),
                                    log=distributed.print0, prior=prior, prior_share=args.prior_share)
             result = trainer.run()
-            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+            seconds, cpu = session_time(part_run, time.perf_counter() - started, time.process_time() - cpu_started)
             distributed.print0(f"trained to {result.images} images ({result.step} steps, stopped by {result.stop}) "
-                               f"in {seconds / 60:.1f} min ({cpu / 60:.1f} CPU min); checkpoint: {result.checkpoint}")
+                               f"in {seconds / 60:.1f} min ({cpu / 60:.1f} CPU min, every session of the run); "
+                               f"checkpoint: {result.checkpoint}")
             trained = {"steps": result.step, "images": result.images, "data": args.data,
                        "command": command_line(args), "prior_data": args.prior_data,
                        "prior_share": trainer.finetune_record["prior_share"],
