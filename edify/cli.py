@@ -29,6 +29,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("upscale",): ("edify.pipelines.upscale_cli", "make an image 2x or 4x larger with a cascade upsampler"),
     ("train-controlnet",): ("edify.training.controlnet", "train a ControlNet (edges, depth, inpaint) on a base"),
     ("finetune",): ("edify.training.finetune", "learn a new style or concept as a small cross-attention delta"),
+    ("expert",): ("edify.pipelines.expert_cli", "list, add or remove the separate network of some stages"),
     ("data", "emoji"): ("edify.data.emoji", "build the emoji demo dataset as webdataset shards"),
     ("eval",): ("edify.eval.cli", "FID, KID, sliced Wasserstein and prompt retrieval of a model"),
 }

@@ -194,16 +194,12 @@ class TextToImagePipeline:
         """
         if dtype is None:
             dtype = getattr(self, "weights_dtype", None) or next(self.network.parameters()).dtype
-        def state_of(net):
-            return {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-                    for k, v in net.state_dict().items()}
-
         groups = expert_groups(self.experts)  # one folder per network, however many stages it serves
         config = dataclasses.replace(self.config, stage_experts=tuple(groups))
         alone = dataclasses.replace(config, stage_experts=()).to_dict()
         for stages, expert in groups.items():  # each a model folder of its own
-            save_model(Path(path) / expert_folder(stages), alone, state_of(expert), max_shard_bytes)
-        return save_model(path, config.to_dict(), state_of(self.network), max_shard_bytes)
+            save_model(Path(path) / expert_folder(stages), alone, network_state(expert, dtype), max_shard_bytes)
+        return save_model(path, config.to_dict(), network_state(self.network, dtype), max_shard_bytes)
 
     def load_finetune(self, path: str | os.PathLike, scale: float = 1.0) -> TextToImagePipeline:
         """Apply a finetune delta folder at `scale` (0 = the base bit for bit, 1 = the finetune);
@@ -472,6 +468,12 @@ def wrap_stages(denoiser, wrapper):
     for stage, d in denoiser.denoisers.items():
         wrapped[id(d)] = wrapped.get(id(d)) or wrapper(d)
     return StageDenoisers({int(stage): wrapped[id(d)] for stage, d in denoiser.denoisers.items()})
+
+
+def network_state(net: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A network's state dict as saved: on the CPU, contiguous, floating-point tensors in `dtype`."""
+    return {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+            for k, v in net.state_dict().items()}
 
 
 def expert_groups(experts: Mapping[int, torch.nn.Module]) -> dict[tuple[int, ...], torch.nn.Module]:
