@@ -85,7 +85,7 @@ def closest_style(reference, base_styles, name: str) -> str:
 def cost_row(delta: Path) -> dict:
     """The main network's share and steps; size and minutes of the whole delta (its experts' parts
     included, each also listed under `parts`)."""
-    from edify.pipelines.finetune import read_delta, read_parts
+    from edify.pipelines.finetune import INFO_FILE, WEIGHTS_FILE, read_delta, read_parts
     from edify.pipelines.text2image import expert_folder
 
     info, tensors = read_delta(delta)
@@ -97,7 +97,8 @@ def cost_row(delta: Path) -> dict:
              for stages, (part, _) in read_parts(delta, info).items()}
     return {"measure": "cost", "mode": info.mode, "trained_values": trained, "network_values": total,
             "trained_share": round(trained / total, 5) if total else None,
-            "delta_bytes": sum(f.stat().st_size for f in Path(delta).rglob("*") if f.is_file()),
+            "delta_bytes": sum(f.stat().st_size for f in Path(delta).rglob("*")  # its files, not a card beside them
+                               if f.is_file() and f.name in (INFO_FILE, WEIGHTS_FILE)),
             "steps": t.get("steps"), "images": t.get("images"),
             "cpu_minutes": t.get("total_cpu_minutes", t.get("cpu_minutes")),
             "wall_minutes": t.get("total_wall_minutes", t.get("wall_minutes")), "threads": t.get("threads"),

@@ -553,6 +553,7 @@ def test_the_cost_of_a_delta_counts_its_parts(expert_setup):
     from _training_helpers import load_bench
 
     _, deltas, _ = expert_setup
+    (deltas["parts"] / "README.md").write_text("a card beside the delta is not part of its size")
     row = load_bench("finetune_quality").cost_row(deltas["parts"])
     info, _ = ft.read_delta(deltas["parts"])
     part, _ = ft.read_parts(deltas["parts"], info)[(0,)]
