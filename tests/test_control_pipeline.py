@@ -380,6 +380,14 @@ def test_control_command_uses_the_experts_unless_told_not_to(files, tmp_path):
         assert result.returncode == 0, result.stderr
         out[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
     assert np.array_equal(out["main"], out["plain"]) and not np.array_equal(out["expert"], out["plain"])
+    # `edify generate` takes the same option
+    for name, model, extra in (("g-plain", files["model"], []), ("g-expert", tmp_path / "with-expert", []),
+                               ("g-main", tmp_path / "with-expert", ["--no-experts"])):
+        result = edify("generate", "red apple", "--model", str(model), "-o", str(tmp_path / f"{name}.png"),
+                       "--steps", "3", "--style", "noto", *extra)
+        assert result.returncode == 0, result.stderr
+        out[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    assert np.array_equal(out["g-main"], out["g-plain"]) and not np.array_equal(out["g-expert"], out["g-plain"])
 
 
 def test_control_command_writes_images_and_the_edge_map(files, tmp_path):

@@ -81,9 +81,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full-resolution sigma from which the control acts (default inf: from the start)")
     parser.add_argument("--control-end", type=float, default=0.0, metavar="E",
                         help="full-resolution sigma below which it stops (default 0: to the end)")
-    parser.add_argument("--no-experts", action="store_true",
-                        help="run the model's main network at every stage (the one the ControlNet was "
-                             "trained on) instead of its stage experts")
     parser.add_argument("--resize", action="store_true",
                         help="resize a mask of another size to the image" if inpaint else
                         "resize an image of another size to the size being generated")
@@ -269,8 +266,7 @@ def run(args: argparse.Namespace) -> int:
         pipe = ControlNetPipeline.from_pretrained(model, controlnets=[folder]).to(device)
         apply_finetunes(pipe, args)
         bound = BoundPipeline(pipe, control_image=control, control_weight=args.control_weight,
-                              control_start=args.control_start, control_end=args.control_end,
-                              **({"experts": {}} if args.no_experts else {}))
+                              control_start=args.control_start, control_end=args.control_end)
         generate(bound, args, paths, device)
     return 0
 
@@ -294,8 +290,7 @@ def run_inpaint(args: argparse.Namespace, image, paths, device) -> int:
     apply_finetunes(pipe, args)
     bound = BoundPipeline(pipe, drop=("height", "width", "final_stage"), image=image, mask=mask, task=args.task,
                           pad=pad, method=args.method, feather_px=args.feather, control_weight=args.control_weight,
-                          control_start=args.control_start, control_end=args.control_end,
-                          **({"experts": {}} if args.no_experts else {}))
+                          control_start=args.control_start, control_end=args.control_end)
     generate(bound, args, paths, device)
     return 0
 
