@@ -6,8 +6,9 @@
     edify expert weights/emoji-64 --stages 0 --from runs/e0-model --out runs/with-expert  # a copy
 
 An expert is a model trained on some stages only from the model's own network (`edify train ...
---set init_from=MODEL --set stages=0 --export DIR`); see edify.pipelines.experts. Every input is
-checked before anything is written; a refusal is one line.
+--set init_from=MODEL --set stages=0`); --from takes its exported model folder, its run folder (the
+latest checkpoint) or one checkpoint. See edify.pipelines.experts. Every input is checked before
+anything is written; a refusal is one line.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", help="the stages the expert serves, comma-separated (0 = finest)")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--from", dest="source", metavar="DIR",
-                      help="a model folder (an exported run) whose network becomes the expert of --stages")
+                      help="what becomes the expert of --stages: a model folder, a training run (its "
+                           "latest checkpoint) or one checkpoint folder (its EMA weights)")
     what.add_argument("--remove", action="store_true", help="remove the expert of --stages")
     parser.add_argument("--out", help="change a copy written here instead of MODEL (a new folder)")
     parser.add_argument("--dtype", choices=DTYPES,

@@ -3,10 +3,10 @@
 A model folder can carry expert networks for some of its Laplacian stages (docs/laplacian.md,
 "Denoisers and experts"): `config.json`'s `stage_experts` lists the groups of stages, and each group's
 network is a model folder of its own, `expert-<stages>`. An expert is trained like any model, on its
-stages only (`edify train ... --set init_from=MODEL --set stages=0`), and exported (`--export DIR`);
-`set_expert` then puts that export into the model folder:
+stages only (`edify train ... --set init_from=MODEL --set stages=0`); `set_expert` then puts it into
+the model folder, from its exported model folder, its run (the latest checkpoint) or one checkpoint:
 
-    set_expert("weights/emoji-64", (0,), "runs/e0-model")    # add or replace the 64 px expert
+    set_expert("weights/emoji-64", (0,), "runs/e0")          # add or replace the 64 px expert
     set_expert("weights/emoji-64", (0,), None, remove=True)  # the main network serves stage 0 again
 
 Only the expert's folder and (when the groups change) `config.json` are written; the main network's
