@@ -84,6 +84,9 @@ def test_add_replace_and_remove_an_expert(folders, capsys):
     assert cli_main(["expert", str(model)]) == 0
     assert capsys.readouterr().out.splitlines() == ["stage 0 (32 px): expert-0", "stage 1 (16 px): the main network",
                                                     "stage 2 (8 px): the main network"]
+    (model / "expert-0" / "training.json").write_text(json.dumps({"runs": [{"run": "e2", "images": 12345}]}))
+    assert cli_main(["expert", str(model)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "stage 0 (32 px): expert-0 (run e2, 12,345 images)"
     # removed: the folder is as it was
     assert cli_main(["expert", str(model), "--stages", "0", "--remove"]) == 0
     assert not (model / "expert-0").exists() and load(model).experts == {}

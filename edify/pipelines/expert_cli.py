@@ -14,6 +14,7 @@ anything is written; a refusal is one line.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from edify.errors import EdifyError
 
@@ -41,6 +42,20 @@ def parse_stages(text: str) -> list[int]:
         raise EdifyError(f"--stages must be comma-separated stage numbers such as 0 or 1,2, got {text!r}") from None
 
 
+def last_run(folder: Path) -> str:
+    """" (run NAME, N images)" from a model folder's run record (training.json), or "" without one."""
+    from edify.pipelines.model_io import read_json
+
+    record = folder / "training.json"
+    if not record.is_file():
+        return ""
+    try:
+        last = read_json(record)["runs"][-1]
+        return f" (run {last['run']}, {int(last['images']):,} images)"
+    except (EdifyError, KeyError, IndexError, TypeError, ValueError):
+        return " (its training.json is not a run record)"
+
+
 def run(args: argparse.Namespace) -> int:
     if (args.source or args.remove) and args.stages is None:
         raise EdifyError("--stages is needed with --from or --remove")
@@ -56,11 +71,12 @@ def run(args: argparse.Namespace) -> int:
     if args.stages is None:
         pipe = TextToImagePipeline.from_pretrained(args.model)
         groups = expert_groups(pipe.experts)
-        levels = pipe.process.levels
-        for stage in range(levels):
+        for stage in range(pipe.process.levels):
             side = pipe.config.resolution >> stage
-            owner = next((expert_folder(g) for g in groups if stage in g), "the main network")
-            print(f"stage {stage} ({side} px): {owner}")
+            group = next((g for g in groups if stage in g), None)
+            owner = "the main network" if group is None else expert_folder(group)
+            folder = Path(args.model) if group is None else Path(args.model) / owner
+            print(f"stage {stage} ({side} px): {owner}{last_run(folder)}")
         return 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
     change = set_expert(args.model, parse_stages(args.stages), args.source, remove=args.remove, out=args.out,
