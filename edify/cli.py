@@ -24,6 +24,7 @@ from edify.errors import EdifyError
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("generate",): ("edify.pipelines.generate_cli", "generate images from a prompt"),
     ("train",): ("edify.training.cli", "train a model from a named preset"),
+    ("export",): ("edify.training.export_cli", "write a training run's checkpoint as a model folder"),
     ("control",): ("edify.pipelines.control_cli", "generate images steered by edges or depth (a ControlNet)"),
     ("inpaint",): ("edify.pipelines.control_cli", "inpaint, outpaint or replace an object in an image"),
     ("upscale",): ("edify.pipelines.upscale_cli", "make an image 2x or 4x larger with a cascade upsampler"),
