@@ -36,7 +36,6 @@ from edify.pipelines.model_io import CONFIG_NAME, _stage_text, fsync, model_fold
 from edify.pipelines.text2image import (TextToImagePipeline, expert_folder, expert_groups, network_state)
 
 RECORD_NAME = "training.json"  # a run's record, written by `edify train --export`
-LATEST, CHECKPOINT_STATE = "latest", "state.json"  # what marks a training run and a checkpoint (edify.training.checkpoint)
 
 
 @dataclass(frozen=True)
@@ -132,11 +131,13 @@ def checked_expert(pipe: TextToImagePipeline, source: Path) -> TextToImagePipeli
 def exported(source: str | os.PathLike):
     """`source` as a model folder: a model folder as it is; a training run (its latest checkpoint)
     or one checkpoint exported to a temporary folder (the EMA weights, with the run's record)."""
+    from edify.training.checkpoint import LATEST
+    from edify.training.export import export_pipeline
+
     src = Path(source)
-    if not (src / LATEST).is_file() and not (src / CHECKPOINT_STATE).is_file():
+    if not (src / LATEST).is_file() and not (src / "state.json").is_file():  # a run, or a checkpoint
         yield src
         return
-    from edify.training.export import export_pipeline
 
     with tempfile.TemporaryDirectory(prefix="edify-expert-") as tmp:
         yield export_pipeline(src, Path(tmp) / "model")

@@ -253,7 +253,8 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "docs" / "model_card_template.m
 NOT_RECORDED = "not recorded"
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines log (a run's runs.jsonl, scalars.jsonl); none if it is missing."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -272,10 +273,10 @@ def run_numbers(run: Path, upto: int | None = None) -> dict:
     the time in training steps; its wall time up to the checkpoint was not recorded, so the wall
     time is then None rather than an estimate."""
     rows = {}
-    for row in _jsonl(run / "scalars.jsonl"):
+    for row in read_jsonl(run / "scalars.jsonl"):
         rows[row["images"]] = row  # a resumed run that repeats a log point replaces it
     rows = [rows[k] for k in sorted(rows) if "interval_seconds" in rows[k] and (upto is None or k <= upto)]
-    runs = _jsonl(run / "runs.jsonl")
+    runs = read_jsonl(run / "runs.jsonl")
     if upto is not None:
         runs = [r for r in runs if r.get("start_images", 0) < upto]
     out = {"img_per_s": None, "img_per_s_median": None, "mfu": None, "mfu_median": None, "final_loss": None,

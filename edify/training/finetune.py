@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import shlex
 from pathlib import Path
@@ -244,8 +243,9 @@ def session_time(run_dir: Path, wall: float, cpu: float) -> tuple[float, float]:
     runs.jsonl, one line per session), so that a resumed finetune records its whole cost rather than
     its last session's. `wall` and `cpu` (this session, measured around it) serve where the run has
     no such record."""
-    log = Path(run_dir) / "runs.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    from edify.training.export import read_jsonl
+
+    rows = read_jsonl(Path(run_dir) / "runs.jsonl")
     if not rows or any("cpu_seconds" not in r for r in rows):
         return wall, cpu
     return sum(r["wall_seconds"] for r in rows), sum(r["cpu_seconds"] for r in rows)
