@@ -10,6 +10,13 @@ For a stage-j expert (resolution R / 2^j) a training example is
     loss  = lambda(sigma_j) * mean ||D(x, sigma_j) - down^j(x0)||^2,
     lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2   (Eq. 1, EDM weighting),
 evaluated at the per-pixel sigma_j the denoiser sees, so that lambda * c_out^2 = 1.
+
+With a fine-band weight w != 1 the squared error e = D - down^j(x0) is split into the stage's own
+finest band, e - up(down(e)), and the rest, up(down(e)) (orthogonal, docs/laplacian.md: the
+2x2 block mean and the detail it loses), and the finest band's part is weighted by w:
+    loss = lambda * (w mean (e - up(down e))^2 + mean (up(down e))^2),
+equal to the plain loss at w = 1. An option of this project (not in the paper): it moves the
+network's effort towards the band that drawing a flat fill or a thin edge exactly needs.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import torch
 from torch import Tensor
 
 from edify.conditioning import Cond
-from edify.core.laplacian import LaplacianProcess, down
+from edify.core.laplacian import LaplacianProcess, down, up
 from edify.core.precond import Denoiser, stage_sigma_ranges
 from edify.core.seeding import Generators, randn
 from edify.errors import EdifyError
@@ -90,10 +97,14 @@ class LaplacianEDMLoss:
     # that ends at sigma_min never evaluates the denoiser below sigma_min, so training below it is
     # compute the samples never use (with the EDM log-normal, most of the finest stage's).
     min_sigma: float = 0.0
+    # Weight of the stage's finest band in the squared error (1 = the plain EDM loss; see above).
+    fine_band_weight: float = 1.0
 
     def __post_init__(self):
         if not self.P_std > 0 or not self.sigma_data > 0:
             raise EdifyError(f"P_std and sigma_data must be positive, got {self.P_std}, {self.sigma_data}")
+        if not (math.isfinite(self.fine_band_weight) and self.fine_band_weight > 0):
+            raise EdifyError(f"fine_band_weight must be finite and positive, got {self.fine_band_weight}")
         if not (math.isfinite(self.min_sigma) and 0 <= self.min_sigma < self.max_sigma):
             raise EdifyError(f"min_sigma must be finite, >= 0 and below max_sigma, got {self.min_sigma}")
         stage_sigma_ranges(self.process, self.expert_ranges)  # validates the mode
@@ -129,10 +140,19 @@ class LaplacianEDMLoss:
         target = down(x0, stage)
         sigma_px = sigma / 2**stage  # the per-pixel noise the stage-j denoiser sees
         D_x = denoiser(x, sigma_px, cond, torch.full((B,), stage, dtype=torch.long, device=x0.device))
-        loss = edm_weight(sigma_px, self.sigma_data) * (D_x.float() - target.float()).square().mean(dim=(1, 2, 3))
+        loss = edm_weight(sigma_px, self.sigma_data) * self.squared_error(D_x.float() - target.float())
         if weight is not None:
             loss = loss * weight
         return (loss, sigma) if return_sigma else loss
+
+    def squared_error(self, e: Tensor) -> Tensor:
+        """Per-sample mean squared error [B] of e [B, C, h, w], its finest band weighted by
+        fine_band_weight (the plain mean at 1; an image too small to split is not weighted)."""
+        if self.fine_band_weight == 1 or e.shape[-1] % 2 or e.shape[-2] % 2:
+            return e.square().mean(dim=(1, 2, 3))
+        coarse = up(down(e))
+        fine = (e - coarse).square().mean(dim=(1, 2, 3))
+        return self.fine_band_weight * fine + coarse.square().mean(dim=(1, 2, 3))
 
     def _check_stage(self, stage) -> int:
         stage = int(stage)

@@ -57,6 +57,10 @@ class TrainConfig:
     # EDM log-normal most of the finest stage's examples would lie there. Recorded in the exported
     # config; the pipeline refuses a sigma_min below it. May change when a run resumes.
     min_sigma: float = 0.0
+    # Weight of each stage's finest band in the loss's squared error (edify.core.losses; 1 = the
+    # plain EDM loss). Training only: the exported model does not depend on it. May change when a
+    # run resumes.
+    fine_band_weight: float = 1.0
     # Train on random crop x crop windows of the resolution-px images (0 = whole images), aligned
     # to the coarsest stage's Haar grid: valid for the fine stages of an upsampler (docs/upscale.md).
     crop: int = 0
@@ -154,12 +158,12 @@ class TrainConfig:
 
 
 # Fields that may change between a checkpoint and its resumption: bookkeeping, limits and a few
-# schedule knobs for the rest of the run (cool-down, precision, stage weights, lowest sigma).
+# schedule knobs for the rest of the run (cool-down, precision, stage weights, lowest sigma, fine-band weight).
 RESUMABLE_FIELDS = frozenset({
     "name", "total_images", "checkpoint_images", "keep_last", "log_images", "sample_images",
     "compile", "peak_tflops", "max_nonfinite", "num_workers", "sample_prompts", "sample_steps",
     "sample_guidance", "data", "data_masks", "text_cache", "dist", "max_minutes", "text_table", "max_cpu_minutes",
-    "cooldown_images", "precision", "stage_weights", "min_sigma", "stage_dropout",
+    "cooldown_images", "precision", "stage_weights", "min_sigma", "stage_dropout", "fine_band_weight",
 })
 
 
@@ -217,6 +221,8 @@ def validate(c: TrainConfig) -> None:
     _check(c.expert_ranges in ("nested", "truncated"),
            f"expert_ranges must be 'nested' or 'truncated', got {c.expert_ranges!r}")
     _check(c.max_sigma >= 0, f"max_sigma must be >= 0 (0 = every sigma), got {c.max_sigma}")
+    _check(math.isfinite(c.fine_band_weight) and c.fine_band_weight > 0,
+           f"fine_band_weight must be finite and positive, got {c.fine_band_weight}")
     _check(0 <= c.min_sigma < (c.max_sigma or math.inf) and math.isfinite(c.min_sigma),
            f"min_sigma must be >= 0 and below max_sigma, got {c.min_sigma}")
     _check(0 <= c.crop <= c.resolution, f"crop must be in [0, resolution={c.resolution}], got {c.crop}")

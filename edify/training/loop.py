@@ -211,7 +211,7 @@ class Trainer:
         self.denoiser = EDMPrecond(forward, c.sigma_data, dtype)
         self.network_dtype = dtype
         self.loss_fn = LaplacianEDMLoss(self.process, c.P_mean, c.P_std, c.sigma_data, c.expert_ranges,
-                                        c.max_sigma or math.inf, c.min_sigma)
+                                        c.max_sigma or math.inf, c.min_sigma, c.fine_band_weight)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=tuple(c.betas),
                                            weight_decay=c.weight_decay)
         ema_on = c.ema_std == 0 and c.ema_decay == 0
