@@ -43,3 +43,34 @@ def test_smoke_run_prints_each_set(capsys):
     assert all(0 <= r["flat"] <= 1 and 0 <= r["faint"] <= 1 for r in lines)
     assert all(r["swd_16"] > 0 for r in lines[1:])
     assert lines[0]["flat"] > lines[1]["flat"]  # made-up flat shapes against a random network's noise
+
+
+def test_flat_stats_of_exact_and_speckled_estimates():
+    # a real image: flat grey with a 4-level bump at pixel (8, 8): its 2x2 block is not flat
+    real = torch.full((1, 3, 16, 16), 128.0)
+    real[..., 8, 8] += 4
+    real = real / 127.5 - 1
+    exact = fine_band.flat_stats(real, real, far=2)
+    assert exact["flat_real"] == pytest.approx(1 - 4 / 256, abs=1e-4)
+    assert exact["flat_kept"] == 1.0 and exact["rms_levels"] == 0.0
+    assert exact["flat_kept_far"] == 1.0 and exact["rms_levels_far"] == 0.0
+    # far: more than 2 px (Chebyshev) from the bump's block, rows and columns 8..9
+    near = torch.zeros(16, 16, dtype=torch.bool)
+    near[6:12, 6:12] = True
+    assert exact["far_share"] == pytest.approx(float((~near).float().mean()), abs=1e-4)
+    # an estimate with a +-2-level checker everywhere: nothing kept flat, RMS 2 levels
+    sign = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 2 - 1
+    speckled = real + 2 * sign / 127.5
+    s = fine_band.flat_stats(real, speckled, far=2)
+    assert s["flat_kept"] == 0.0 and s["rms_levels"] == pytest.approx(2.0)
+    assert s["flat_kept_far"] == 0.0 and s["rms_levels_far"] == pytest.approx(2.0)
+
+
+def test_denoise_mode_on_the_smoke_model(capsys):
+    assert fine_band.main(["--smoke", "--threads", "1", "--denoise", "0.5,1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["sigma"] for r in rows] == [0.5, 1.0]
+    for r in rows:
+        assert 0 <= r["flat_kept"] <= 1 and r["rms_levels"] >= 0 and r["num"] > 0
+    with pytest.raises(SystemExit):
+        fine_band.main(["--denoise", "0,1"])
