@@ -25,8 +25,11 @@ exactly flat and no uncertainty about an edge's place excuses a level). A perfec
 all of them flat at every sigma; a sampler's output is such an estimate at its last sigma.
 
 A setting is NAME:KEY=VALUE,... with keys guidance and eta (one value, or one per stage, finest
-first, '/'-separated), sigma_min, steps, experts=none (the main network at every stage); the rest are the model's
-defaults. Images are drawn as `edify eval` draws them (the validation captions and styles, image i
+first, '/'-separated), sigma_min, steps, experts=none (the main network at every stage), and
+shrink=T, not a sampler setting but a question about the output: the finest band of each finished
+image soft-thresholded by T 8-bit levels (`shrink_fine_band`: every band value moved T levels towards
+0, those within T of it set to 0, the 2x2 block means kept), what a post-process that wipes the faint speckle would do to the
+figures; the rest are the model's defaults. Images are drawn as `edify eval` draws them (the validation captions and styles, image i
 with seed + i), `--num` per setting, and compared with every validation image. One JSON line per set.
 """
 
@@ -41,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cli import run_bench  # noqa: E402
 
-KEYS = ("guidance", "sigma_min", "eta", "steps", "experts")
+KEYS = ("guidance", "sigma_min", "eta", "steps", "experts", "shrink")
 
 
 def setting_value(text: str) -> tuple[str, dict]:
@@ -65,6 +68,10 @@ def setting_value(text: str) -> tuple[str, dict]:
                 kw["eta"] = [float(value)]
             elif key == "steps":
                 kw["num_steps"] = int(value)
+            elif key == "shrink":
+                kw["shrink"] = float(value)
+                if not 0 <= kw["shrink"] < float("inf"):
+                    raise ValueError
             else:
                 kw["guidance_scale" if key == "guidance" else key] = float(value)
         except ValueError:
@@ -82,6 +89,21 @@ def sigma_list(text: str) -> list[float]:
     if not values or not all(0 < v < float("inf") for v in values):
         raise argparse.ArgumentTypeError(f"positive sigmas separated by commas, got {text!r}")
     return values
+
+
+def shrink_fine_band(images, levels: float):
+    """[-1, 1] images with their finest Laplacian band soft-thresholded by `levels` 8-bit levels:
+    b -> s = sign(b) max(|b| - t, 0), t = levels / 127.5, then s - up(down(s)), so that the result's
+    2x2 block means are the image's exactly and only its finest band changes."""
+    from edify.core.laplacian import down, up
+
+    if levels == 0:
+        return images
+    coarse = up(down(images))
+    band = images - coarse
+    t = levels / 127.5
+    shrunk = band.sign() * (band.abs() - t).clamp(min=0)
+    return coarse + shrunk - up(down(shrunk))
 
 
 def band_shares(images) -> dict:
@@ -187,8 +209,11 @@ def run(args) -> int:
     rows = [{"set": "real (validation)", "num": len(reference), **band_shares(reference)}]
     print(json.dumps({"bench": "fine_band", **rows[0]}), flush=True)
     for name, kw in settings:
+        kw = dict(kw)
+        shrink = kw.pop("shrink", 0.0)
         images = torch.cat([out.images for out in generate_for_prompts(pipe, real, indices, args.batch, args.seed,
                                                                         **kw)])
+        images = shrink_fine_band(images, shrink)
         row = {"set": name, "num": len(images), **band_shares(images),
                **{k: round(v, 1) for k, v in swd(reference, images).items()}}
         rows.append(row)
