@@ -69,9 +69,10 @@ def setting_value(text: str) -> tuple[str, dict]:
             elif key == "steps":
                 kw["num_steps"] = int(value)
             elif key == "shrink":
-                kw["shrink"] = float(value)
-                if not 0 <= kw["shrink"] < float("inf"):
-                    raise ValueError
+                try:
+                    kw["shrink"] = levels_value(value)
+                except argparse.ArgumentTypeError:
+                    raise ValueError from None
             else:
                 kw["guidance_scale" if key == "guidance" else key] = float(value)
         except ValueError:
@@ -89,6 +90,17 @@ def sigma_list(text: str) -> list[float]:
     if not values or not all(0 < v < float("inf") for v in values):
         raise argparse.ArgumentTypeError(f"positive sigmas separated by commas, got {text!r}")
     return values
+
+
+def levels_value(text: str) -> float:
+    """An argparse type: a finite number of 8-bit levels >= 0 (a shrink threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"a number of 8-bit levels >= 0, got {text!r}")
+    return value
 
 
 def shrink_fine_band(images, levels: float):

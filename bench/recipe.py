@@ -261,13 +261,10 @@ class ShrunkOutputs:
 
 
 def shrink_value(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"a number of 8-bit levels >= 0, got {text!r}")
-    return value
+    """--shrink's argparse type (bench/fine_band.py's)."""
+    from bench.fine_band import levels_value
+
+    return levels_value(text)
 
 
 # ---- one candidate -----------------------------------------------------------------------------
