@@ -26,10 +26,10 @@ all of them flat at every sigma; a sampler's output is such an estimate at its l
 
 A setting is NAME:KEY=VALUE,... with keys guidance and eta (one value, or one per stage, finest
 first, '/'-separated), sigma_min, steps, experts=none (the main network at every stage), and
-shrink=T, not a sampler setting but a question about the output: the finest band of each finished
-image soft-thresholded by T 8-bit levels (`shrink_fine_band`: every band value moved T levels towards
-0, those within T of it set to 0, the 2x2 block means kept), what a post-process that wipes the faint speckle would do to the
-figures; the rest are the model's defaults. Images are drawn as `edify eval` draws them (the validation captions and styles, image i
+shrink=T, the pipelines' post-process of the finished image: its finest band soft-thresholded by T
+8-bit levels (`edify.core.thresholding.shrink_finest_band`: every band value moved T levels towards
+0, those within T of it set to 0, the 2x2 block means kept; shrink=0 shows the images as sampled);
+the rest are the model's defaults. Images are drawn as `edify eval` draws them (the validation captions and styles, image i
 with seed + i), `--num` per setting, and compared with every validation image. One JSON line per set.
 """
 
@@ -101,21 +101,6 @@ def levels_value(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"a number of 8-bit levels >= 0, got {text!r}")
     return value
-
-
-def shrink_fine_band(images, levels: float):
-    """[-1, 1] images with their finest Laplacian band soft-thresholded by `levels` 8-bit levels:
-    b -> s = sign(b) max(|b| - t, 0), t = levels / 127.5, then s - up(down(s)), so that the result's
-    2x2 block means are the image's exactly and only its finest band changes."""
-    from edify.core.laplacian import down, up
-
-    if levels == 0:
-        return images
-    coarse = up(down(images))
-    band = images - coarse
-    t = levels / 127.5
-    shrunk = band.sign() * (band.abs() - t).clamp(min=0)
-    return coarse + shrunk - up(down(shrunk))
 
 
 def band_shares(images) -> dict:
@@ -221,11 +206,8 @@ def run(args) -> int:
     rows = [{"set": "real (validation)", "num": len(reference), **band_shares(reference)}]
     print(json.dumps({"bench": "fine_band", **rows[0]}), flush=True)
     for name, kw in settings:
-        kw = dict(kw)
-        shrink = kw.pop("shrink", 0.0)
         images = torch.cat([out.images for out in generate_for_prompts(pipe, real, indices, args.batch, args.seed,
                                                                         **kw)])
-        images = shrink_fine_band(images, shrink)
         row = {"set": name, "num": len(images), **band_shares(images),
                **{k: round(v, 1) for k, v in swd(reference, images).items()}}
         rows.append(row)

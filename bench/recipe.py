@@ -243,23 +243,6 @@ class RecordingExtractor:
         return f
 
 
-class ShrunkOutputs:
-    """A pipeline whose tensor outputs come back with their finest band soft-thresholded by `levels`
-    8-bit levels (`fine_band.shrink_fine_band`): a post-process scored, not a sampler setting."""
-
-    def __init__(self, pipe, levels: float):
-        self.pipe, self.levels = pipe, levels
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
-
-    def __call__(self, *args, **kwargs):
-        from bench.fine_band import shrink_fine_band
-
-        out = self.pipe(*args, **kwargs)
-        return dataclasses.replace(out, images=shrink_fine_band(out.images, self.levels))
-
-
 def shrink_value(text: str) -> float:
     """--shrink's argparse type (bench/fine_band.py's)."""
     from bench.fine_band import levels_value
@@ -345,7 +328,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     pipe = TextToImagePipeline.from_pretrained(model_dir).to("cpu")
     # sampling settings other than the model's defaults: where the schedule ends, a stochastic
     # sampler's noise, thresholding of the guided estimate, the split of the steps across the stages
-    overrides = {key: getattr(args, key) for key in ("sigma_min", "eta", "threshold", "stage_weights")
+    overrides = {key: getattr(args, key) for key in ("sigma_min", "eta", "threshold", "shrink", "stage_weights")
                  if getattr(args, key) is not None}
     pipe.config = dataclasses.replace(pipe.config, defaults=dataclasses.replace(pipe.config.defaults, **overrides))
     sigma_min = pipe.config.defaults.sigma_min
@@ -356,10 +339,9 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
         experts.update(dict.fromkeys(stages, TextToImagePipeline.from_pretrained(folder).to("cpu")))
     recorder = RecordingExtractor(extractor)
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    scored = pipe if not args.shrink else ShrunkOutputs(pipe, args.shrink)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FID below 2048 samples: the same counts for every candidate
-        metrics = evaluate_pipeline(scored, real, args.num_samples, sampler=args.sampler, steps=args.steps,
+        metrics = evaluate_pipeline(pipe, real, args.num_samples, sampler=args.sampler, steps=args.steps,
                                     guidance=args.guidance, style_guidance=args.style_guidance, seed=args.seed, metrics=("fid", "kid", "swd", "retrieval"),
                                     batch_size=args.batch, extractor=recorder, real_stats=real_stats, guide=guide,
                                     guide_uncond=args.guide_uncond, experts=experts or None)
@@ -380,7 +362,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["sigma_min"] = sigma_min
     out["eta"] = pipe.config.defaults.eta if args.sampler in STOCHASTIC else None
     out["threshold"] = pipe.config.defaults.threshold
-    out["shrink"] = args.shrink
+    out["shrink"] = pipe.config.defaults.shrink
     out["stage_steps"] = list(pipe.stage_steps(args.steps))
     out["guide_model"] = args.guide_model
     out["guide_uncond"] = args.guide_uncond
@@ -392,7 +374,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     suffix = ("" if args.sampler == "dpmpp_2m" else f"-{args.sampler}") + \
         ("" if args.eta is None else f"-eta{scales_text(args.eta)}") + \
         ("" if args.threshold is None else f"-thr{args.threshold:g}") + \
-        ("" if not args.shrink else f"-shrink{args.shrink:g}") + \
+        ("" if args.shrink is None else f"-shrink{args.shrink:g}") + \
         ("" if args.guidance == 3.0 else f"-g{scales_text(args.guidance)}") + \
         ("" if args.style_guidance == 0 else f"-sg{args.style_guidance:g}") + \
         ("" if args.sigma_min is None else f"-smin{args.sigma_min:g}") + \
@@ -441,7 +423,7 @@ def real_style_ceiling(real, real_stats, style_ref) -> dict:
 
 # (row key, table heading, format); rows written before a column existed show "-"
 COLUMNS = (("candidate", "candidate", "{}"), ("sampler", "sampler", "{}"), ("eta", "eta", "{:g}"),
-           ("threshold", "threshold", "{:g}"),
+           ("threshold", "threshold", "{:g}"), ("shrink", "shrink", "{:g}"),
            ("guidance", "guidance", "{:g}"),
            ("style_guidance", "style guidance", "{:g}"), ("sigma_min", "last sigma", "{:g}"),
            ("stage_steps", "steps per stage", "{}"), ("guide_model", "guide model", "{}"),
@@ -555,9 +537,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help="thresholding of the guided estimate: 0 off, p in (0, 1) dynamic, 1 static "
                              "(default: the model's)")
-    parser.add_argument("--shrink", type=shrink_value, default=0.0, metavar="LEVELS",
-                        help="score the images with their finest band soft-thresholded by this many 8-bit "
-                             "levels after sampling (bench/fine_band.py shrink_fine_band; default 0: as sampled)")
+    parser.add_argument("--shrink", type=shrink_value, default=None, metavar="LEVELS",
+                        help="the finished images' finest band soft-thresholded by this many 8-bit levels "
+                             "(edify.core.thresholding.shrink_finest_band; 0: as sampled; default: the model's)")
     parser.add_argument("--steps", type=int, default=24, help="sampler steps over all stages")
     parser.add_argument("--guidance", type=guidance_value, default=3.0,
                         help="guidance scale, or one per stage finest first (e.g. 1,7,7)")

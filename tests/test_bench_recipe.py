@@ -28,7 +28,7 @@ def test_table_marks_rows_without_a_figure():
     text = recipe.table([{"candidate": "old", "guidance": 3.0, "fid": 300.0}])
     header, _, row = text.splitlines()
     assert "SWD 64" in header and "last sigma" in header
-    assert row.startswith("| old | - | - | - | 3 | 0 | - |") and "| 300.0 |" in row
+    assert row.startswith("| old | - | - | - | - | 3 | 0 | - |") and "| 300.0 |" in row
 
 
 def test_network_candidates_and_a_continuation_build_the_configs_they_name():
@@ -61,32 +61,14 @@ def test_stage_expert_arguments_and_their_table_cell():
     assert "| 0=expert-0, 1,2=expert-1-2 |" in row
 
 
-def test_shrunk_outputs_soft_threshold_the_finest_band_of_what_the_pipeline_returns():
+def test_shrink_is_a_sampling_override_and_a_table_column():
     import argparse
-    import dataclasses
 
     import pytest
-    import torch
 
-    @dataclasses.dataclass
-    class Out:
-        images: torch.Tensor
-        seeds: list
-
-    sign = ((torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2 - 1).float()
-    speckled = (128 + 2 * sign).expand(2, 3, 8, 8) / 127.5 - 1  # a +-2-level checker on grey
-
-    class Pipe:
-        vocab = "the model's"
-
-        def __call__(self, prompts, seed=None):
-            return Out(speckled.clone(), seed)
-
-    wrapped = recipe.ShrunkOutputs(Pipe(), 2.0)
-    out = wrapped(["a", "b"], seed=[0, 1])
-    assert torch.allclose(out.images, torch.full_like(speckled, 128 / 127.5 - 1), atol=1e-6)  # the checker is gone
-    assert out.seeds == [0, 1] and wrapped.vocab == "the model's"
     assert recipe.shrink_value("1.5") == 1.5
     for bad in ("-1", "inf", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             recipe.shrink_value(bad)
+    table = recipe.table([{"candidate": "a", "shrink": 2.0, "fid": 1.0}, {"candidate": "b", "fid": 2.0}]).splitlines()
+    assert "| shrink |" in table[0] and "| 2 |" in table[-2] and "| - |" in table[-1]

@@ -233,6 +233,23 @@ def test_inpainting_keeps_the_known_pixels_exactly(inpaint_pipe, task, method):
     assert out.nfe == inpaint_pipe.config.defaults.num_steps  # dpmpp_2m: one evaluation per step, both methods
 
 
+def test_shrink_reaches_controlled_and_inpainted_images_and_keeps_the_known_pixels(inpaint_pipe):
+    from edify.core.thresholding import shrink_finest_band
+
+    image, mask = picture(1), box_mask()
+    kw = dict(image=image, mask=mask, seed=[2, 3], num_images_per_prompt=2, output_type="tensor")
+    plain = inpaint_pipe("green apple", method="controlnet", feather_px=0, **kw).images
+    shrunk = inpaint_pipe("green apple", method="controlnet", feather_px=0, shrink=4, **kw).images
+    known = torch.from_numpy(np.asarray(mask) == 0)
+    assert torch.equal(shrunk[..., known], plain[..., known])  # pasted back after the shrink
+    assert not torch.equal(shrunk[..., ~known], plain[..., ~known])
+    # a ControlNet call hands shrink to the sampling call: the same sample, post-processed
+    controls = dict(control_image=canny_edges(image_tensor(picture())), seed=[5], output_type="tensor")
+    pipe = controlled(tiny_pipeline(), trained_controlnet(inpaint_pipe.network, 1, "canny", seed=3))
+    assert torch.equal(pipe("red apple", shrink=3, **controls).images,
+                       shrink_finest_band(pipe("red apple", **controls).images, 3).clamp(-1, 1))
+
+
 def test_outpainting_grows_the_canvas_and_keeps_the_image(inpaint_pipe):
     image = picture(2)
     for method in ("controlnet", "repaint"):

@@ -14,6 +14,16 @@ step and its multistep history:
   D becomes clamp(D, -s, s) / s. An estimate already inside [-1, 1] at that quantile is unchanged;
   a saturated one is pulled back into range as a whole rather than flattened at the bounds.
 - threshold = 0: no thresholding (the wrapper is not built; `maybe_threshold` returns the denoiser).
+
+`shrink_finest_band(images, levels)` is a post-process of the finished image rather than of D:
+wavelet shrinkage (Donoho and Johnstone 1994, "soft thresholding") of its finest Laplacian band.
+With b = x - up(down(x)) the finest band and t = levels / 127.5 (`levels` 8-bit levels, the
+[-1, 1] scale), s = sign(b) max(|b| - t, 0) is b soft-thresholded, and the result is
+up(down(x)) + s - up(down(s)): s with its own 2x2 block means taken out, so that the result's
+block means are x's exactly (down(result) = down(x), every coarser band unchanged) and only the
+finest band moves. Band values within t of 0, the faint speckle a sampler leaves in flat areas,
+become 0; larger ones (edges) lose t. docs/laplacian.md has what it does to the demo model's
+figures.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from edify.conditioning import Cond
+from edify.core.laplacian import down, up
 from edify.core.precond import Denoiser
 from edify.errors import EdifyError
 
@@ -57,6 +68,25 @@ class ThresholdedDenoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Cond | None = None, stage: Tensor | None = None) -> Tensor:
         return threshold_denoised(self.denoiser(x, sigma, cond, stage), self.threshold)
+
+
+def check_shrink(levels) -> float:
+    """A shrink threshold as a float >= 0 (8-bit levels; 0 = off), or a one-line EdifyError."""
+    if isinstance(levels, bool) or not isinstance(levels, (int, float)) or not math.isfinite(levels) or levels < 0:
+        raise EdifyError(f"shrink must be a finite number of 8-bit levels >= 0 (0 = off), got {levels!r}")
+    return float(levels)
+
+
+def shrink_finest_band(images: Tensor, levels: float) -> Tensor:
+    """[B, C, H, W] images in [-1, 1] (H, W even) with their finest Laplacian band soft-thresholded
+    by `levels` 8-bit levels, their 2x2 block means kept exactly (see the module docstring); the
+    images themselves where levels is 0."""
+    if check_shrink(levels) == 0:
+        return images
+    coarse = up(down(images))
+    band = images - coarse
+    shrunk = band.sign() * (band.abs() - levels / 127.5).clamp(min=0)
+    return coarse + shrunk - up(down(shrunk))
 
 
 def maybe_threshold(denoiser: Denoiser, threshold: float) -> Denoiser:

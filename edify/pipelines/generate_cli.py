@@ -134,6 +134,10 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None, metavar="P",
                         help="thresholding of the guided estimate: 0 off, a quantile in (0, 1) for dynamic "
                              "thresholding (e.g. 0.995), 1 for static clamping (default: the model's)")
+    parser.add_argument("--shrink", type=float, default=None, metavar="LEVELS",
+                        help="soft-threshold the finished image's finest band by this many 8-bit levels, "
+                             "its 2x2 block means kept: clears faint speckle (0 = as sampled; default: "
+                             "the model's)")
     parser.add_argument("--sigma-min", type=float, default=None, metavar="S",
                         help="the noise level where the schedule ends (default: the model's, or a "
                              "ControlNet's measured one)")
@@ -179,9 +183,9 @@ def finite_guard(seeds: list[int], progress=None, steps: int | None = None):
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """`style_guidance`, `sigma_min`, `eta` and `threshold` for the pipeline call, those of them the
-    command was given, and `experts={}` with --no-experts."""
-    given = {k: getattr(args, k, None) for k in ("style_guidance", "sigma_min", "eta", "threshold")}
+    """`style_guidance`, `sigma_min`, `eta`, `threshold` and `shrink` for the pipeline call, those of
+    them the command was given, and `experts={}` with --no-experts."""
+    given = {k: getattr(args, k, None) for k in ("style_guidance", "sigma_min", "eta", "threshold", "shrink")}
     return {k: v for k, v in given.items() if v is not None} | ({"experts": {}} if getattr(args, "no_experts", False) else {})
 
 
@@ -243,7 +247,12 @@ def parse_stage_steps(text: str | None) -> tuple[int, ...] | None:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    from edify.core.thresholding import check_shrink, check_threshold
+
     parse_stage_steps(args.steps_per_stage)
+    for name, check in (("threshold", check_threshold), ("shrink", check_shrink)):
+        if getattr(args, name, None) is not None:
+            check(getattr(args, name))
     finetune_scales(args)
     if args.num < 1:
         raise EdifyError(f"--num must be >= 1, got {args.num}")
