@@ -143,7 +143,8 @@ def run_canny(args, pipe, real, real_stats, extractor, log, emit):
     for sl in batched(n, args.batch_size):
         at = slice(first + sl.start, first + sl.stop)  # validation image i gets seed i
         kw = dict(style=real.styles[at], seed=list(range(at.start, at.stop)), num_steps=args.steps,
-                  guidance_scale=args.guidance, sigma_min=args.sigma_min, shrink=args.shrink, output_type="tensor")
+                  guidance_scale=args.guidance, sigma_min=args.sigma_min, shrink=args.shrink,
+                  shrink_rule=args.shrink_rule, output_type="tensor")
         arms["controlnet"].append(pipe(real.captions[at], control_image=control[sl],
                                        control_weight=args.control_weight, experts=controlled_experts(args, pipe),
                                        **kw).images)
@@ -157,7 +158,7 @@ def run_canny(args, pipe, real, real_stats, extractor, log, emit):
                      "control_weight": args.control_weight if arm == "controlnet" else 0.0,
                      "experts": sorted(pipe.experts) if arm == "base" or not args.no_experts else [],
                      "steps": args.steps, "guidance": args.guidance, "sigma_min": args.sigma_min,
-                     "shrink": args.shrink, "edge_f1": round(float(f1.mean()), 4),
+                     "shrink": args.shrink, "shrink_rule": args.shrink_rule, "edge_f1": round(float(f1.mean()), 4),
                      "edge_f1_std": round(float(f1.std()), 4), **metrics_of(out, real_stats, extractor)})
     figure_rows = [(images[i], control[i].expand(3, -1, -1), outs["controlnet"][i], outs["base"][i])
                    for i in range(min(6, n))]
@@ -183,7 +184,7 @@ def run_inpaint(args, pipe, real, real_stats, extractor, log, emit):
                 parts.append(pipe(captions[sl], image=images[sl], mask=masks[sl], task=task, method=method,
                                   style=styles[sl], seed=list(range(sl.start, sl.stop)), num_steps=args.steps,
                                   guidance_scale=args.guidance, sigma_min=args.sigma_min, shrink=args.shrink,
-                                  experts=controlled_experts(args, pipe), output_type="tensor").images)
+                                  shrink_rule=args.shrink_rule, experts=controlled_experts(args, pipe), output_type="tensor").images)
                 log(f"{task} {method}: {sl.stop}/{len(chosen)} images")
             out = outs[method] = torch.cat(parts)
             kept = (masks < 0.5).expand_as(out)
@@ -191,7 +192,8 @@ def run_inpaint(args, pipe, real, real_stats, extractor, log, emit):
             energy = gradient_energy(out, band)
             emit({"bench": "control_quality", "control": "inpaint", "task": task, "arm": method,
                          "num": len(chosen), "steps": args.steps, "guidance": args.guidance,
-                         "sigma_min": args.sigma_min, "shrink": args.shrink, "mask_cover": round(float(masks.mean()), 3),
+                         "sigma_min": args.sigma_min, "shrink": args.shrink,
+                         "shrink_rule": args.shrink_rule, "mask_cover": round(float(masks.mean()), 3),
                          "experts": [] if args.no_experts else sorted(pipe.experts),
                          "kept_max_err_255": round(kept_err, 3),
                          "seam_energy": round(float(energy.mean()), 5),
@@ -245,6 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--shrink", type=float, default=None, metavar="LEVELS",
                    help="every arm's finished images with their finest band soft-thresholded by this many "
                         "8-bit levels (default: the model's)")
+    p.add_argument("--shrink-rule", choices=("garrote", "soft", "hard"), default=None,
+                   help="how --shrink treats the band (default: the model's)")
     p.add_argument("--control-weight", type=float, default=1.0)
     p.add_argument("--no-experts", action="store_true",
                    help="controlled calls run the model's main network at every stage (the one the ControlNet "
@@ -290,6 +294,7 @@ def report(args, pipe, real, real_stats, extractor, started) -> int:
     args.guidance = defaults.guidance_scale if guidance is None else guidance
     args.sigma_min = defaults.sigma_min if sigma_min is None else sigma_min
     args.shrink = check_shrink(defaults.shrink if args.shrink is None else args.shrink)
+    args.shrink_rule = defaults.shrink_rule if args.shrink_rule is None else args.shrink_rule
     log = lambda message: print(f"[{time.time() - started:6.0f} s] {message}", file=sys.stderr)  # noqa: E731
     runner = run_canny if args.control == "canny" else run_inpaint
     out = Path(args.out)

@@ -26,10 +26,10 @@ all of them flat at every sigma; a sampler's output is such an estimate at its l
 
 A setting is NAME:KEY=VALUE,... with keys guidance and eta (one value, or one per stage, finest
 first, '/'-separated), sigma_min, steps, experts=none (the main network at every stage), and
-shrink=T, the pipelines' post-process of the finished image: its finest band soft-thresholded by T
-8-bit levels (`edify.core.thresholding.shrink_finest_band`: every band value moved T levels towards
-0, those within T of it set to 0, the 2x2 block means kept; shrink=0 shows the images as sampled);
-the rest are the model's defaults. Images are drawn as `edify eval` draws them (the validation captions and styles, image i
+shrink=T and shrink_rule=garrote|soft|hard, the pipelines' post-process of the finished image: its
+finest band shrunk at T 8-bit levels (`edify.core.thresholding.shrink_finest_band`: the band values
+within T of 0 set to 0, the larger ones moved towards 0 by the rule, the 2x2 block means kept;
+shrink=0 shows the images as sampled); the rest are the model's defaults. Images are drawn as `edify eval` draws them (the validation captions and styles, image i
 with seed + i), `--num` per setting, and compared with every validation image. One JSON line per set.
 """
 
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cli import run_bench  # noqa: E402
 
-KEYS = ("guidance", "sigma_min", "eta", "steps", "experts", "shrink")
+KEYS = ("guidance", "sigma_min", "eta", "steps", "experts", "shrink", "shrink_rule")
 
 
 def setting_value(text: str) -> tuple[str, dict]:
@@ -73,6 +73,10 @@ def setting_value(text: str) -> tuple[str, dict]:
                     kw["shrink"] = levels_value(value)
                 except argparse.ArgumentTypeError:
                     raise ValueError from None
+            elif key == "shrink_rule":
+                if value not in ("garrote", "soft", "hard"):
+                    raise ValueError
+                kw["shrink_rule"] = value
             else:
                 kw["guidance_scale" if key == "guidance" else key] = float(value)
         except ValueError:

@@ -328,7 +328,8 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     pipe = TextToImagePipeline.from_pretrained(model_dir).to("cpu")
     # sampling settings other than the model's defaults: where the schedule ends, a stochastic
     # sampler's noise, thresholding of the guided estimate, the split of the steps across the stages
-    overrides = {key: getattr(args, key) for key in ("sigma_min", "eta", "threshold", "shrink", "stage_weights")
+    overrides = {key: getattr(args, key) for key in ("sigma_min", "eta", "threshold", "shrink", "shrink_rule",
+                                                       "stage_weights")
                  if getattr(args, key) is not None}
     pipe.config = dataclasses.replace(pipe.config, defaults=dataclasses.replace(pipe.config.defaults, **overrides))
     sigma_min = pipe.config.defaults.sigma_min
@@ -363,6 +364,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["eta"] = pipe.config.defaults.eta if args.sampler in STOCHASTIC else None
     out["threshold"] = pipe.config.defaults.threshold
     out["shrink"] = pipe.config.defaults.shrink
+    out["shrink_rule"] = pipe.config.defaults.shrink_rule if pipe.config.defaults.shrink else None
     out["stage_steps"] = list(pipe.stage_steps(args.steps))
     out["guide_model"] = args.guide_model
     out["guide_uncond"] = args.guide_uncond
@@ -375,6 +377,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
         ("" if args.eta is None else f"-eta{scales_text(args.eta)}") + \
         ("" if args.threshold is None else f"-thr{args.threshold:g}") + \
         ("" if args.shrink is None else f"-shrink{args.shrink:g}") + \
+        ("" if args.shrink_rule is None else f"-{args.shrink_rule}") + \
         ("" if args.guidance == 3.0 else f"-g{scales_text(args.guidance)}") + \
         ("" if args.style_guidance == 0 else f"-sg{args.style_guidance:g}") + \
         ("" if args.sigma_min is None else f"-smin{args.sigma_min:g}") + \
@@ -424,6 +427,7 @@ def real_style_ceiling(real, real_stats, style_ref) -> dict:
 # (row key, table heading, format); rows written before a column existed show "-"
 COLUMNS = (("candidate", "candidate", "{}"), ("sampler", "sampler", "{}"), ("eta", "eta", "{:g}"),
            ("threshold", "threshold", "{:g}"), ("shrink", "shrink", "{:g}"),
+           ("shrink_rule", "shrink rule", "{}"),
            ("guidance", "guidance", "{:g}"),
            ("style_guidance", "style guidance", "{:g}"), ("sigma_min", "last sigma", "{:g}"),
            ("stage_steps", "steps per stage", "{}"), ("guide_model", "guide model", "{}"),
@@ -538,8 +542,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="thresholding of the guided estimate: 0 off, p in (0, 1) dynamic, 1 static "
                              "(default: the model's)")
     parser.add_argument("--shrink", type=shrink_value, default=None, metavar="LEVELS",
-                        help="the finished images' finest band soft-thresholded by this many 8-bit levels "
+                        help="the finished images' finest band shrunk at this many 8-bit levels "
                              "(edify.core.thresholding.shrink_finest_band; 0: as sampled; default: the model's)")
+    parser.add_argument("--shrink-rule", choices=("garrote", "soft", "hard"), default=None,
+                        help="how --shrink treats the band (default: the model's)")
     parser.add_argument("--steps", type=int, default=24, help="sampler steps over all stages")
     parser.add_argument("--guidance", type=guidance_value, default=3.0,
                         help="guidance scale, or one per stage finest first (e.g. 1,7,7)")

@@ -78,6 +78,7 @@ def test_denoise_mode_on_the_smoke_model(capsys):
 
 def test_shrink_is_a_setting_handed_to_the_pipeline():
     assert fine_band.setting_value("s:shrink=1.5") == ("s", {"shrink": 1.5})
-    for bad in ("s:shrink=-1", "s:shrink=inf", "s:shrink=x"):
+    assert fine_band.setting_value("s:shrink=2,shrink_rule=soft") == ("s", {"shrink": 2.0, "shrink_rule": "soft"})
+    for bad in ("s:shrink=-1", "s:shrink=inf", "s:shrink=x", "s:shrink_rule=blur"):
         with pytest.raises(argparse.ArgumentTypeError):
             fine_band.setting_value(bad)

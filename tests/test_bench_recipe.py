@@ -28,7 +28,7 @@ def test_table_marks_rows_without_a_figure():
     text = recipe.table([{"candidate": "old", "guidance": 3.0, "fid": 300.0}])
     header, _, row = text.splitlines()
     assert "SWD 64" in header and "last sigma" in header
-    assert row.startswith("| old | - | - | - | - | 3 | 0 | - |") and "| 300.0 |" in row
+    assert row.startswith("| old | - | - | - | - | - | 3 | 0 | - |") and "| 300.0 |" in row
 
 
 def test_network_candidates_and_a_continuation_build_the_configs_they_name():
@@ -70,5 +70,6 @@ def test_shrink_is_a_sampling_override_and_a_table_column():
     for bad in ("-1", "inf", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             recipe.shrink_value(bad)
-    table = recipe.table([{"candidate": "a", "shrink": 2.0, "fid": 1.0}, {"candidate": "b", "fid": 2.0}]).splitlines()
-    assert "| shrink |" in table[0] and "| 2 |" in table[-2] and "| - |" in table[-1]
+    table = recipe.table([{"candidate": "a", "shrink": 2.0, "shrink_rule": "garrote", "fid": 1.0},
+                          {"candidate": "b", "fid": 2.0}]).splitlines()
+    assert "| shrink | shrink rule |" in table[0] and "| 2 | garrote |" in table[-2] and "| - | - |" in table[-1]

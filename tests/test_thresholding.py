@@ -65,16 +65,18 @@ def test_saved_defaults_round_trip_and_are_checked(tmp_path):
 
     pipe = tiny("truncated")
     pipe.config = dataclasses.replace(pipe.config, defaults=dataclasses.replace(
-        pipe.config.defaults, sampler="dpmpp_2m_sde", eta=(1.0, 0.0, 0.0), threshold=0.995, shrink=2.5))
+        pipe.config.defaults, sampler="dpmpp_2m_sde", eta=(1.0, 0.0, 0.0), threshold=0.995, shrink=2.5, shrink_rule="soft"))
     folder = tmp_path / "m"
     pipe.save_pretrained(folder)
     d = json.loads((folder / "config.json").read_text())
     back = PipelineConfig.from_dict(d).defaults
-    assert (back.sampler, back.eta, back.threshold, back.shrink) == ("dpmpp_2m_sde", (1.0, 0.0, 0.0), 0.995, 2.5)
+    assert (back.sampler, back.eta, back.threshold, back.shrink, back.shrink_rule) == \
+        ("dpmpp_2m_sde", (1.0, 0.0, 0.0), 0.995, 2.5, "soft")
     for key, bad, message in (("eta", [1, -1, 0], "eta must be a finite number >= 0"),
                               ("eta", [1, 0], "eta per stage needs one value per stage"),
                               ("threshold", 3, "threshold must be 0 \\(off\\)"),
-                              ("shrink", -1, "shrink must be a finite number")):
+                              ("shrink", -1, "shrink must be a finite number"),
+                              ("shrink_rule", "blur", "unknown shrink rule")):
         with pytest.raises(EdifyError, match=f"field 'defaults': {message}"):
             PipelineConfig.from_dict({**d, "defaults": {**d["defaults"], key: bad}})
     assert TextToImagePipeline.from_pretrained(folder).config.defaults.eta == (1.0, 0.0, 0.0)
@@ -87,16 +89,25 @@ def test_shrink_soft_thresholds_the_finest_band_and_keeps_block_means():
     from edify.core.thresholding import shrink_finest_band
 
     t = 2 / 127.5
-    # a 2x2 checkerboard of amplitude a on a flat ground: its own finest band with zero block means,
-    # so the closed form is that band soft-thresholded: amplitude max(a - t, 0)
+    # a 2x2 checkerboard of amplitude a on a flat ground: its own finest band with zero block means
+    # (and so is its shrunk band), so the closed form is the rule applied to the amplitude
     sign = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(4, 4)
-    for a, kept in ((3 / 127.5, 1 / 127.5), (1.5 / 127.5, 0.0), (t, 0.0)):
-        x = 0.25 + a * sign[None, None]
-        assert torch.allclose(shrink_finest_band(x, 2), 0.25 + kept * sign[None, None], atol=1e-6)
+    closed = {"soft": lambda a: max(a - t, 0.0), "hard": lambda a: a if a > t else 0.0,
+              "garrote": lambda a: a - t * t / a if a > t else 0.0}
+    for rule, kept in closed.items():
+        for a in (3 / 127.5, 6 / 127.5, 1.5 / 127.5, t, 0.0):
+            x = 0.25 + a * sign[None, None]
+            assert torch.allclose(shrink_finest_band(x, 2, rule), 0.25 + kept(a) * sign[None, None], atol=1e-6), rule
+    assert torch.equal(shrink_finest_band(x, 2), shrink_finest_band(x, 2, "garrote"))  # the default rule
+    # the garrote moves an edge of k t by t / k: less than soft's t, and continuously unlike hard
+    assert closed["soft"](3 * t) < closed["garrote"](3 * t) < closed["hard"](3 * t)
     # any image: block means exactly kept, and a band within t of 0 everywhere becomes flat
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
-    out = shrink_finest_band(x, 2)
+    for rule in closed:
+        out = shrink_finest_band(x, 2, rule)
+        assert torch.allclose(down(out), down(x), atol=1e-6) and out.isfinite().all()
+    out = shrink_finest_band(x, 2, "soft")
     assert torch.allclose(down(out), down(x), atol=1e-6)
     band_in, band_out = x - up(down(x)), out - up(down(out))
     # a shrinkage: |s| <= |b| and taking out s's block mean is an orthogonal projection, so no 2x2
@@ -110,10 +121,12 @@ def test_shrink_soft_thresholds_the_finest_band_and_keeps_block_means():
 
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "2", True])
 def test_bad_shrink(bad):
-    from edify.core.thresholding import check_shrink
+    from edify.core.thresholding import check_shrink, shrink_finest_band
 
     with pytest.raises(EdifyError, match="shrink must be a finite number of 8-bit levels >= 0"):
         check_shrink(bad)
+    with pytest.raises(EdifyError, match="unknown shrink rule 'blur'; known: garrote, soft, hard"):
+        shrink_finest_band(torch.zeros(1, 3, 4, 4), 2, "blur")
 
 
 def test_pipeline_shrink_is_the_post_process_of_the_same_sample(tmp_path):
@@ -127,8 +140,12 @@ def test_pipeline_shrink_is_the_post_process_of_the_same_sample(tmp_path):
     assert torch.equal(pipe("red apple", shrink=0, **kw).images, plain)
     shrunk = pipe("red apple", shrink=3, **kw).images
     assert torch.equal(shrunk, shrink_finest_band(plain, 3).clamp(-1, 1)) and not torch.equal(shrunk, plain)
+    assert torch.equal(pipe("red apple", shrink=3, shrink_rule="soft", **kw).images,
+                       shrink_finest_band(plain, 3, "soft").clamp(-1, 1))
     with pytest.raises(EdifyError, match="shrink must be"):
         pipe("red apple", shrink=-2, **kw)
+    with pytest.raises(EdifyError, match="unknown shrink rule"):
+        pipe("red apple", shrink=2, shrink_rule="median", **kw)
     # a model's saved default applies when a call gives none, and a call's 0 turns it off
     pipe.config = dataclasses.replace(pipe.config, defaults=dataclasses.replace(pipe.config.defaults, shrink=3.0))
     assert torch.equal(pipe("red apple", **kw).images, shrunk)
@@ -137,6 +154,8 @@ def test_pipeline_shrink_is_the_post_process_of_the_same_sample(tmp_path):
     pipe.save_pretrained(folder)
     assert_one_line(edify("generate", "x", "--model", str(folder), "--shrink", "-1", "-o", str(tmp_path / "a.png")),
                     2, "shrink must be a finite number", "-1.0")
-    out = edify("generate", "red apple", "--model", str(folder), "--steps", "6", "--guidance", "3", "--shrink", "0",
-                "-o", str(tmp_path / "b.png"))
+    assert_one_line(edify("generate", "x", "--model", str(folder), "--shrink-rule", "blur", "-o",
+                          str(tmp_path / "a.png")), 2, "unknown shrink rule 'blur'")
+    out = edify("generate", "red apple", "--model", str(folder), "--steps", "6", "--guidance", "3", "--shrink", "1",
+                "--shrink-rule", "hard", "-o", str(tmp_path / "b.png"))
     assert out.returncode == 0, out.stderr

@@ -15,15 +15,21 @@ step and its multistep history:
   a saturated one is pulled back into range as a whole rather than flattened at the bounds.
 - threshold = 0: no thresholding (the wrapper is not built; `maybe_threshold` returns the denoiser).
 
-`shrink_finest_band(images, levels)` is a post-process of the finished image rather than of D:
-wavelet shrinkage (Donoho and Johnstone 1994, "soft thresholding") of its finest Laplacian band.
-With b = x - up(down(x)) the finest band and t = levels / 127.5 (`levels` 8-bit levels, the
-[-1, 1] scale), s = sign(b) max(|b| - t, 0) is b soft-thresholded, and the result is
-up(down(x)) + s - up(down(s)): s with its own 2x2 block means taken out, so that the result's
-block means are x's exactly (down(result) = down(x), every coarser band unchanged) and only the
-finest band moves. Band values within t of 0, the faint speckle a sampler leaves in flat areas,
-become 0; larger ones (edges) lose t. docs/laplacian.md has what it does to the demo model's
-figures.
+`shrink_finest_band(images, levels, rule)` is a post-process of the finished image rather than of
+D: wavelet shrinkage of its finest Laplacian band. With b = x - up(down(x)) the finest band and
+t = levels / 127.5 (`levels` 8-bit levels, the [-1, 1] scale), each band value becomes s = rho(b):
+
+- rule "garrote", the non-negative garrote (Breiman 1995; Gao 1998 for wavelets):
+  rho(b) = b max(1 - t^2 / b^2, 0), i.e. 0 for |b| <= t and b - t^2 / b beyond;
+- rule "soft" (Donoho and Johnstone 1994): rho(b) = sign(b) max(|b| - t, 0);
+- rule "hard": rho(b) = b where |b| > t, else 0.
+
+All three set the values within t of 0, the faint speckle a sampler leaves in flat areas, to 0;
+they differ on the larger ones (edges): soft moves every one by t, hard keeps them as they are
+(and jumps at t), the garrote is continuous and moves a value of k t by only t / k. The result is
+up(down(x)) + s - up(down(s)): s with its own 2x2 block means taken out, so that the result's block
+means are x's exactly (down(result) = down(x), every coarser band unchanged) and only the finest
+band moves. docs/laplacian.md has what it does to the demo model's figures.
 """
 
 from __future__ import annotations
@@ -77,15 +83,32 @@ def check_shrink(levels) -> float:
     return float(levels)
 
 
-def shrink_finest_band(images: Tensor, levels: float) -> Tensor:
-    """[B, C, H, W] images in [-1, 1] (H, W even) with their finest Laplacian band soft-thresholded
-    by `levels` 8-bit levels, their 2x2 block means kept exactly (see the module docstring); the
+SHRINK_RULES = ("garrote", "soft", "hard")
+
+
+def check_shrink_rule(rule) -> str:
+    """A shrink rule name, or a one-line EdifyError listing them."""
+    if rule not in SHRINK_RULES:
+        raise EdifyError(f"unknown shrink rule {rule!r}; known: {', '.join(SHRINK_RULES)}")
+    return rule
+
+
+def shrink_finest_band(images: Tensor, levels: float, rule: str = "garrote") -> Tensor:
+    """[B, C, H, W] images in [-1, 1] (H, W even) with their finest Laplacian band shrunk by `rule`
+    at `levels` 8-bit levels, their 2x2 block means kept exactly (see the module docstring); the
     images themselves where levels is 0."""
+    check_shrink_rule(rule)
     if check_shrink(levels) == 0:
         return images
     coarse = up(down(images))
     band = images - coarse
-    shrunk = band.sign() * (band.abs() - levels / 127.5).clamp(min=0)
+    t = levels / 127.5
+    if rule == "soft":
+        shrunk = band.sign() * (band.abs() - t).clamp(min=0)
+    elif rule == "hard":
+        shrunk = torch.where(band.abs() > t, band, torch.zeros_like(band))
+    else:  # garrote: b (1 - t^2 / b^2)+, written to stay finite at b = 0
+        shrunk = torch.where(band.abs() > t, band - t * t / torch.where(band == 0, 1.0, band), 0.0)
     return coarse + shrunk - up(down(shrunk))
 
 

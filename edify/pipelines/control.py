@@ -218,7 +218,8 @@ class ControlNetPipeline(TextToImagePipeline):
                  control_end: float | Sequence[float] = 0.0, resize: bool = False,
                  style_guidance: float | None = None, sigma_min: float | None = None,
                  eta: float | Sequence[float] | None = None, threshold: float | None = None,
-                 shrink: float | None = None, experts=None) -> TextToImageOutput:
+                 shrink: float | None = None, shrink_rule: str | None = None,
+                 experts=None) -> TextToImageOutput:
         """Images for the prompts, steered by one control image per ControlNet (a list for several).
 
         control_weight, control_start, control_end: a number for every ControlNet or a list of one
@@ -238,12 +239,12 @@ class ControlNetPipeline(TextToImagePipeline):
                             num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                             callback=callback, final_stage=final_stage, steps_per_stage=steps_per_stage,
                             style_guidance=style_guidance, sigma_min=sigma_min, eta=eta, threshold=threshold,
-                            shrink=shrink, experts=experts)
+                            shrink=shrink, shrink_rule=shrink_rule, experts=experts)
 
     def _sample(self, denoiser_wrapper: DenoiserWrapper | None, *, prompt, negative_prompt, style, num_steps,
                 guidance_scale, seed, height, width, sampler, num_images_per_prompt, output_type, callback,
                 final_stage, steps_per_stage, style_guidance=None, sigma_min=None, eta=None,
-                threshold=None, shrink=None, experts=None) -> TextToImageOutput:
+                threshold=None, shrink=None, shrink_rule=None, experts=None) -> TextToImageOutput:
         """`TextToImagePipeline.__call__` with the preconditioned denoiser wrapped before guidance:
         each stage's denoiser (the model's experts unless `experts` says otherwise) wrapped on its
         own; an unwrapped call (no control) is plain text-to-image."""
@@ -253,7 +254,7 @@ class ControlNetPipeline(TextToImagePipeline):
             num_images_per_prompt=num_images_per_prompt, output_type=output_type, callback=callback,
             final_stage=final_stage, steps_per_stage=steps_per_stage, denoiser_wrapper=denoiser_wrapper,
             style_guidance=style_guidance, sigma_min=sigma_min, eta=eta, threshold=threshold,
-            shrink=shrink, experts=experts)
+            shrink=shrink, shrink_rule=shrink_rule, experts=experts)
 
 
 # ---- inpainting, outpainting, object replacement -----------------------------------------------
@@ -286,7 +287,8 @@ class InpaintPipeline(ControlNetPipeline):
                  output_type: str = "pil", callback=None, steps_per_stage: tuple[int, ...] | None = None,
                  control_weight: float = 1.0, control_start: float = math.inf, control_end: float = 0.0,
                  resize: bool = False, sigma_min: float | None = None, eta: float | Sequence[float] | None = None,
-                 threshold: float | None = None, shrink: float | None = None, experts=None) -> TextToImageOutput:
+                 threshold: float | None = None, shrink: float | None = None, shrink_rule: str | None = None,
+                 experts=None) -> TextToImageOutput:
         """Regenerate the white part of `mask` in `image` (1 = generate, 0 = keep).
 
         task: "inpaint" (fill a region), "replace" (a new object where the mask covers the old one)
@@ -342,7 +344,7 @@ class InpaintPipeline(ControlNetPipeline):
                            guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
                            num_images_per_prompt=num_images_per_prompt, output_type="tensor", callback=callback,
                            final_stage=0, steps_per_stage=steps_per_stage, sigma_min=sigma_min, eta=eta,
-                           threshold=threshold, shrink=shrink, experts=experts)
+                           threshold=threshold, shrink=shrink, shrink_rule=shrink_rule, experts=experts)
         B = out.images.shape[0]
         if canvas.shape[0] not in (1, B):
             raise EdifyError(f"the image batch must be 1 or the number of images ({B}), got {canvas.shape[0]}")

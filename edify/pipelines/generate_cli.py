@@ -135,9 +135,10 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
                         help="thresholding of the guided estimate: 0 off, a quantile in (0, 1) for dynamic "
                              "thresholding (e.g. 0.995), 1 for static clamping (default: the model's)")
     parser.add_argument("--shrink", type=float, default=None, metavar="LEVELS",
-                        help="soft-threshold the finished image's finest band by this many 8-bit levels, "
-                             "its 2x2 block means kept: clears faint speckle (0 = as sampled; default: "
-                             "the model's)")
+                        help="shrink the finished image's finest band at this many 8-bit levels, its 2x2 "
+                             "block means kept: clears faint speckle (0 = as sampled; default: the model's)")
+    parser.add_argument("--shrink-rule", default=None, metavar="RULE",
+                        help="how --shrink treats the band: garrote, soft or hard (default: the model's)")
     parser.add_argument("--sigma-min", type=float, default=None, metavar="S",
                         help="the noise level where the schedule ends (default: the model's, or a "
                              "ControlNet's measured one)")
@@ -183,9 +184,10 @@ def finite_guard(seeds: list[int], progress=None, steps: int | None = None):
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """`style_guidance`, `sigma_min`, `eta`, `threshold` and `shrink` for the pipeline call, those of
-    them the command was given, and `experts={}` with --no-experts."""
-    given = {k: getattr(args, k, None) for k in ("style_guidance", "sigma_min", "eta", "threshold", "shrink")}
+    """`style_guidance`, `sigma_min`, `eta`, `threshold`, `shrink` and `shrink_rule` for the pipeline
+    call, those of them the command was given, and `experts={}` with --no-experts."""
+    given = {k: getattr(args, k, None) for k in ("style_guidance", "sigma_min", "eta", "threshold", "shrink",
+                                                  "shrink_rule")}
     return {k: v for k, v in given.items() if v is not None} | ({"experts": {}} if getattr(args, "no_experts", False) else {})
 
 
@@ -247,10 +249,10 @@ def parse_stage_steps(text: str | None) -> tuple[int, ...] | None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    from edify.core.thresholding import check_shrink, check_threshold
+    from edify.core.thresholding import check_shrink, check_shrink_rule, check_threshold
 
     parse_stage_steps(args.steps_per_stage)
-    for name, check in (("threshold", check_threshold), ("shrink", check_shrink)):
+    for name, check in (("threshold", check_threshold), ("shrink", check_shrink), ("shrink_rule", check_shrink_rule)):
         if getattr(args, name, None) is not None:
             check(getattr(args, name))
     finetune_scales(args)

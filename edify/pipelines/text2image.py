@@ -29,7 +29,8 @@ from edify.core.precond import EDMPrecond, StageDenoisers, finishing_stages
 from edify.core.samplers import SAMPLERS, STOCHASTIC, initial_state, sampler_nfe, stage_etas
 from edify.core.schedules import SAMPLING, default_stage_weights, laplacian_sigmas, split_steps
 from edify.core.seeding import generators
-from edify.core.thresholding import check_shrink, check_threshold, maybe_threshold, shrink_finest_band
+from edify.core.thresholding import (check_shrink, check_shrink_rule, check_threshold, maybe_threshold,
+                                     shrink_finest_band)
 from edify.data.vocab import StyleVocab, make_cond
 from edify.errors import EdifyError
 from edify.networks.unet import UNet, UNetConfig
@@ -56,9 +57,10 @@ class SamplingDefaults:
     eta: float | tuple[float, ...] = 1.0
     # thresholding of the guided estimate (edify.core.thresholding): 0 off, p in (0, 1) dynamic, 1 static
     threshold: float = 0.0
-    # the finished image's finest Laplacian band soft-thresholded by this many 8-bit levels
-    # (edify.core.thresholding.shrink_finest_band; 0 = off)
+    # the finished image's finest Laplacian band shrunk at this many 8-bit levels by shrink_rule
+    # (edify.core.thresholding.shrink_finest_band: garrote, soft or hard; shrink 0 = off)
     shrink: float = 0.0
+    shrink_rule: str = "garrote"
     sigma_min: float = SAMPLING.sigma_min
     sigma_max: float = SAMPLING.sigma_max
     rho: float = SAMPLING.rho
@@ -125,6 +127,7 @@ class PipelineConfig:
             stage_etas(config.defaults.eta, config.levels)
             check_threshold(config.defaults.threshold)
             check_shrink(config.defaults.shrink)
+            check_shrink_rule(config.defaults.shrink_rule)
         if not (math.isfinite(config.min_sigma) and 0 <= config.min_sigma < config.defaults.sigma_max):
             raise EdifyError(f"field 'min_sigma' must be a number in [0, sigma_max), got {config.min_sigma}")
         stages = [s for group in config.stage_experts for s in group]
@@ -315,7 +318,7 @@ class TextToImagePipeline:
                  style_guidance: float | None = None, sigma_min: float | None = None,
                  guide: TextToImagePipeline | None = None, guide_uncond: bool = False,
                  eta: float | Sequence[float] | None = None,
-                 threshold: float | None = None, shrink: float | None = None,
+                 threshold: float | None = None, shrink: float | None = None, shrink_rule: str | None = None,
                  experts: Mapping[int, TextToImagePipeline | UNet] | None = None) -> TextToImageOutput:
         """Images for the prompts. num_steps: sampler steps over all stages, split by the model's
         `defaults.stage_weights` (or give `steps_per_stage`, finest first). guidance_scale: one
@@ -336,10 +339,11 @@ class TextToImagePipeline:
         counterpart, 1 = the reverse SDE; or one per stage, finest first; default: the model's
         `defaults.eta`). threshold: Imagen's
         thresholding of the guided estimate (`edify.core.thresholding`: 0 off, p in (0, 1) dynamic at
-        the p-quantile, 1 static; default: the model's `defaults.threshold`). shrink: the returned
-        image's finest Laplacian band soft-thresholded by this many 8-bit levels, its 2x2 block means
-        kept (`edify.core.thresholding.shrink_finest_band`; 0 = as sampled; default: the model's
-        `defaults.shrink`). experts: {stage:
+        the p-quantile, 1 static; default: the model's `defaults.threshold`). shrink, shrink_rule: the
+        returned image's finest Laplacian band shrunk at this many 8-bit levels by the rule
+        ("garrote", "soft" or "hard"), its 2x2 block means kept
+        (`edify.core.thresholding.shrink_finest_band`; shrink 0 = as sampled; default: the model's
+        `defaults.shrink` and `defaults.shrink_rule`). experts: {stage:
         model or network}, a separate expert for a stage (stage 0 is the finest; section 2.2.2's
         mixture of experts): a model of the same task, checked like the guide, or a network of this
         model's config; this model's network serves the other stages. Default: the model's own
@@ -365,6 +369,7 @@ class TextToImagePipeline:
                              f"was trained on, got {sigma_min:g}")
         threshold = check_threshold(d.threshold if threshold is None else threshold)
         shrink = check_shrink(d.shrink if shrink is None else shrink)
+        shrink_rule = check_shrink_rule(d.shrink_rule if shrink_rule is None else shrink_rule)
         sampler = d.sampler if sampler is None else sampler
         if eta is not None and sampler not in STOCHASTIC:
             raise EdifyError(f"eta applies only to the stochastic samplers ({', '.join(sorted(STOCHASTIC))}), "
@@ -403,7 +408,7 @@ class TextToImagePipeline:
         x = initial_state(self.process, d.sigma_max, (len(prompts), 3, height, width), gens).to(self.device)
         x = SAMPLERS[sampler](guided, x, sigmas, self.process, cond, gens, callback, final_stage=final_stage,
                               **noise)
-        x = shrink_finest_band(x.clamp(-1, 1), shrink).clamp(-1, 1)
+        x = shrink_finest_band(x.clamp(-1, 1), shrink, shrink_rule).clamp(-1, 1)
         images = x.cpu() if output_type == "tensor" else to_pil(x)
         return TextToImageOutput(images=images, seeds=seeds, nfe=sampler_nfe(sampler, len(sigmas) - 1))
 
