@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._cli import comma_list, run_bench  # noqa: E402
+from edify.core.thresholding import SHRINK_RULES  # noqa: E402
 from edify.errors import EdifyError  # noqa: E402
 
 SEED_OFFSET = 10_000  # eval masks: generators never used by training draws
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
     p.add_argument("--shrink", type=float, default=None, metavar="LEVELS",
                    help="every arm's finished images with their finest band soft-thresholded by this many "
                         "8-bit levels (default: the model's)")
-    p.add_argument("--shrink-rule", choices=("garrote", "soft", "hard"), default=None,
+    p.add_argument("--shrink-rule", choices=SHRINK_RULES, default=None,
                    help="how --shrink treats the band (default: the model's)")
     p.add_argument("--control-weight", type=float, default=1.0)
     p.add_argument("--no-experts", action="store_true",

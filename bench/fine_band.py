@@ -74,9 +74,10 @@ def setting_value(text: str) -> tuple[str, dict]:
                 except argparse.ArgumentTypeError:
                     raise ValueError from None
             elif key == "shrink_rule":
-                if value not in ("garrote", "soft", "hard"):
-                    raise ValueError
-                kw["shrink_rule"] = value
+                try:
+                    kw["shrink_rule"] = rule_value(value)
+                except argparse.ArgumentTypeError:
+                    raise ValueError from None
             else:
                 kw["guidance_scale" if key == "guidance" else key] = float(value)
         except ValueError:
@@ -105,6 +106,15 @@ def levels_value(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"a number of 8-bit levels >= 0, got {text!r}")
     return value
+
+
+def rule_value(text: str) -> str:
+    """An argparse type: a shrink rule (edify.core.thresholding.SHRINK_RULES)."""
+    from edify.core.thresholding import SHRINK_RULES
+
+    if text not in SHRINK_RULES:
+        raise argparse.ArgumentTypeError(f"a shrink rule ({', '.join(SHRINK_RULES)}), got {text!r}")
+    return text
 
 
 def band_shares(images) -> dict:

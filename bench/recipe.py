@@ -243,6 +243,13 @@ class RecordingExtractor:
         return f
 
 
+def shrink_rule_value(text: str) -> str:
+    """--shrink-rule's argparse type (bench/fine_band.py's)."""
+    from bench.fine_band import rule_value
+
+    return rule_value(text)
+
+
 def shrink_value(text: str) -> float:
     """--shrink's argparse type (bench/fine_band.py's)."""
     from bench.fine_band import levels_value
@@ -544,8 +551,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shrink", type=shrink_value, default=None, metavar="LEVELS",
                         help="the finished images' finest band shrunk at this many 8-bit levels "
                              "(edify.core.thresholding.shrink_finest_band; 0: as sampled; default: the model's)")
-    parser.add_argument("--shrink-rule", choices=("garrote", "soft", "hard"), default=None,
-                        help="how --shrink treats the band (default: the model's)")
+    parser.add_argument("--shrink-rule", type=shrink_rule_value, default=None, metavar="RULE",
+                        help="how --shrink treats the band: garrote, soft or hard (default: the model's)")
     parser.add_argument("--steps", type=int, default=24, help="sampler steps over all stages")
     parser.add_argument("--guidance", type=guidance_value, default=3.0,
                         help="guidance scale, or one per stage finest first (e.g. 1,7,7)")
