@@ -68,14 +68,9 @@ def setting_value(text: str) -> tuple[str, dict]:
                 kw["eta"] = [float(value)]
             elif key == "steps":
                 kw["num_steps"] = int(value)
-            elif key == "shrink":
+            elif key in ("shrink", "shrink_rule"):
                 try:
-                    kw["shrink"] = levels_value(value)
-                except argparse.ArgumentTypeError:
-                    raise ValueError from None
-            elif key == "shrink_rule":
-                try:
-                    kw["shrink_rule"] = rule_value(value)
+                    kw[key] = (levels_value if key == "shrink" else rule_value)(value)
                 except argparse.ArgumentTypeError:
                     raise ValueError from None
             else:
@@ -98,23 +93,26 @@ def sigma_list(text: str) -> list[float]:
 
 
 def levels_value(text: str) -> float:
-    """An argparse type: a finite number of 8-bit levels >= 0 (a shrink threshold)."""
+    """An argparse type: a finite number of 8-bit levels >= 0 (a shrink threshold, checked by
+    edify.core.thresholding.check_shrink)."""
+    from edify.core.thresholding import check_shrink
+    from edify.errors import EdifyError
+
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"a number of 8-bit levels >= 0, got {text!r}")
-    return value
+        return check_shrink(float(text))
+    except (ValueError, EdifyError):
+        raise argparse.ArgumentTypeError(f"a number of 8-bit levels >= 0, got {text!r}") from None
 
 
 def rule_value(text: str) -> str:
-    """An argparse type: a shrink rule (edify.core.thresholding.SHRINK_RULES)."""
-    from edify.core.thresholding import SHRINK_RULES
+    """An argparse type: a shrink rule (edify.core.thresholding.check_shrink_rule)."""
+    from edify.core.thresholding import SHRINK_RULES, check_shrink_rule
+    from edify.errors import EdifyError
 
-    if text not in SHRINK_RULES:
-        raise argparse.ArgumentTypeError(f"a shrink rule ({', '.join(SHRINK_RULES)}), got {text!r}")
-    return text
+    try:
+        return check_shrink_rule(text)
+    except EdifyError:
+        raise argparse.ArgumentTypeError(f"a shrink rule ({', '.join(SHRINK_RULES)}), got {text!r}") from None
 
 
 def band_shares(images) -> dict:
