@@ -246,8 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--sigma-min", type=float, default=None,
                    help="where every arm's schedule ends (default: the ControlNet's, else the model's)")
     p.add_argument("--shrink", type=float, default=None, metavar="LEVELS",
-                   help="every arm's finished images with their finest band soft-thresholded by this many "
-                        "8-bit levels (default: the model's)")
+                   help="every arm's finished images with their finest band shrunk at this many 8-bit levels "
+                        "by --shrink-rule (0: as sampled; default: the model's)")
     p.add_argument("--shrink-rule", choices=SHRINK_RULES, default=None,
                    help="how --shrink treats the band (default: the model's)")
     p.add_argument("--control-weight", type=float, default=1.0)
