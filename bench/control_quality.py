@@ -124,9 +124,18 @@ def metrics_of(images: torch.Tensor, real_stats, extractor) -> dict:
 
 
 def controlled_experts(args, pipe):
-    """The stage experts of the controlled arm: the model's (the pipeline's default), or none with
-    --no-experts (the main network at every stage)."""
-    return {} if args.no_experts else None
+    """The stage experts of the controlled arm: none with --no-experts (the main network at every
+    stage), the model's with --experts, else the pipeline's default (the model's, unless the
+    ControlNet's defaults say `"experts": false`)."""
+    if args.no_experts:
+        return {}
+    return True if args.experts else pipe.control_experts()
+
+
+def experts_used(args, pipe) -> list[int]:
+    """The stages the controlled arm runs on an expert network (for the JSON rows)."""
+    experts = controlled_experts(args, pipe)
+    return [] if experts == {} or not pipe.experts_kept() else sorted(pipe.experts)
 
 
 def run_canny(args, pipe, real, real_stats, extractor, log, emit):
@@ -157,7 +166,7 @@ def run_canny(args, pipe, real, real_stats, extractor, log, emit):
         f1 = edge_f1(canny_edges(out), control)
         emit({"bench": "control_quality", "control": "canny", "arm": arm, "num": n, "first": first,
                      "control_weight": args.control_weight if arm == "controlnet" else 0.0,
-                     "experts": sorted(pipe.experts) if arm == "base" or not args.no_experts else [],
+                     "experts": sorted(pipe.experts) if arm == "base" else experts_used(args, pipe),
                      "steps": args.steps, "guidance": args.guidance, "sigma_min": args.sigma_min,
                      "shrink": args.shrink, "shrink_rule": args.shrink_rule, "edge_f1": round(float(f1.mean()), 4),
                      "edge_f1_std": round(float(f1.std()), 4), **metrics_of(out, real_stats, extractor)})
@@ -195,7 +204,7 @@ def run_inpaint(args, pipe, real, real_stats, extractor, log, emit):
                          "num": len(chosen), "steps": args.steps, "guidance": args.guidance,
                          "sigma_min": args.sigma_min, "shrink": args.shrink,
                          "shrink_rule": args.shrink_rule, "mask_cover": round(float(masks.mean()), 3),
-                         "experts": [] if args.no_experts else sorted(pipe.experts),
+                         "experts": experts_used(args, pipe),
                          "kept_max_err_255": round(kept_err, 3),
                          "seam_energy": round(float(energy.mean()), 5),
                          "seam_energy_real": round(float(real_energy.mean()), 5),
@@ -251,9 +260,14 @@ def main(argv=None) -> int:
     p.add_argument("--shrink-rule", choices=SHRINK_RULES, default=None,
                    help="how --shrink treats the band (default: the model's)")
     p.add_argument("--control-weight", type=float, default=1.0)
-    p.add_argument("--no-experts", action="store_true",
-                   help="controlled calls run the model's main network at every stage (the one the ControlNet "
-                        "was trained on) instead of its stage experts; the base arm always uses them")
+    experts = p.add_mutually_exclusive_group()
+    experts.add_argument("--no-experts", action="store_true",
+                         help="controlled calls run the model's main network at every stage (the one the "
+                              "ControlNet was trained on) instead of its stage experts; the base arm always "
+                              "uses them")
+    experts.add_argument("--experts", action="store_true",
+                         help="controlled calls run the model's stage experts even where the ControlNet's "
+                              "defaults say its main network (default: as the ControlNet says)")
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/control-quality")
@@ -291,7 +305,7 @@ def report(args, pipe, real, real_stats, extractor, started) -> int:
     defaults = pipe.config.defaults
     args.steps = defaults.num_steps if args.steps is None else args.steps
     # the pipeline's own defaults (the ControlNet's, where it carries them, else the model's), for every arm
-    guidance, sigma_min = pipe.with_control_defaults(args.guidance, args.sigma_min)
+    guidance, sigma_min, _ = pipe.with_control_defaults(args.guidance, args.sigma_min)
     args.guidance = defaults.guidance_scale if guidance is None else guidance
     args.sigma_min = defaults.sigma_min if sigma_min is None else sigma_min
     args.shrink = check_shrink(defaults.shrink if args.shrink is None else args.shrink)

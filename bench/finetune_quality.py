@@ -171,7 +171,7 @@ def measure_controlnet(args, cn_base, cn_tuned, real, extractor, reference, name
         images = generate(pipe, captions, arm_styles, args, control)
         f1 = edge_f1(canny_edges(images), control)
         yield ({"measure": "controlnet", "arm": arm, "num": n, "control_weight": args.control_weight,
-                "experts": not args.control_no_experts,
+                "experts": not args.control_no_experts and pipe.control_experts() is None and pipe.experts_kept(),
                 "edge_f1": round(float(f1.mean()), 4), "edge_f1_std": round(float(f1.std()), 4),
                 "new_style_rate": new_style_rate(images, name, extractor, reference)})
         log(f"controlnet: {arm} done")

@@ -115,6 +115,73 @@ def test_a_controlled_call_reaches_the_experts_unless_told_not_to():
     assert torch.equal(off, plain("red apple", **kwargs).images)
 
 
+def perturbed_copy(network, seed: int = 1):
+    """A copy of `network` with every weight moved a little: an expert that differs from it."""
+    import copy
+
+    expert = copy.deepcopy(network)
+    with torch.no_grad():
+        for p in expert.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    return expert
+
+
+def test_a_controlnets_measured_experts_default_picks_the_main_network(tmp_path):
+    plain = tiny_pipeline()
+    plain.save_pretrained(tmp_path / "base")
+    net = trained_controlnet(plain.network, 1, "canny", seed=3)
+    net.defaults = {"experts": False}
+    net.save_pretrained(tmp_path / "canny")
+    assert json.loads((tmp_path / "canny" / "config.json").read_text())["defaults"] == {"experts": False}
+    pipe = ControlNetPipeline.from_pretrained(tmp_path / "base", controlnets=[tmp_path / "canny"],
+                                              text_encoder=HashEncoder())
+    assert pipe.controlnets[0].defaults == {"experts": False} and pipe.control_experts() == {}
+    pipe.experts = {0: perturbed_copy(plain.network)}
+    edges = canny_edges(image_tensor(picture()))
+    kwargs = dict(control_image=edges, seed=[5, 9], num_images_per_prompt=2, output_type="tensor", style="noto")
+    main_only = pipe("red apple", experts={}, **kwargs).images
+    assert torch.equal(pipe("red apple", **kwargs).images, main_only)  # the ControlNet's default
+    assert torch.equal(pipe("red apple", experts=False, **kwargs).images, main_only)
+    routed = pipe("red apple", experts=True, **kwargs).images  # the caller's word wins
+    assert not torch.equal(routed, main_only)
+    assert torch.equal(routed, pipe("red apple", experts=pipe.experts, **kwargs).images)
+    # plain text-to-image with the same pipeline still runs the experts
+    t2i = dict(seed=2, output_type="tensor")
+    assert torch.equal(TextToImagePipeline.__call__(pipe, "red apple", **t2i).images,
+                       TextToImagePipeline.__call__(pipe, "red apple", experts=True, **t2i).images)
+    # with several ControlNets one "false" is enough; "true" or no entry leaves the experts on
+    other = trained_controlnet(plain.network, 1, "depth", seed=4)
+    assert controlled(plain, pipe.controlnets[0], other).control_experts() == {}
+    net.defaults = {"experts": True}
+    assert controlled(plain, net, other).control_experts() is None
+    for bad in ({"experts": 1}, {"experts": "false"}, {"experts": None}):
+        config = json.loads((tmp_path / "canny" / "config.json").read_text())
+        config["defaults"] = bad
+        (tmp_path / "canny" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(EdifyError) as err:
+            ControlNet.from_pretrained(tmp_path / "canny")
+        assert "defaults.experts must be true or false" in one_line(err)
+
+
+def test_an_inpainting_controlnets_experts_default_holds_and_repaint_keeps_the_experts():
+    plain = tiny_pipeline()
+    net = trained_controlnet(plain.network, 7, "inpaint", seed=6)
+    net.defaults = {"experts": False}
+    pipe = controlled(plain, net, cls=InpaintPipeline)
+    pipe.experts = {0: perturbed_copy(plain.network)}
+    x0 = image_tensor(picture(2))
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    kwargs = dict(image=x0, mask=mask, seed=3, output_type="tensor", style="noto")
+    main_only = pipe("red apple", experts={}, **kwargs).images
+    assert torch.equal(pipe("red apple", **kwargs).images, main_only)
+    assert not torch.equal(pipe("red apple", experts=True, **kwargs).images, main_only)
+    # without the ControlNet (RePaint) nothing says otherwise: the model's experts
+    repaint = pipe("red apple", method="repaint", **kwargs).images
+    assert torch.equal(repaint, pipe("red apple", method="repaint", experts=True, **kwargs).images)
+    assert not torch.equal(repaint, pipe("red apple", method="repaint", experts={}, **kwargs).images)
+
+
 def test_several_controlnets_one_weight_each():
     plain = tiny_pipeline()
     a = trained_controlnet(plain.network, 1, "canny", seed=3)
@@ -405,6 +472,27 @@ def test_control_command_uses_the_experts_unless_told_not_to(files, tmp_path):
         assert result.returncode == 0, result.stderr
         out[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
     assert np.array_equal(out["g-main"], out["g-plain"]) and not np.array_equal(out["g-expert"], out["g-plain"])
+
+
+def test_inpaint_command_follows_the_controlnets_experts_default(files, tmp_path):
+    pipe = TextToImagePipeline.from_pretrained(files["model"])
+    pipe.experts = {0: perturbed_copy(pipe.network)}
+    pipe.save_pretrained(tmp_path / "with-expert")
+    net = ControlNet.from_pretrained(files["inpaint"])
+    net.defaults = {"experts": False}
+    net.save_pretrained(tmp_path / "inpaint-main")
+    out = {}
+    for name, extra in (("default", []), ("main", ["--no-experts"]), ("expert", ["--experts"])):
+        result = edify("inpaint", "--image", str(files["in"]), "--mask", str(files["mask"]), "green apple",
+                       "--model", str(tmp_path / "with-expert"), "--controlnet", str(tmp_path / "inpaint-main"),
+                       "-o", str(tmp_path / f"{name}.png"), "--steps", "3", "--style", "noto", *extra)
+        assert result.returncode == 0, result.stderr
+        out[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    assert np.array_equal(out["default"], out["main"]) and not np.array_equal(out["expert"], out["main"])
+    result = edify("inpaint", "--image", str(files["in"]), "--mask", str(files["mask"]), "green apple",
+                   "--model", str(tmp_path / "with-expert"), "--controlnet", str(tmp_path / "inpaint-main"),
+                   "-o", str(tmp_path / "both.png"), "--experts", "--no-experts")
+    assert_one_line(result, 2, "--experts", "--no-experts")
 
 
 def test_control_command_writes_images_and_the_edge_map(files, tmp_path):

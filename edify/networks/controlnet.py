@@ -331,13 +331,14 @@ def load_controlnet_config(path: str | Path) -> ControlNetConfig:
         return ControlNetConfig.from_dict(fields)
 
 
-DEFAULT_KEYS = ("guidance_scale", "sigma_min")
+DEFAULT_KEYS = ("guidance_scale", "sigma_min", "experts")
 
 
 def load_controlnet_defaults(path: str | Path) -> dict:
     """The optional "defaults" of a ControlNet folder's config.json, checked: {} when absent;
     "guidance_scale": a finite number >= 0, "sigma_min" (where the sampler's schedule ends): a finite
-    number > 0."""
+    number > 0, "experts": true or false (whether the base model's stage experts run under this
+    ControlNet, or the main network it was trained on serves every stage)."""
     file = inside(model_folder(path), CONFIG_NAME, "ControlNet folder")
     data = read_json(file)
     defaults = data.get("defaults", {}) if isinstance(data, dict) else {}
@@ -346,12 +347,16 @@ def load_controlnet_defaults(path: str | Path) -> dict:
             raise EdifyError(f"'defaults' must be an object with the keys {', '.join(DEFAULT_KEYS)} only, "
                              f"got {brief(defaults)}")
         for key, v in defaults.items():
+            if key == "experts":
+                if not isinstance(v, bool):
+                    raise EdifyError(f"defaults.experts must be true or false, got {brief(v)}")
+                continue
             positive = key == "sigma_min"
             if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                     or v < 0 or (positive and v == 0)):
                 raise EdifyError(f"defaults.{key} must be a finite number {'> 0' if positive else '>= 0'}, "
                                  f"got {brief(v)}")
-    return {k: float(v) for k, v in defaults.items()}
+    return {k: v if k == "experts" else float(v) for k, v in defaults.items()}
 
 
 def check_version(version) -> None:

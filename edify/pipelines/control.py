@@ -19,7 +19,9 @@ and the three inpainting methods cost the same network evaluations. One exceptio
 folder may carry its own measured sampling defaults (`"defaults": {"guidance_scale": G,
 "sigma_min": S}` in its config.json); where the call gives none and every ControlNet in use has
 one, the smallest guidance scale and the largest schedule end among them replace the base model's
-defaults.
+defaults; and `"experts": false` in any of them runs the main network (the one the ControlNets were
+trained on) at every stage instead of the base model's stage experts, unless the call passes
+`experts` itself.
 
 Sigmas are full-resolution units, as everywhere in `edify.core`: a control acts while sampling
 runs from `control_start` (the larger sigma, default infinity) down to `control_end` (default 0).
@@ -173,14 +175,22 @@ class ControlNetPipeline(TextToImagePipeline):
         base model's default)."""
         return self._control_default("sigma_min", max)
 
-    def with_control_defaults(self, guidance_scale: float | None, sigma_min: float | None):
-        """(guidance_scale, sigma_min) with each one the caller left None replaced by the
+    def control_experts(self):
+        """Which networks run under the ControlNets when the caller does not say: {} (the main
+        network, the one the ControlNets were trained on, at every stage) when any of them has the
+        measured default `"experts": false`, else None (the model's stage experts, as text-to-image)."""
+        return {} if any(net.defaults.get("experts") is False for net in self.controlnets) else None
+
+    def with_control_defaults(self, guidance_scale: float | None, sigma_min: float | None, experts=None):
+        """(guidance_scale, sigma_min, experts) with each one the caller left None replaced by the
         ControlNets' measured default, where they carry one (else still None: the model's)."""
         if guidance_scale is None:
             guidance_scale = self.control_guidance()
         if sigma_min is None:
             sigma_min = self.control_sigma_min()
-        return guidance_scale, sigma_min
+        if experts is None:
+            experts = self.control_experts()
+        return guidance_scale, sigma_min, experts
 
     def _control_default(self, key: str, reduce) -> float | None:
         values = [net.defaults.get(key) for net in self.controlnets]
@@ -224,16 +234,17 @@ class ControlNetPipeline(TextToImagePipeline):
 
         control_weight, control_start, control_end: a number for every ControlNet or a list of one
         each. experts: as for `TextToImagePipeline.__call__` (default: the model's stage experts,
-        each stage's network receiving the ControlNets' residuals as the main network does; `{}`
-        runs the main network, the one the ControlNets were trained on, at every stage). The other
-        arguments are those of `TextToImagePipeline.__call__`."""
+        each stage's network receiving the ControlNets' residuals as the main network does, unless a
+        ControlNet's measured defaults say `"experts": false`; `{}` or False runs the main network,
+        the one the ControlNets were trained on, at every stage; True the model's experts whatever
+        the ControlNets' defaults). The other arguments are those of `TextToImagePipeline.__call__`."""
         height = self.config.resolution if height is None else height
         width = self.config.resolution if width is None else width
         controls = self.controls(control_image, (height, width), control_weight, control_start, control_end,
                                  resize)
         wrap = partial(ControlledDenoiser, controls=controls) if controls else None
         if controls:
-            guidance_scale, sigma_min = self.with_control_defaults(guidance_scale, sigma_min)
+            guidance_scale, sigma_min, experts = self.with_control_defaults(guidance_scale, sigma_min, experts)
         return self._sample(wrap, prompt=prompt, negative_prompt=negative_prompt, style=style, num_steps=num_steps,
                             guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
                             num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -333,7 +344,7 @@ class InpaintPipeline(ControlNetPipeline):
                 raise EdifyError(f"method {method!r} needs an inpainting ControlNet (from_pretrained(..., "
                                  "controlnet=FOLDER)); method 'repaint' needs none")
             controls = self.controls(control, (height, width), control_weight, control_start, control_end)
-            guidance_scale, sigma_min = self.with_control_defaults(guidance_scale, sigma_min)
+            guidance_scale, sigma_min, experts = self.with_control_defaults(guidance_scale, sigma_min, experts)
 
         def wrap(denoiser):
             if controlled:

@@ -142,10 +142,14 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sigma-min", type=float, default=None, metavar="S",
                         help="the noise level where the schedule ends (default: the model's, or a "
                              "ControlNet's measured one)")
-    parser.add_argument("--no-experts", action="store_true",
-                        help="run the model's main network at every stage instead of its stage experts "
-                             "(`edify expert MODEL` lists them; for a controlled call, the network its "
-                             "ControlNet was trained on)")
+    experts = parser.add_mutually_exclusive_group()
+    experts.add_argument("--no-experts", action="store_true",
+                         help="run the model's main network at every stage instead of its stage experts "
+                              "(`edify expert MODEL` lists them; for a controlled call, the network its "
+                              "ControlNet was trained on)")
+    experts.add_argument("--experts", action="store_true",
+                         help="run the model's stage experts under a ControlNet whose measured defaults "
+                              "say the main network (the inpainting ControlNet's do)")
     parser.add_argument("--num", type=int, default=1, help="number of images")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
                         help="images generated together; each batch is written as it finishes "
@@ -185,10 +189,12 @@ def finite_guard(seeds: list[int], progress=None, steps: int | None = None):
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     """`style_guidance`, `sigma_min`, `eta`, `threshold`, `shrink` and `shrink_rule` for the pipeline
-    call, those of them the command was given, and `experts={}` with --no-experts."""
+    call, those of them the command was given, and `experts={}` with --no-experts, `experts=True`
+    with --experts."""
     given = {k: getattr(args, k, None) for k in ("style_guidance", "sigma_min", "eta", "threshold", "shrink",
                                                   "shrink_rule")}
-    return {k: v for k, v in given.items() if v is not None} | ({"experts": {}} if getattr(args, "no_experts", False) else {})
+    given["experts"] = {} if getattr(args, "no_experts", False) else True if getattr(args, "experts", False) else None
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def generate_batch(pipe, args: argparse.Namespace, seeds: list[int], progress=None):

@@ -349,7 +349,7 @@ class TextToImagePipeline:
         model's config; this model's network serves the other stages. Default: the model's own
         (`self.experts`, saved in its folder), none while a finetune without parts for them is
         loaded at a scale other than 0 (it changed the main network only; at scale 0 it changed
-        nothing); {} runs the main network at every stage."""
+        nothing); True the same default; {} or False runs the main network at every stage."""
         d = self.config.defaults
         if self.config.max_sigma and d.sigma_max > self.config.max_sigma:
             raise EdifyError(f"this model is an upsampler, trained only up to sigma {self.config.max_sigma:g}: "
@@ -389,8 +389,10 @@ class TextToImagePipeline:
         if negative_prompt is not None and not unguided(guidance_scale):
             negative = self.encode([negative_prompt], [None])
         denoiser = EDMPrecond(self.network, self.config.sigma_data, dtype=self.dtype)
-        if experts is None:  # the model's own, unless a loaded finetune changed the main network only
+        if experts is None or experts is True:  # the model's own, unless a finetune changed the main network only
             experts = self.experts if self.experts_kept() else {}
+        elif experts is False:
+            experts = {}
         if experts:
             denoiser = self.with_experts(denoiser, experts)
         guide_denoiser = None if guide is None else self.partner_denoiser(guide, "the guide")
