@@ -23,6 +23,12 @@ DEFAULT_BATCH_SIZE = {"cpu": 16}
 DEFAULT_ACCELERATOR_BATCH_SIZE = 64
 
 
+# Where bf16 matrix products run this many times slower than fp32 ones, the CPU has no bf16 dot
+# products of its own (AVX512-BF16, AMX, Arm's BF16) and torch emulates them: bf16 autocast then
+# trains slower, not faster (measured 27x per product on an AVX2-only AMD EPYC; 0.5x with AVX512-BF16).
+BF16_SLOW_CPU_FACTOR = 2.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Devices
 
@@ -220,3 +226,34 @@ def all_finite(x) -> bool:
 
     return bool(torch.isfinite(x).all())
 
+
+def bf16_matmul_slowdown(size: int = 192, reps: int = 3) -> float:
+    """How many times longer a bf16 matrix product of size x size takes than an fp32 one on this
+    CPU, at the current thread count (the best of `reps` timings each, after one warm-up): below
+    about 1 where the CPU has bf16 dot products, tens where torch emulates them. About 0.1 s."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+
+    def best(x, y) -> float:
+        x @ y
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - start)
+        return max(min(times), 1e-9)
+
+    return best(a.bfloat16(), b.bfloat16()) / best(a, b)
+
+
+def bf16_cpu_warning(slowdown: float) -> str | None:
+    """The one-line warning for bf16 autocast on a CPU whose bf16 products are `slowdown` times
+    slower than fp32 ones (`bf16_matmul_slowdown`), or None where bf16 is not slower."""
+    if slowdown < BF16_SLOW_CPU_FACTOR:
+        return None
+    return (f"edify: warning: bf16 matrix products run {slowdown:.0f}x slower than fp32 on this CPU (it has no "
+            f"bf16 dot products: AVX512-BF16, AMX or Arm BF16); precision=bf16 will train slower than "
+            f"precision=fp32 here")

@@ -95,6 +95,28 @@ def test_bf16_autocast_trains_on_the_cpu_and_may_be_switched_on_when_resuming(tm
     assert any(not torch.equal(v, before[k]) for k, v in t.model.state_dict().items())
 
 
+def test_bf16_on_a_cpu_without_bf16_products_is_warned_of(tmp_path, capsys, monkeypatch):
+    from edify import runtime
+
+    slowdown = runtime.bf16_matmul_slowdown(size=64, reps=2)  # the real probe: a positive ratio
+    assert math.isfinite(slowdown) and slowdown > 0
+    calls = []
+
+    def probe(factor):
+        return lambda *a, **k: calls.append(factor) or factor
+
+    monkeypatch.setattr(runtime, "bf16_matmul_slowdown", probe(27.0))
+    trainer(tmp_path / "a", precision="bf16")
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "warning" in line] == [
+        "edify: warning: bf16 matrix products run 27x slower than fp32 on this CPU (it has no bf16 dot "
+        "products: AVX512-BF16, AMX or Arm BF16); precision=bf16 will train slower than precision=fp32 here"]
+    monkeypatch.setattr(runtime, "bf16_matmul_slowdown", probe(0.6))  # a CPU with bf16 products
+    trainer(tmp_path / "b", precision="bf16")
+    trainer(tmp_path / "c")  # fp32: nothing to probe
+    assert "warning" not in capsys.readouterr().err and calls == [27.0, 0.6]
+
+
 def test_resume_with_another_config_is_refused(tmp_path):
     trainer(tmp_path, stage_sampling="random").run(max_steps=1)
     with pytest.raises(EdifyError, match=r"another config \(lr: 0.001 -> 0.01\)"):

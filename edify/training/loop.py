@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from edify import runtime
 from edify.conditioning import Cond, random_drop
 from edify.core.laplacian import LaplacianProcess
 from edify.core.losses import LaplacianEDMLoss
@@ -203,6 +204,10 @@ class Trainer:
 
         # bf16 autocast on CUDA, and on CPUs too (fast where they have bf16 dot products: AVX512-BF16, AMX).
         dtype = torch.bfloat16 if c.precision == "bf16" else torch.float32
+        if dtype == torch.bfloat16 and self.device.type == "cpu" and distributed.is_main():
+            warning = runtime.bf16_cpu_warning(runtime.bf16_matmul_slowdown())
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
         self.net.to(self.device)
         self.flops_per_image = self._count_flops(dtype) if c.peak_tflops > 0 else {}
         self.model = distributed.wrap_model(self.net, c.dist, self.device)
