@@ -25,7 +25,7 @@ DEFAULT_ACCELERATOR_BATCH_SIZE = 64
 
 # Where bf16 matrix products run this many times slower than fp32 ones, the CPU has no bf16 dot
 # products of its own (AVX512-BF16, AMX, Arm's BF16) and torch emulates them: bf16 autocast then
-# trains slower, not faster (measured 27x per product on an AVX2-only AMD EPYC; 0.5x with AVX512-BF16).
+# trains slower, not faster (bench/README.md, cpu_train.py: 0.07x the fp32 throughput on an AVX2-only CPU).
 BF16_SLOW_CPU_FACTOR = 2.0
 
 
