@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench._cli import comma_list, run_bench  # noqa: E402
 from edify.core.thresholding import SHRINK_RULES  # noqa: E402
 from edify.errors import EdifyError  # noqa: E402
+from edify.pipelines.generate_cli import add_experts_options  # noqa: E402
 
 SEED_OFFSET = 10_000  # eval masks: generators never used by training draws
 METHOD_TITLES = {"controlnet": "ControlNet", "repaint": "RePaint", "controlnet+repaint": "CN+RePaint"}  # figure
@@ -260,14 +261,10 @@ def main(argv=None) -> int:
     p.add_argument("--shrink-rule", choices=SHRINK_RULES, default=None,
                    help="how --shrink treats the band (default: the model's)")
     p.add_argument("--control-weight", type=float, default=1.0)
-    experts = p.add_mutually_exclusive_group()
-    experts.add_argument("--no-experts", action="store_true",
-                         help="controlled calls run the model's main network at every stage (the one the "
-                              "ControlNet was trained on) instead of its stage experts; the base arm always "
-                              "uses them")
-    experts.add_argument("--experts", action="store_true",
-                         help="controlled calls run the model's stage experts even where the ControlNet's "
-                              "defaults say its main network (default: as the ControlNet says)")
+    add_experts_options(p, "controlled calls run the model's main network at every stage (the one the ControlNet "
+                           "was trained on) instead of its stage experts; the base arm always uses them",
+                        "controlled calls run the model's stage experts even where the ControlNet's defaults say "
+                        "its main network (default: as the ControlNet says)")
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/control-quality")

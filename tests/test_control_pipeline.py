@@ -155,12 +155,7 @@ def test_a_controlnets_measured_experts_default_picks_the_main_network(tmp_path)
     net.defaults = {"experts": True}
     assert controlled(plain, net, other).control_experts() is None
     for bad in ({"experts": 1}, {"experts": "false"}, {"experts": None}):
-        config = json.loads((tmp_path / "canny" / "config.json").read_text())
-        config["defaults"] = bad
-        (tmp_path / "canny" / "config.json").write_text(json.dumps(config))
-        with pytest.raises(EdifyError) as err:
-            ControlNet.from_pretrained(tmp_path / "canny")
-        assert "defaults.experts must be true or false" in one_line(err)
+        assert "defaults.experts must be true or false" in refused_defaults(tmp_path / "canny", bad)
 
 
 def test_an_inpainting_controlnets_experts_default_holds_and_repaint_keeps_the_experts():
@@ -220,6 +215,16 @@ def test_from_pretrained_loads_controlnets_and_refuses_another_base(tmp_path):
     assert "made for another base network" in one_line(err)
 
 
+def refused_defaults(folder: Path, bad) -> str:
+    """The one-line error of loading the ControlNet `folder` with `bad` as its config's defaults."""
+    config = json.loads((folder / "config.json").read_text())
+    config["defaults"] = bad
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EdifyError) as err:
+        ControlNet.from_pretrained(folder)
+    return one_line(err)
+
+
 def test_a_controlnets_measured_guidance_is_the_default_and_a_given_one_wins(tmp_path):
     plain = tiny_pipeline()
     plain.save_pretrained(tmp_path / "base")
@@ -242,12 +247,7 @@ def test_a_controlnets_measured_guidance_is_the_default_and_a_given_one_wins(tmp
     assert controlled(plain, pipe.controlnets[0], other).control_guidance() == 1.2  # the smallest
     for bad in ({"guidance_scale": -1}, {"guidance_scale": "3"}, {"steps": 3}, [3], {"sigma_min": 0},
                 {"sigma_min": float("nan")}, {"sigma_min": True}):
-        config = json.loads((tmp_path / "canny" / "config.json").read_text())
-        config["defaults"] = bad
-        (tmp_path / "canny" / "config.json").write_text(json.dumps(config))
-        with pytest.raises(EdifyError) as err:
-            ControlNet.from_pretrained(tmp_path / "canny")
-        assert "defaults" in one_line(err)
+        assert "defaults" in refused_defaults(tmp_path / "canny", bad)
 
 
 def test_a_controlnets_measured_schedule_end_is_the_default_and_a_given_one_wins(tmp_path):

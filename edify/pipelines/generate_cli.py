@@ -142,19 +142,24 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sigma-min", type=float, default=None, metavar="S",
                         help="the noise level where the schedule ends (default: the model's, or a "
                              "ControlNet's measured one)")
-    experts = parser.add_mutually_exclusive_group()
-    experts.add_argument("--no-experts", action="store_true",
-                         help="run the model's main network at every stage instead of its stage experts "
-                              "(`edify expert MODEL` lists them; for a controlled call, the network its "
-                              "ControlNet was trained on)")
-    experts.add_argument("--experts", action="store_true",
-                         help="run the model's stage experts under a ControlNet whose measured defaults "
-                              "say the main network (the inpainting ControlNet's do)")
+    add_experts_options(parser)
     parser.add_argument("--num", type=int, default=1, help="number of images")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
                         help="images generated together; each batch is written as it finishes "
                              "(default: 16 on a CPU, 64 on a GPU)")
     add_finetune_arguments(parser)
+
+
+def add_experts_options(parser: argparse.ArgumentParser,
+                        no_experts_help: str = "run the model's main network at every stage instead of its stage "
+                                               "experts (`edify expert MODEL` lists them; for a controlled call, "
+                                               "the network its ControlNet was trained on)",
+                        experts_help: str = "run the model's stage experts under a ControlNet whose measured "
+                                            "defaults say the main network (the inpainting ControlNet's do)") -> None:
+    """--no-experts and --experts, one or neither (`sampling_kwargs` turns them into `experts`)."""
+    experts = parser.add_mutually_exclusive_group()
+    experts.add_argument("--no-experts", action="store_true", help=no_experts_help)
+    experts.add_argument("--experts", action="store_true", help=experts_help)
 
 
 def output_paths(output: str, n: int) -> list[Path]:
