@@ -340,7 +340,16 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
                  if getattr(args, key) is not None}
     pipe.config = dataclasses.replace(pipe.config, defaults=dataclasses.replace(pipe.config.defaults, **overrides))
     sigma_min = pipe.config.defaults.sigma_min
-    guide = None if args.guide_model is None else TextToImagePipeline.from_pretrained(args.guide_model).to("cpu")
+    # --guide-model DIR: one guide for every stage; STAGES=DIR (repeatable): a guide per stage
+    guide = None
+    if args.guide_model:
+        loaded = {folder: TextToImagePipeline.from_pretrained(folder).to("cpu") for _, folder in args.guide_model}
+        if len(args.guide_model) == 1 and args.guide_model[0][0] is None:
+            guide = loaded[args.guide_model[0][1]]
+        elif any(stages is None for stages, _ in args.guide_model):
+            raise SystemExit("--guide-model: either one DIR for every stage or STAGES=DIR per stage")
+        else:
+            guide = {s: loaded[folder] for stages, folder in args.guide_model for s in stages}
     # --expert: these stages' experts instead of the model's own (None: the model's, as saved in its folder)
     experts = {}
     for stages, folder in args.expert:  # one model per folder, however many stages it serves
@@ -352,7 +361,8 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
         metrics = evaluate_pipeline(pipe, real, args.num_samples, sampler=args.sampler, steps=args.steps,
                                     guidance=args.guidance, style_guidance=args.style_guidance, seed=args.seed, metrics=("fid", "kid", "swd", "retrieval"),
                                     batch_size=args.batch, extractor=recorder, real_stats=real_stats, guide=guide,
-                                    guide_uncond=args.guide_uncond, experts=experts or None)
+                                    guide_uncond=args.guide_uncond, experts=experts or None,
+                                    guide_weight=args.guide_weight)
     fake = torch.cat(recorder.features)
     indices = draw_prompts(real, args.num_samples, args.seed)
     # KID's spread: edify eval's KID uses the full sets (one subset, no spread); kid_std is the std of
@@ -373,8 +383,11 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     out["shrink"] = pipe.config.defaults.shrink
     out["shrink_rule"] = pipe.config.defaults.shrink_rule if pipe.config.defaults.shrink else None
     out["stage_steps"] = list(pipe.stage_steps(args.steps))
-    out["guide_model"] = args.guide_model
+    out["guide_model"] = None if not args.guide_model else (
+        args.guide_model[0][1] if args.guide_model[0][0] is None
+        else {stage_key(stages): folder for stages, folder in args.guide_model})
     out["guide_uncond"] = args.guide_uncond
+    out["guide_weight"] = list(args.guide_weight) if isinstance(args.guide_weight, (list, tuple)) else args.guide_weight
     out["experts"] = {stage_key(stages): folder for stages, folder in args.expert} or \
         ({stage_key(g): f"{model_dir}/{expert_folder(g)}" for g in pipe.config.stage_experts} or None)
     out["eval_wall_minutes"] = round((time.perf_counter() - wall0) / 60, 2)
@@ -389,8 +402,9 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
         ("" if args.style_guidance == 0 else f"-sg{args.style_guidance:g}") + \
         ("" if args.sigma_min is None else f"-smin{args.sigma_min:g}") + \
         ("" if args.stage_weights is None else f"-split{scales_text(args.stage_weights)}") + \
-        ("" if args.guide_model is None else f"-auto-{Path(args.guide_model).name}") + \
+        "".join(f"-auto{'' if st is None else ''.join(map(str, st))}-{Path(f).name}" for st, f in args.guide_model) + \
         ("-uncond" if args.guide_uncond else "") + \
+        ("" if args.guide_weight is None else f"-gw{scales_text(args.guide_weight)}") + \
         "".join(f"-expert{''.join(map(str, stages))}-{Path(folder).name}" for stages, folder in args.expert)
     save_grid(grid, grid_dir / f"samples{suffix}.png", columns=7)
     torch.save({"features": fake, "indices": indices, "requested_styles": requested},
@@ -472,6 +486,11 @@ def expert_value(text: str) -> tuple[tuple[int, ...], str]:
     return tuple(int(s) for s in stages), folder.strip()
 
 
+def guide_value(text: str) -> tuple[tuple[int, ...] | None, str]:
+    """An argparse type: 'DIR' -> (None, 'DIR'), a guide for every stage; 'STAGES=DIR' as --expert."""
+    return expert_value(text) if "=" in text else (None, text)
+
+
 def scales_text(v) -> str:
     """A guidance scale as written on the command line: 7 or 1,7,7 (one per stage)."""
     return ",".join(f"{x:g}" for x in v) if isinstance(v, (list, tuple)) else f"{v:g}"
@@ -486,8 +505,11 @@ def table(rows: list[dict]) -> str:
             v = r.get(key, 0.0 if key == "style_guidance" else None)  # rows before the option: none
             if key == "candidate" and r.get("eval_only") and not v.startswith("model:"):
                 v += " (eval only)"
-            if key == "guide_model" and v is not None:
-                v = Path(v).name + (" (uncond)" if r.get("guide_uncond") else "")  # autoguidance: the guide
+            if key == "guide_model" and v is not None:  # autoguidance: the guide, or one per stage
+                v = ", ".join(f"{stage}={Path(folder).name}" for stage, folder in v.items()) if isinstance(v, dict) \
+                    else Path(v).name + (" (uncond)" if r.get("guide_uncond") else "")
+                if r.get("guide_weight") is not None:
+                    v += f" x {scales_text(r['guide_weight'])}"
             if key == "experts" and v is not None:
                 v = ", ".join(f"{stage}={Path(folder).name}" for stage, folder in v.items())
             cells.append("-" if v is None else scales_text(v) if isinstance(v, (list, tuple)) else fmt.format(v))
@@ -560,11 +582,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="extra guidance along the style's direction (edify.core.guidance)")
     parser.add_argument("--sigma-min", type=float, default=None,
                         help="end the sampling schedule at this sigma (default: the model's defaults.sigma_min)")
-    parser.add_argument("--guide-model", default=None, metavar="DIR",
+    parser.add_argument("--guide-model", type=guide_value, action="append", default=[], metavar="[STAGES=]DIR",
                         help="autoguidance: guide with this weaker model (edify.core.guidance) instead of "
-                             "the unconditional branch")
+                             "the unconditional branch; STAGES=DIR (repeatable, with --guide-weight): the "
+                             "guide of those stages only")
     parser.add_argument("--guide-uncond", action="store_true",
                         help="with --guide-model: the guide's unconditional estimate is the second branch")
+    parser.add_argument("--guide-weight", type=guidance_value, default=None, metavar="A",
+                        help="with --guide-model: add the autoguidance term A (D_c - D_guide) on top of "
+                             "guidance instead of replacing its unconditional branch; one per stage, finest "
+                             "first (e.g. 1,0,0: the scored model itself as the guide of its 64 px expert)")
     parser.add_argument("--expert", type=expert_value, action="append", default=[], metavar="STAGES=DIR",
                         help="a separate expert model for one stage or several (0 = finest, 1,2 = the "
                              "two coarser; docs/laplacian.md), "

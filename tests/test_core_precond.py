@@ -226,6 +226,54 @@ def test_autoguidance_uses_the_weaker_models_estimate_as_the_second_branch():
         CFGDenoiser(D, 2.0, negative=_cond(1), guide=D_bad)
 
 
+def test_autoguidance_term_on_top_of_guidance_per_stage():
+    """guide_weight a: D_u + s (D_c - D_u) + a (D_c - D_g(c)), the guide called only at stages whose
+    a is not 0; mixed stages get each sample's own a; a guide equal to the model adds nothing."""
+    calls = []
+    torch.manual_seed(2)
+    D, D_bad = EDMPrecond(TinyNet()), EDMPrecond(TinyNet())
+
+    def counting(name, den):
+        def f(x, sigma, cond=None, stage=None):
+            calls.append((name, x.shape[0]))
+            return den(x, sigma, cond, stage)
+        return f
+
+    drop = ("text", "media")
+    x, sigma, cond = torch.randn(3, 3, 8, 8), torch.tensor([0.3, 1.0, 2.0]), _cond(3)
+    g = CFGDenoiser(counting("main", D), 3.0, drop=drop, guide=counting("guide", D_bad), guide_weight=(1.5, 0.0, 0.5))
+    for k, a in enumerate((1.5, 0.0, 0.5)):
+        stage = torch.full((3,), k)
+        D_c, D_u, D_g = D(x, sigma, cond, stage), D(x, sigma, cond.drop(drop), stage), D_bad(x, sigma, cond, stage)
+        calls.clear()
+        out = g(x, sigma, cond, stage)
+        assert calls == ([("main", 6), ("guide", 3)] if a else [("main", 6)])
+        assert torch.allclose(out, D_u + 3 * (D_c - D_u) + a * (D_c - D_g), atol=1e-5)
+    mixed = torch.tensor([0, 1, 2])
+    D_c, D_u, D_g = D(x, sigma, cond, mixed), D(x, sigma, cond.drop(drop), mixed), D_bad(x, sigma, cond, mixed)
+    a = torch.tensor([1.5, 0.0, 0.5]).view(3, 1, 1, 1)
+    assert torch.allclose(g(x, sigma, cond, mixed), D_u + 3 * (D_c - D_u) + a * (D_c - D_g), atol=1e-5)
+    # without classifier-free guidance (scale 1) the term alone: D_c + a (D_c - D_g)
+    stage = torch.zeros(3)
+    D_c, D_g = D(x, sigma, cond, stage), D_bad(x, sigma, cond, stage)
+    alone = CFGDenoiser(D, 1.0, guide=D_bad, guide_weight=2.0)(x, sigma, cond, stage)
+    assert torch.allclose(alone, D_c + 2 * (D_c - D_g), atol=1e-5)
+    assert torch.equal(CFGDenoiser(D, 1.0, guide=D, guide_weight=2.0)(x, sigma, cond, stage), D_c)
+    plain = CFGDenoiser(D, 3.0, drop=drop)(x, sigma, cond, stage)
+    assert torch.equal(CFGDenoiser(D, 3.0, drop=drop, guide=D_bad, guide_weight=0.0)(x, sigma, cond, stage), plain)
+    with pytest.raises(EdifyError, match="needs a guide"):
+        CFGDenoiser(D, 3.0, guide_weight=1.0)
+    with pytest.raises(EdifyError, match="no guide_uncond"):
+        CFGDenoiser(D, 3.0, guide=D_bad, guide_uncond=True, guide_weight=1.0)
+    for bad in (float("nan"), (-1.0,), "x"):
+        with pytest.raises(EdifyError, match="guide_weight"):
+            CFGDenoiser(D, 3.0, guide=D_bad, guide_weight=bad)
+    negative = Cond(media=torch.tensor([2]), text=torch.randn(1, 4, 8), text_mask=torch.ones(1, 4, dtype=torch.bool))
+    neg = CFGDenoiser(D, 3.0, negative=negative, guide=D_bad, guide_weight=1.0)(x, sigma, cond, stage)
+    D_n = D(x, sigma, negative.repeat(3), stage)  # a negative prompt keeps its branch beside the term
+    assert torch.allclose(neg, D_n + 3 * (D_c - D_n) + (D_c - D_g), atol=1e-5)
+
+
 def test_guidance_negative_prompt_and_one_batched_call():
     calls = []
     D = EDMPrecond(TinyNet())

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import stat
+import types
 
 import numpy as np
 import pytest
@@ -164,6 +167,116 @@ def test_autoguidance_with_a_weaker_model_of_the_same_task():
         pipe("red apple", guide=other)
     with pytest.raises(EdifyError, match="no negative prompt"):
         pipe("red apple", guidance_scale=3.0, guide=weaker, negative_prompt="blue")
+
+
+def test_autoguidance_term_guides_a_stage_expert_by_the_main_network():
+    """guide=the model itself with guide_weight (a, 0, 0): the main network is the weaker model of
+    the 64 px expert's stage; without an expert the term is D_c - D_c = 0 and the images are the
+    plain guided ones."""
+    pipe = tiny_pipeline()
+    kw = dict(seed=[2, 3], output_type="tensor")
+    plain = pipe(["red apple"] * 2, **kw).images
+    same = pipe(["red apple"] * 2, guide=pipe, guide_weight=(2.0, 0.0, 0.0), **kw).images
+    torch.testing.assert_close(same, plain, rtol=0, atol=1e-5)
+    expert = copy.deepcopy(pipe.network)
+    torch.manual_seed(6)
+    for p in expert.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    with_expert = pipe(["red apple"] * 2, experts={0: expert}, **kw).images
+    guided = pipe(["red apple"] * 2, experts={0: expert}, guide=pipe, guide_weight=(2.0, 0.0, 0.0), **kw).images
+    assert not torch.allclose(guided, with_expert, atol=1e-3)
+    coarse = pipe(["red apple"] * 2, experts={0: expert}, guide=pipe, guide_weight=(0.0, 2.0, 2.0), **kw).images
+    torch.testing.assert_close(coarse, with_expert, rtol=0, atol=1e-5)  # the main network serves those stages
+    # a guide per stage: the same model at stages 1 and 2 is the single guide with those weights
+    weaker = tiny_pipeline()
+    torch.manual_seed(7)
+    for p in weaker.network.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    single = pipe(["red apple"] * 2, guide=weaker, guide_weight=(0.0, 1.5, 1.5), **kw).images
+    assert not torch.allclose(single, plain, atol=1e-3)
+    per_stage = pipe(["red apple"] * 2, guide={1: weaker, 2: weaker}, guide_weight=(0.0, 1.5, 1.5), **kw).images
+    torch.testing.assert_close(per_stage, single, rtol=0, atol=1e-5)
+    both = pipe(["red apple"] * 2, experts={0: expert}, guide={0: pipe, 1: weaker, 2: weaker},
+                guide_weight=(2.0, 1.5, 1.5), **kw).images
+    assert not torch.allclose(both, guided, atol=1e-3)
+    with pytest.raises(EdifyError, match=r"not 0 at stage\(s\) \[0\], which have no guide"):
+        pipe("red apple", guide={1: weaker}, guide_weight=(1.0, 1.0, 0.0))
+    with pytest.raises(EdifyError, match="adds its term with guide_weight"):
+        pipe("red apple", guide={1: weaker})
+    with pytest.raises(EdifyError, match="integer in 0..2"):
+        pipe("red apple", guide={3: weaker}, guide_weight=1.0)
+    with pytest.raises(EdifyError, match="no guides of its own"):
+        pipe("red apple", guide_weight=1.0)
+    with pytest.raises(EdifyError, match="per-stage guide_weight has 2 weights"):
+        pipe("red apple", guide=pipe, guide_weight=(1.0, 1.0))
+
+
+def test_a_models_own_guides_are_saved_with_it_and_used_by_default(tmp_path, monkeypatch, capsys):
+    """stage_guides {"0": "main", "1": "guide", "2": "guide"} and defaults.guide_weight: the main
+    network guides the stage-0 expert, the `guide/` network the coarser stages; saved and loaded
+    with the model; a call's guide_weight overrides (0 = off); a finetune at a scale other than 0
+    leaves the guide network out; a denoiser wrapper (ControlNets) turns the default off."""
+    pipe, weaker = tiny_pipeline(), tiny_pipeline()
+    torch.manual_seed(8)
+    for p in weaker.network.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    expert = copy.deepcopy(pipe.network)
+    for p in expert.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    pipe.experts = {0: expert}
+    kw = dict(seed=[2, 3], output_type="tensor")
+    plain = pipe(["red apple"] * 2, **kw).images
+    explicit = pipe(["red apple"] * 2, guide={0: pipe, 1: weaker, 2: weaker}, guide_weight=(1.0, 0.5, 0.5),
+                    **kw).images
+    pipe.config = dataclasses.replace(pipe.config, stage_guides={"0": "main", "1": "guide", "2": "guide"},
+                                      defaults=dataclasses.replace(pipe.config.defaults, guide_weight=(1.0, 0.5, 0.5)))
+    pipe.guide_model = weaker
+    torch.testing.assert_close(pipe(["red apple"] * 2, **kw).images, explicit, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pipe(["red apple"] * 2, guide_weight=0.0, **kw).images, plain, rtol=0, atol=1e-5)
+    expert_only = pipe(["red apple"] * 2, guide={0: pipe}, guide_weight=(1.0, 0.0, 0.0), **kw).images
+    no_experts = pipe(["red apple"] * 2, experts={}, **kw).images  # "main" needs an expert to guide
+    torch.testing.assert_close(no_experts, pipe(["red apple"] * 2, experts={}, guide={1: weaker, 2: weaker},
+                                                guide_weight=(0.0, 0.5, 0.5), **kw).images, rtol=0, atol=1e-5)
+    pipe.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "guide" / "config.json").is_file()
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "m", text_encoder=HashEncoder())
+    assert loaded.config.stage_guides == {"0": "main", "1": "guide", "2": "guide"}
+    torch.testing.assert_close(loaded(["red apple"] * 2, **kw).images, explicit, rtol=0, atol=1e-5)
+    # while a finetune is loaded at a scale other than 0 the guide network (which lacks it) is left out
+    pipe.finetunes = [types.SimpleNamespace(scale=1.0)]
+    assert pipe.own_guides({0: expert}, None) == ({0: pipe}, (1.0, 0.0, 0.0))
+    pipe.finetunes = [types.SimpleNamespace(scale=0.0)]
+    assert pipe.own_guides({0: expert}, None) == ({0: pipe, 1: weaker, 2: weaker}, (1.0, 0.5, 0.5))
+    pipe.finetunes = []
+    wrapped = pipe(["red apple"] * 2, denoiser_wrapper=lambda d: d, **kw).images
+    torch.testing.assert_close(wrapped, plain, rtol=0, atol=1e-5)
+    assert not torch.allclose(expert_only, plain, atol=1e-3)
+    # the command line: --guide-weight overrides the model's default, 0 = off
+    monkeypatch.setattr(TextToImagePipeline, "text_encoder", property(lambda self: HashEncoder()))
+    for flag, expected in (([], explicit), (["--guide-weight", "0"], plain)):
+        out = tmp_path / "img.png"
+        assert cli_main(["generate", "red apple", "--model", str(tmp_path / "m"), "-o", str(out), "--seed", "2",
+                         "--threads", "1", "--quiet"] + flag) == 0
+        got = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1).float()
+        assert (got - ((expected[0] + 1) * 127.5).round()).abs().max() <= 1
+    capsys.readouterr()
+    for bad, message in (("-1", "finite and >= 0"), ("1,1", "1 or 3 values")):
+        code = cli_main(["generate", "red apple", "--model", str(tmp_path / "m"), "-o", str(out),
+                         "--guide-weight", bad])
+        err = capsys.readouterr().err
+        assert code != 0 and message in err and err.count("\n") == 1, err
+    shutil.rmtree(tmp_path / "m" / "guide")
+    with pytest.raises(EdifyError, match="no folder guide"):
+        TextToImagePipeline.from_pretrained(tmp_path / "m")
+    edit = json.loads((tmp_path / "m" / "config.json").read_text())
+    edit["stage_guides"] = {"3": "main"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(edit))
+    with pytest.raises(EdifyError, match="stage keys in 0..2"):
+        TextToImagePipeline.from_pretrained(tmp_path / "m")
+    edit["stage_guides"] = {"0": "other"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(edit))
+    with pytest.raises(EdifyError, match="stage_guides"):
+        TextToImagePipeline.from_pretrained(tmp_path / "m")
 
 
 def test_style_guidance_acts_on_styled_images_only_and_defaults_to_the_model(tmp_path, monkeypatch):

@@ -22,6 +22,16 @@ the second branch is that model under the full condition, D = D_g + w (D_c - D_g
 sample away from the errors the weaker model makes more, not from the unconditional distribution,
 so it sharpens without narrowing the distribution the way classifier-free guidance does.
 
+Autoguidance as a term on top of classifier-free guidance (`guide_weight` a): the guide does not
+replace the unconditional branch but adds its own direction,
+
+    D = D_u + s (D_c - D_u) + a (D_c - D_g),
+
+with D_g the guide under the full condition. Text guidance keeps its scale s; the term extrapolates
+away from the weaker model's errors. `a` may be one number per stage like the scale: a stage whose
+a is 0 runs no guide call, so a guide that is only weaker at some stages (a model's main network
+against the stage expert trained on from it) is asked only there.
+
 Per-stage guidance: `scale` may be one number per Laplacian stage (finest first), looked up from
 the `stage` each call gets. Each stage is a band of noise levels, so this is the Laplacian form of
 guidance in a limited interval (Kynkaanniemi et al. 2024): a stage whose scale is 1 gets the
@@ -53,14 +63,21 @@ class CFGDenoiser(nn.Module):
               unconditional branch (its own network call; no negative prompt with it).
     guide_uncond: the guide sees the unconditional condition (`drop` nulled) instead: classifier-free
               guidance whose unconditional branch is the weaker model.
+    guide_weight: with a guide, add the autoguidance term guide_weight (D_c - D_g) on top of
+              classifier-free guidance instead of replacing its unconditional branch; one number,
+              or one per stage (finest first; 0 = no guide call at that stage).
     """
 
     def __init__(self, denoiser: Denoiser, scale: float | Sequence[float],
                  drop: Sequence[str] = CONDITION_FIELDS, negative: Cond | None = None,
                  terms: Sequence[tuple[Sequence[str], float]] = (), guide: Denoiser | None = None,
-                 guide_uncond: bool = False):
+                 guide_uncond: bool = False, guide_weight: float | Sequence[float] | None = None):
         super().__init__()
-        if guide is not None and negative is not None:
+        if guide_weight is not None and guide is None:
+            raise EdifyError("guide_weight needs a guide model")
+        if guide_weight is not None and guide_uncond:
+            raise EdifyError("guide_weight adds the guide's conditional estimate; it takes no guide_uncond")
+        if guide is not None and negative is not None and guide_weight is None:
             raise EdifyError("autoguidance replaces the unconditional branch, so it takes no negative prompt")
         unknown = [d for d in [*drop, *(f for fields, _ in terms for f in fields)] if d not in CONDITION_FIELDS]
         if unknown:
@@ -74,6 +91,7 @@ class CFGDenoiser(nn.Module):
         self.negative = negative
         self.terms = tuple((tuple(fields), float(w)) for fields, w in terms if float(w) != 0)
         self.guide, self.guide_uncond = guide, bool(guide_uncond)
+        self.guide_weights = None if guide_weight is None else check_guidance(guide_weight, "guide_weight")
 
     def uncond(self, cond: Cond) -> Cond:
         """The condition of the unconditional branch."""
@@ -90,8 +108,10 @@ class CFGDenoiser(nn.Module):
                 stage: Tensor | int | None = None) -> Tensor:
         w = self.scale_of(stage, x)
         guided = isinstance(w, Tensor) or w != 1
-        auto = guided and self.guide is not None
-        if not auto and (cond is None or (not guided and not self.terms)):
+        a = 0.0 if self.guide_weights is None else per_stage(self.guide_weights, stage, x, "guide_weight", "weights")
+        term = isinstance(a, Tensor) or a != 0  # the autoguidance term on top of guidance
+        auto = guided and self.guide is not None and self.guide_weights is None
+        if not auto and not term and (cond is None or (not guided and not self.terms)):
             return self.denoiser(x, sigma, cond, stage)  # w = 1: D_w = D_c, no second branch
         branches = [] if cond is None else [cond] + [cond.drop(fields) for fields, _ in self.terms]
         if guided and not auto:
@@ -107,34 +127,43 @@ class CFGDenoiser(nn.Module):
             out = D_u + w * (D_c - D_u)  # classifier-free guidance, or autoguidance
         for (_, weight), D_f in zip(self.terms, rest):
             out = out + weight * (D_c - D_f)  # one condition's own direction
+        if term:
+            D_g = self.guide(x, sigma, cond, stage).to(D_c.dtype)
+            out = out + a * (D_c - D_g)  # autoguidance on top: away from the weaker model's errors
         return out
 
     def scale_of(self, stage, x: Tensor) -> float | Tensor:
         """The guidance scale of the batch: a number when every sample has the same one, else
         per-sample scales [B, 1, 1, 1] (per-stage guidance over a batch that mixes stages)."""
-        if len(self.scales) == 1:
-            return self.scales[0]
-        if stage is None:
-            raise EdifyError("per-stage guidance needs the stage of each sample; the sampler gave none")
-        st = torch.as_tensor(stage, device=x.device).reshape(-1).long()
-        if int(st.min()) < 0 or int(st.max()) >= len(self.scales):
-            raise EdifyError(f"per-stage guidance has {len(self.scales)} scales, got stage {int(st.max())}")
-        w = torch.tensor(self.scales, dtype=x.dtype, device=x.device)[st]
-        if bool((w == w[0]).all()):
-            return self.scales[int(st[0])]
-        return w.expand(x.shape[0]).view(-1, 1, 1, 1)
+        return per_stage(self.scales, stage, x, "guidance", "scales")
 
 
-def check_guidance(scale) -> tuple[float, ...]:
+def per_stage(values: tuple[float, ...], stage, x: Tensor, what: str, unit: str = "values") -> float | Tensor:
+    """The batch's value of a setting given once or per stage (finest first): a number when every
+    sample has the same one, else per-sample values [B, 1, 1, 1] (a batch that mixes stages)."""
+    if len(values) == 1:
+        return values[0]
+    if stage is None:
+        raise EdifyError(f"per-stage {what} needs the stage of each sample; the sampler gave none")
+    st = torch.as_tensor(stage, device=x.device).reshape(-1).long()
+    if int(st.min()) < 0 or int(st.max()) >= len(values):
+        raise EdifyError(f"per-stage {what} has {len(values)} {unit}, got stage {int(st.max())}")
+    w = torch.tensor(values, dtype=x.dtype, device=x.device)[st]
+    if bool((w == w[0]).all()):
+        return values[int(st[0])]
+    return w.expand(x.shape[0]).view(-1, 1, 1, 1)
+
+
+def check_guidance(scale, what: str = "guidance scale") -> tuple[float, ...]:
     """A guidance scale (a number, or one per stage) as a tuple of finite numbers >= 0."""
     values = (scale,) if isinstance(scale, (int, float)) or (isinstance(scale, Tensor) and scale.dim() == 0) \
         else tuple(scale)
     try:
         values = tuple(float(v) for v in values)
     except (TypeError, ValueError):
-        raise EdifyError(f"guidance scale must be a number or one number per stage, got {scale!r}") from None
+        raise EdifyError(f"{what} must be a number or one number per stage, got {scale!r}") from None
     if not values or any(not math.isfinite(v) or v < 0 for v in values):
-        raise EdifyError(f"guidance scale must be finite and >= 0 (one number or one per stage), got {scale!r}")
+        raise EdifyError(f"{what} must be finite and >= 0 (one number or one per stage), got {scale!r}")
     return values
 
 

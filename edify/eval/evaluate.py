@@ -365,7 +365,7 @@ def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, 
                       extractor: InceptionFeatures | None = None, real_stats: FeatureStats | None = None,
                       warn: bool = True, progress: Callable[[int], None] | None = None,
                       callback: Callable[[dict], None] | None = None, guide=None,
-                      guide_uncond: bool = False, experts=None) -> dict:
+                      guide_uncond: bool = False, experts=None, guide_weight=None) -> dict:
     """Generate `num_samples` images for captions/styles drawn from `real` (`draw_prompts`; image i
     uses seed + i) and evaluate them against all of `real`. Adds "nfe" to `evaluate`'s result.
     Styles the model does not know are replaced by no style. Retrieval counts a hit when any real
@@ -373,7 +373,7 @@ def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, 
 
     `callback(info)` sees every sampler step (the pipeline's callback), `progress(n)` every batch
     of n images generated and measured; style_guidance is the pipeline's (None: the model's
-    default); guide, guide_uncond: autoguidance, experts: stage experts (the pipeline's). A sampler step that produces NaN or infinity raises
+    default); guide, guide_uncond, guide_weight: autoguidance, experts: stage experts (the pipeline's). A sampler step that produces NaN or infinity raises
     EdifyError: metrics of a broken model are not numbers to report."""
     if batch_size < 1:
         raise EdifyError(f"batch size must be >= 1, got {batch_size}")
@@ -384,7 +384,8 @@ def evaluate_pipeline(pipe, real: RealSplit, num_samples: int, *, sampler: str, 
     def generated():
         for out in generate_for_prompts(pipe, real, indices, batch_size, seed, callback, num_steps=steps,
                                         guidance_scale=guidance, style_guidance=style_guidance, sampler=sampler,
-                                        guide=guide, guide_uncond=guide_uncond, experts=experts):
+                                        guide=guide, guide_uncond=guide_uncond, experts=experts,
+                                        guide_weight=guide_weight):
             nfe[0] = out.nfe
             yield out.images
 

@@ -229,7 +229,7 @@ class ControlNetPipeline(TextToImagePipeline):
                  style_guidance: float | None = None, sigma_min: float | None = None,
                  eta: float | Sequence[float] | None = None, threshold: float | None = None,
                  shrink: float | None = None, shrink_rule: str | None = None,
-                 experts=None) -> TextToImageOutput:
+                 experts=None, guide_weight=None) -> TextToImageOutput:
         """Images for the prompts, steered by one control image per ControlNet (a list for several).
 
         control_weight, control_start, control_end: a number for every ControlNet or a list of one
@@ -237,7 +237,9 @@ class ControlNetPipeline(TextToImagePipeline):
         each stage's network receiving the ControlNets' residuals as the main network does, unless a
         ControlNet's measured defaults say `"experts": false`; `{}` or False runs the main network,
         the one the ControlNets were trained on, at every stage; True the model's experts whatever
-        the ControlNets' defaults). The other arguments are those of `TextToImagePipeline.__call__`."""
+        the ControlNets' defaults). guide_weight: the model's own autoguidance guides
+        (`PipelineConfig.stage_guides`), off under control unless given. The other arguments are those
+        of `TextToImagePipeline.__call__`."""
         height = self.config.resolution if height is None else height
         width = self.config.resolution if width is None else width
         controls = self.controls(control_image, (height, width), control_weight, control_start, control_end,
@@ -250,12 +252,13 @@ class ControlNetPipeline(TextToImagePipeline):
                             num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                             callback=callback, final_stage=final_stage, steps_per_stage=steps_per_stage,
                             style_guidance=style_guidance, sigma_min=sigma_min, eta=eta, threshold=threshold,
-                            shrink=shrink, shrink_rule=shrink_rule, experts=experts)
+                            shrink=shrink, shrink_rule=shrink_rule, experts=experts, guide_weight=guide_weight)
 
     def _sample(self, denoiser_wrapper: DenoiserWrapper | None, *, prompt, negative_prompt, style, num_steps,
                 guidance_scale, seed, height, width, sampler, num_images_per_prompt, output_type, callback,
                 final_stage, steps_per_stage, style_guidance=None, sigma_min=None, eta=None,
-                threshold=None, shrink=None, shrink_rule=None, experts=None) -> TextToImageOutput:
+                threshold=None, shrink=None, shrink_rule=None, experts=None,
+                guide_weight=None) -> TextToImageOutput:
         """`TextToImagePipeline.__call__` with the preconditioned denoiser wrapped before guidance:
         each stage's denoiser (the model's experts unless `experts` says otherwise) wrapped on its
         own; an unwrapped call (no control) is plain text-to-image."""
@@ -265,7 +268,7 @@ class ControlNetPipeline(TextToImagePipeline):
             num_images_per_prompt=num_images_per_prompt, output_type=output_type, callback=callback,
             final_stage=final_stage, steps_per_stage=steps_per_stage, denoiser_wrapper=denoiser_wrapper,
             style_guidance=style_guidance, sigma_min=sigma_min, eta=eta, threshold=threshold,
-            shrink=shrink, shrink_rule=shrink_rule, experts=experts)
+            shrink=shrink, shrink_rule=shrink_rule, experts=experts, guide_weight=guide_weight)
 
 
 # ---- inpainting, outpainting, object replacement -----------------------------------------------
@@ -299,7 +302,7 @@ class InpaintPipeline(ControlNetPipeline):
                  control_weight: float = 1.0, control_start: float = math.inf, control_end: float = 0.0,
                  resize: bool = False, sigma_min: float | None = None, eta: float | Sequence[float] | None = None,
                  threshold: float | None = None, shrink: float | None = None, shrink_rule: str | None = None,
-                 experts=None) -> TextToImageOutput:
+                 experts=None, guide_weight=None) -> TextToImageOutput:
         """Regenerate the white part of `mask` in `image` (1 = generate, 0 = keep).
 
         task: "inpaint" (fill a region), "replace" (a new object where the mask covers the old one)
@@ -355,7 +358,8 @@ class InpaintPipeline(ControlNetPipeline):
                            guidance_scale=guidance_scale, seed=seed, height=height, width=width, sampler=sampler,
                            num_images_per_prompt=num_images_per_prompt, output_type="tensor", callback=callback,
                            final_stage=0, steps_per_stage=steps_per_stage, sigma_min=sigma_min, eta=eta,
-                           threshold=threshold, shrink=shrink, shrink_rule=shrink_rule, experts=experts)
+                           threshold=threshold, shrink=shrink, shrink_rule=shrink_rule, experts=experts,
+                           guide_weight=guide_weight)
         B = out.images.shape[0]
         if canvas.shape[0] not in (1, B):
             raise EdifyError(f"the image batch must be 1 or the number of images ({B}), got {canvas.shape[0]}")

@@ -142,6 +142,11 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sigma-min", type=float, default=None, metavar="S",
                         help="the noise level where the schedule ends (default: the model's, or a "
                              "ControlNet's measured one)")
+    parser.add_argument("--guide-weight", type=guide_weight_value, default=None, metavar="A",
+                        help="autoguidance by the model's own guides (its config's stage_guides: the main "
+                             "network against a stage expert, a weaker network against the main one): "
+                             "weight A, or one per stage finest first; 0 = off (default: the model's; off "
+                             "under a ControlNet)")
     add_experts_options(parser)
     parser.add_argument("--num", type=int, default=1, help="number of images")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
@@ -193,11 +198,11 @@ def finite_guard(seeds: list[int], progress=None, steps: int | None = None):
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """`style_guidance`, `sigma_min`, `eta`, `threshold`, `shrink` and `shrink_rule` for the pipeline
+    """`style_guidance`, `sigma_min`, `eta`, `threshold`, `shrink`, `shrink_rule` and `guide_weight` for the pipeline
     call, those of them the command was given, and `experts={}` with --no-experts, `experts=True`
     with --experts."""
     given = {k: getattr(args, k, None) for k in ("style_guidance", "sigma_min", "eta", "threshold", "shrink",
-                                                  "shrink_rule")}
+                                                  "shrink_rule", "guide_weight")}
     given["experts"] = {} if getattr(args, "no_experts", False) else True if getattr(args, "experts", False) else None
     return {k: v for k, v in given.items() if v is not None}
 
@@ -246,6 +251,7 @@ def per_stage_value(what: str, example: str):
 
 
 guidance_value = per_stage_value("guidance", "7 or 1,7,7")
+guide_weight_value = per_stage_value("guide weight", "1 or 1,0.5,0.5")
 eta_value = per_stage_value("eta", "1 or 1,0,0")
 
 

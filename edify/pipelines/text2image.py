@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -66,6 +67,9 @@ class SamplingDefaults:
     rho: float = SAMPLING.rho
     ramp_weight: float = SAMPLING.ramp_weight
     stage_weights: tuple[float, ...] = SAMPLING.stage_weights
+    # the autoguidance term's weight (edify.core.guidance: guide_weight), one or one per stage
+    # (finest first), with the model's own guides (PipelineConfig.stage_guides); 0 = off
+    guide_weight: float | tuple[float, ...] = 0.0
     # a cascade upsampler's reconstruction guidance weight when a call gives none (edify.core.reconstruction;
     # 0 = off); a text-to-image model ignores it
     reconstruction_guidance: float = 0.0
@@ -102,6 +106,12 @@ class PipelineConfig:
     # folder of its own, the same network config); the main network serves the other stages. A bare
     # stage number stands for a network of that stage alone. Empty: one network for every stage.
     stage_experts: tuple[tuple[int, ...], ...] = ()
+    # The model's own autoguidance guides, used with defaults.guide_weight: {stage: "main" | "guide"}
+    # (stage as a string key, 0 = finest). "main": the main network guides that stage's expert (the
+    # network it was trained on from); "guide": the network in the subfolder `guide/` (a model folder
+    # of its own, of the same task; e.g. this model trained for less long) guides the main network.
+    # A guide that is the network serving its stage in a call is skipped (its term would be 0).
+    stage_guides: dict[str, Literal["main", "guide"]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -135,6 +145,13 @@ class PipelineConfig:
                 not all(config.stage_experts):
             raise EdifyError(f"field 'stage_experts' must list distinct stages in 0..{config.levels - 1}, "
                              f"got {config.to_dict()['stage_experts']}")
+        bad = [k for k in config.stage_guides if not (k.isdigit() and int(k) < config.levels)]
+        if bad:
+            raise EdifyError(f"field 'stage_guides' must have stage keys in 0..{config.levels - 1}, got {bad}")
+        with naming("field 'defaults'"):
+            weights = check_guidance(config.defaults.guide_weight, "guide_weight")
+        if len(weights) not in (1, config.levels):
+            raise EdifyError(f"field 'defaults': guide_weight needs 1 or {config.levels} values, got {len(weights)}")
         if config.min_sigma > config.defaults.sigma_min:
             raise EdifyError(f"field 'defaults': sigma_min {config.defaults.sigma_min:g} is below the model's "
                              f"min_sigma {config.min_sigma:g}")
@@ -165,6 +182,8 @@ class TextToImagePipeline:
         self.dtype = torch.float32
         # separate expert networks of some stages ({stage: UNet}; config.stage_experts when saved)
         self.experts: dict[int, UNet] = {}
+        # the network of `guide/` (PipelineConfig.stage_guides), a model of the same task
+        self.guide_model: TextToImagePipeline | None = None
 
     # -- loading and saving --------------------------------------------------------------------
 
@@ -190,6 +209,14 @@ class TextToImagePipeline:
                                  f"{'/'.join(map(str, stages))} but has no folder {expert_folder(stages)}")
             expert = load_network(sub, net_config)[0].eval().requires_grad_(False)
             pipe.experts.update(dict.fromkeys(stages, expert))
+        if "guide" in config.stage_guides.values():
+            sub = inside(folder, GUIDE_FOLDER, "field 'stage_guides'")
+            if not sub.is_dir():
+                raise EdifyError(f"model folder {str(folder)!r} lists a guide network in 'stage_guides' but has "
+                                 f"no folder {GUIDE_FOLDER}")
+            guide = TextToImagePipeline.from_pretrained(sub)
+            pipe.partner_denoiser(guide, f"the guide network in {GUIDE_FOLDER}/")  # of the same task
+            pipe.guide_model = guide
         return pipe
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -206,6 +233,8 @@ class TextToImagePipeline:
         alone = dataclasses.replace(config, stage_experts=()).to_dict()
         for stages, expert in groups.items():  # each a model folder of its own
             save_model(Path(path) / expert_folder(stages), alone, network_state(expert, dtype), max_shard_bytes)
+        if self.guide_model is not None:  # in the dtype it was loaded in
+            self.guide_model.save_pretrained(Path(path) / GUIDE_FOLDER, max_shard_bytes=max_shard_bytes)
         return save_model(path, config.to_dict(), network_state(self.network, dtype), max_shard_bytes)
 
     def load_finetune(self, path: str | os.PathLike, scale: float = 1.0) -> TextToImagePipeline:
@@ -230,6 +259,8 @@ class TextToImagePipeline:
             self.network.to(self.device)
             for expert in self.experts.values():
                 expert.to(self.device)
+            if self.guide_model is not None:
+                self.guide_model.network.to(self.device)
             if self._text_encoder is not None:
                 self._text_encoder.to(self.device)
         if dtype is not None:
@@ -316,7 +347,9 @@ class TextToImagePipeline:
                  callback=None, final_stage: int = 0,
                  steps_per_stage: tuple[int, ...] | None = None, denoiser_wrapper=None,
                  style_guidance: float | None = None, sigma_min: float | None = None,
-                 guide: TextToImagePipeline | None = None, guide_uncond: bool = False,
+                 guide: TextToImagePipeline | Mapping[int, TextToImagePipeline] | None = None,
+                 guide_uncond: bool = False,
+                 guide_weight: float | Sequence[float] | None = None,
                  eta: float | Sequence[float] | None = None,
                  threshold: float | None = None, shrink: float | None = None, shrink_rule: str | None = None,
                  experts: Mapping[int, TextToImagePipeline | UNet] | None = None) -> TextToImageOutput:
@@ -334,7 +367,11 @@ class TextToImagePipeline:
         returned (default: the model's `defaults.sigma_min`). guide: autoguidance
         (`edify.core.guidance`): a weaker model of the same kind (e.g. this one trained for less long)
         whose conditional estimate replaces the unconditional one in guidance; with guide_uncond its
-        unconditional estimate does (classifier-free guidance against the weaker model). eta: the
+        unconditional estimate does (classifier-free guidance against the weaker model); with
+        guide_weight a (one number, or one per stage) it adds a (D_c - D_guide) on top of
+        classifier-free guidance instead (its main network against this model's stage expert: `guide=`
+        this model itself, a at the expert's stage); guide may also be {stage: model}, one guide per
+        stage (stages whose guide_weight is 0 need none). eta: the
         fresh noise of a stochastic sampler (`euler_sde`, `dpmpp_2m_sde`; 0 = its deterministic
         counterpart, 1 = the reverse SDE; or one per stage, finest first; default: the model's
         `defaults.eta`). threshold: Imagen's
@@ -395,14 +432,16 @@ class TextToImagePipeline:
             experts = {}
         if experts:
             denoiser = self.with_experts(denoiser, experts)
-        guide_denoiser = None if guide is None else self.partner_denoiser(guide, "the guide")
+        if guide is None:
+            guide, guide_weight = self.own_guides(experts, guide_weight, denoiser_wrapper is not None)
+        guide_denoiser = None if guide is None else self.guide_denoiser(guide, guide_weight)
         if denoiser_wrapper is not None:
             denoiser = wrap_stages(denoiser, denoiser_wrapper)
-            guide_denoiser = None if guide_denoiser is None else denoiser_wrapper(guide_denoiser)
+            guide_denoiser = None if guide_denoiser is None else wrap_stages(guide_denoiser, denoiser_wrapper)
         styled = style_guidance != 0 and any(s is not None for s in styles) and len(self.vocab) > 0
         guided = CFGDenoiser(denoiser, guidance_scale, negative=negative,
                              terms=[(("media",), style_guidance)] if styled else (),
-                             guide=guide_denoiser, guide_uncond=guide_uncond)
+                             guide=guide_denoiser, guide_uncond=guide_uncond, guide_weight=guide_weight)
         guided = maybe_threshold(guided, threshold)
         sigmas = laplacian_sigmas(self.process, self.stage_steps(num_steps, final_stage, steps_per_stage),
                                   sigma_min, d.sigma_max, d.rho, d.ramp_weight, final_stage)
@@ -437,6 +476,63 @@ class TextToImagePipeline:
             return self.partner_denoiser(e, "a stage expert")
         return StageDenoisers({s: expert(s, experts[s]) if s in experts else shared for s in range(levels)})
 
+    def own_guides(self, experts: Mapping, guide_weight, wrapped: bool = False):
+        """(guide, guide_weight) of a call that names no guide: the model's `stage_guides` with
+        `defaults.guide_weight` (or the call's weight), the weight 0 at stages left without a guide.
+        A "main" guide applies where an expert serves its stage in this call (`experts`); the `guide/`
+        network is left out while a finetune is loaded at a scale other than 0 (it does not carry the
+        finetune, so its term would scale the finetune's change up). Under a denoiser wrapper
+        (`wrapped`: ControlNets, inpainting) the model's guides are off unless the call gives a weight."""
+        asked = guide_weight is not None
+        if not asked and wrapped:
+            return None, None
+        weights = check_guidance(self.config.defaults.guide_weight if guide_weight is None else guide_weight,
+                                 "guide_weight")
+        levels = self.process.levels
+        if len(weights) not in (1, levels):
+            raise EdifyError(f"guide_weight needs 1 or {levels} values (finest first), got {len(weights)}")
+        weights = weights * levels if len(weights) == 1 else weights
+        if not any(weights):
+            return None, None
+        if not self.config.stage_guides:
+            raise EdifyError("this model has no guides of its own (its config's 'stage_guides'): "
+                             "give guide_weight with a guide model")
+        finetuned = any(f.scale != 0 for f in getattr(self, "finetunes", []))
+        guides = {}
+        for key, kind in self.config.stage_guides.items():
+            s = int(key)
+            if kind == "main" and s in experts:
+                guides[s] = self
+            elif kind == "guide" and self.guide_model is not None and not finetuned:
+                guides[s] = self.guide_model
+        weights = tuple(a if s in guides else 0.0 for s, a in enumerate(weights))
+        return (guides, weights) if guides and any(weights) else (None, None)
+
+    def guide_denoiser(self, guide, guide_weight=None):
+        """The autoguidance guide's denoiser: a model's main network at every stage, or
+        {stage: model} routed by stage (`StageDenoisers`); every stage with a guide weight other
+        than 0 needs its guide."""
+        if not isinstance(guide, Mapping):
+            return self.partner_denoiser(guide, "the guide")
+        levels = self.process.levels
+        for s in guide:
+            if not isinstance(s, int) or not 0 <= s < levels:
+                raise EdifyError(f"a guide's stage must be an integer in 0..{levels - 1} (0 = finest), got {s!r}")
+        if not guide:
+            raise EdifyError("guide: a {stage: model} mapping needs at least one stage")
+        if guide_weight is None:
+            raise EdifyError("a guide per stage ({stage: model}) adds its term with guide_weight; give one")
+        weights = check_guidance(guide_weight, "guide_weight")
+        weights = weights * levels if len(weights) == 1 else weights
+        missing = [s for s, a in enumerate(weights) if a != 0 and s not in guide]
+        if missing:
+            raise EdifyError(f"guide_weight is not 0 at stage(s) {missing}, which have no guide; guides are "
+                             f"given for stages {sorted(guide)}")
+        partners: dict[int, EDMPrecond] = {}
+        for s, g in guide.items():  # one denoiser per distinct guide model
+            partners[id(g)] = partners.get(id(g)) or self.partner_denoiser(g, f"the guide of stage {s}")
+        return StageDenoisers({s: partners[id(g)] for s, g in guide.items()})
+
     def partner_denoiser(self, other: TextToImagePipeline, role: str = "the guide") -> EDMPrecond:
         """The preconditioned denoiser of another model that joins this one's sampling (the
         autoguidance guide, a stage expert), once it is checked to do this model's task: the same
@@ -462,6 +558,9 @@ class TextToImagePipeline:
             raise EdifyError(f"the model's stage_weights need {self.process.levels} values, got {len(weights)}")
         used = split_steps(num_steps, weights[final_stage:])
         return (1,) * final_stage + used  # stages below final_stage are never run
+
+
+GUIDE_FOLDER = "guide"
 
 
 def load_network(folder: Path, net_config: UNetConfig) -> tuple[UNet, torch.dtype]:
