@@ -3,6 +3,7 @@
     python bench/cpu_generate.py                       # the shipped model, its default steps
     python bench/cpu_generate.py --model PATH --steps 24 --threads 2
     python bench/cpu_generate.py --random-preset emoji-64   # same network, random weights
+    python bench/cpu_generate.py --guide-weight 0            # the model's autoguidance off
 
 The model (and the text encoder) load first and are not timed; one warm-up image runs, then each
 repetition generates one image at batch 1 (text encoding included). The last line printed is
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edify.pipelines.generate_cli import default_model, guidance_value  # noqa: E402
+from edify.pipelines.generate_cli import default_model, guidance_value, guide_weight_value  # noqa: E402
 from edify.pipelines.text2image import PipelineConfig, TextToImagePipeline  # noqa: E402
 
 
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--sampler", default=None)
     parser.add_argument("--steps-per-stage", default=None, help="e.g. 8,8,8 (finest first) instead of the model's split")
     parser.add_argument("--guidance", type=guidance_value, default=None)
+    parser.add_argument("--guide-weight", type=guide_weight_value, default=None,
+                        help="the model's own autoguidance weight (default: the model's; 0 = off)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
@@ -53,7 +56,8 @@ def main() -> None:
     _ = pipe.text_encoder
     print(f"load: {time.perf_counter() - t0:.2f} s   threads: {torch.get_num_threads()}")
     split = tuple(int(v) for v in args.steps_per_stage.split(",")) if args.steps_per_stage else None
-    kwargs = dict(num_steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, steps_per_stage=split)
+    kwargs = dict(num_steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, steps_per_stage=split,
+                  guide_weight=args.guide_weight)
     out = pipe("red apple", seed=0, **kwargs)  # warm-up
     times = []
     for i in range(args.repeats):
@@ -64,6 +68,7 @@ def main() -> None:
     steps = split or pipe.stage_steps(args.steps or d.num_steps)
     print(f"sampler: {args.sampler or d.sampler}  steps per stage: {list(steps)}  nfe: {out.nfe}  "
           f"guidance: {d.guidance_scale if args.guidance is None else args.guidance}  "
+          f"guide weight: {d.guide_weight if args.guide_weight is None else args.guide_weight}  "
           f"size: {pipe.config.resolution}px")
     print("per-image seconds: " + ", ".join(f"{t:.2f}" for t in times))
     print(f"seconds_per_image: {statistics.median(times):.2f}")

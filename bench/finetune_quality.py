@@ -53,6 +53,7 @@ from recipe import knn_styles, style_reference, style_scores  # noqa: E402
 
 from bench._cli import comma_list, run_bench  # noqa: E402
 from edify.errors import EdifyError  # noqa: E402
+from edify.pipelines.generate_cli import guide_weight_value  # noqa: E402
 
 
 def generate(pipe, captions, styles, args, control=None) -> torch.Tensor:
@@ -64,8 +65,11 @@ def generate(pipe, captions, styles, args, control=None) -> torch.Tensor:
         if control is not None:
             kw.update(control_image=control[sl], control_weight=args.control_weight,
                       **({"experts": {}} if args.control_no_experts else {}))
-        elif args.sigma_min is not None:
-            kw.update(sigma_min=args.sigma_min)  # the ControlNet arms keep the ControlNet's own end
+        else:
+            if args.sigma_min is not None:
+                kw.update(sigma_min=args.sigma_min)  # the ControlNet arms keep the ControlNet's own end
+            if args.guide_weight is not None:
+                kw.update(guide_weight=args.guide_weight)  # the model's own guides (off under a ControlNet)
         parts.append(pipe(captions[sl], **kw).images)
     return torch.cat(parts)
 
@@ -254,6 +258,7 @@ def report(args, rows, started: float) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for row in rows:
         row = {"bench": "finetune_quality", **row, "guidance": args.guidance, "sigma_min": args.sigma_min,
+               "guide_weight": args.guide_weight,
                "wall_s": round(time.time() - started, 1)}
         print(json.dumps(row), flush=True)
         with open(out / "finetune_quality.jsonl", "a") as f:
@@ -338,6 +343,9 @@ def main(argv=None) -> int:
                         "arms end at the ControlNet's own default")
     p.add_argument("--style-guidance", type=float, default=None,
                    help="extra guidance along the style's direction (default: the base's)")
+    p.add_argument("--guide-weight", type=guide_weight_value, default=None,
+                   help="the base's own autoguidance weight in the uncontrolled arms (default: the base's; "
+                        "0 = off; its guide network sits out while a finetune is loaded at a scale other than 0)")
     p.add_argument("--control-weight", type=float, default=1.0)
     p.add_argument("--control-no-experts", action="store_true",
                    help="the ControlNet arms run the main network at every stage instead of the model's "

@@ -328,6 +328,7 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
     import torch
 
     from edify.eval.evaluate import draw_prompts, evaluate_pipeline
+    from edify.core.guidance import check_guidance
     from edify.eval.fid import kid
     from edify.pipelines.text2image import TextToImagePipeline, expert_folder
     from edify.training.monitor import save_grid
@@ -387,7 +388,15 @@ def evaluate_candidate(args, model_dir: Path, grid_dir: Path, real, extractor, r
         args.guide_model[0][1] if args.guide_model[0][0] is None
         else {stage_key(stages): folder for stages, folder in args.guide_model})
     out["guide_uncond"] = args.guide_uncond
-    out["guide_weight"] = list(args.guide_weight) if isinstance(args.guide_weight, (list, tuple)) else args.guide_weight
+    if not args.guide_model and pipe.config.stage_guides:  # the model's own guides, at its default or --guide-weight
+        weight = pipe.config.defaults.guide_weight if args.guide_weight is None else args.guide_weight
+        if any(check_guidance(weight)):
+            out["guide_model"] = {k: f"{model_dir}/guide" if v == "guide" else "main"
+                                  for k, v in pipe.config.stage_guides.items()}
+        weight_used = weight
+    else:
+        weight_used = args.guide_weight
+    out["guide_weight"] = list(weight_used) if isinstance(weight_used, (list, tuple)) else weight_used
     out["experts"] = {stage_key(stages): folder for stages, folder in args.expert} or \
         ({stage_key(g): f"{model_dir}/{expert_folder(g)}" for g in pipe.config.stage_experts} or None)
     out["eval_wall_minutes"] = round((time.perf_counter() - wall0) / 60, 2)

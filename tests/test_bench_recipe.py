@@ -61,6 +61,16 @@ def test_stage_expert_arguments_and_their_table_cell():
     assert "| 0=expert-0, 1,2=expert-1-2 |" in row
 
 
+def test_guide_arguments_and_their_table_cell():
+    assert recipe.guide_value("runs/old") == (None, "runs/old")
+    assert recipe.guide_value("1,2=runs/old") == ((1, 2), "runs/old")
+    row = recipe.table([{"candidate": "m", "guide_model": "w/old", "guide_uncond": True}]).splitlines()[-1]
+    assert "| old (uncond) |" in row
+    row = recipe.table([{"candidate": "m", "guide_model": {"0": "main", "1,2": "w/old"},
+                         "guide_weight": [1.0, 0.5, 0.5]}]).splitlines()[-1]
+    assert "| 0=main, 1,2=old x 1,0.5,0.5 |" in row
+
+
 def test_shrink_is_a_sampling_override_and_a_table_column():
     import argparse
 
