@@ -1,6 +1,7 @@
 """EDM preconditioning, stage routing, the training loss and classifier-free guidance."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -194,6 +195,14 @@ def test_per_stage_guidance_picks_each_samples_stage_scale_and_skips_unguided_st
             CFGDenoiser(D, bad)
 
 
+def _counting(calls: list, name: str, den):
+    """`den`, recording (name, batch rows) in `calls` at every call."""
+    def f(x, sigma, cond=None, stage=None):
+        calls.append((name, x.shape[0]))
+        return den(x, sigma, cond, stage)
+    return f
+
+
 def test_autoguidance_uses_the_weaker_models_estimate_as_the_second_branch():
     """D_g(c) + w (D_c - D_g(c)) with the guide's own call of B rows; with guide_uncond the guide sees
     the unconditional condition; a guide equal to the model leaves D_c exactly."""
@@ -201,11 +210,7 @@ def test_autoguidance_uses_the_weaker_models_estimate_as_the_second_branch():
     torch.manual_seed(1)
     D, D_bad = EDMPrecond(TinyNet()), EDMPrecond(TinyNet())
 
-    def counting(name, den):
-        def f(x, sigma, cond=None, stage=None):
-            calls.append((name, x.shape[0]))
-            return den(x, sigma, cond, stage)
-        return f
+    counting = partial(_counting, calls)
 
     x, sigma, cond, stage = torch.randn(3, 3, 8, 8), torch.tensor([0.3, 1.0, 2.0]), _cond(3), torch.zeros(3)
     D_c, D_g = D(x, sigma, cond, stage), D_bad(x, sigma, cond, stage)
@@ -233,11 +238,7 @@ def test_autoguidance_term_on_top_of_guidance_per_stage():
     torch.manual_seed(2)
     D, D_bad = EDMPrecond(TinyNet()), EDMPrecond(TinyNet())
 
-    def counting(name, den):
-        def f(x, sigma, cond=None, stage=None):
-            calls.append((name, x.shape[0]))
-            return den(x, sigma, cond, stage)
-        return f
+    counting = partial(_counting, calls)
 
     drop = ("text", "media")
     x, sigma, cond = torch.randn(3, 3, 8, 8), torch.tensor([0.3, 1.0, 2.0]), _cond(3)

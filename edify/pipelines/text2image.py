@@ -483,15 +483,9 @@ class TextToImagePipeline:
         network is left out while a finetune is loaded at a scale other than 0 (it does not carry the
         finetune, so its term would scale the finetune's change up). Under a denoiser wrapper
         (`wrapped`: ControlNets, inpainting) the model's guides are off unless the call gives a weight."""
-        asked = guide_weight is not None
-        if not asked and wrapped:
+        if guide_weight is None and wrapped:
             return None, None
-        weights = check_guidance(self.config.defaults.guide_weight if guide_weight is None else guide_weight,
-                                 "guide_weight")
-        levels = self.process.levels
-        if len(weights) not in (1, levels):
-            raise EdifyError(f"guide_weight needs 1 or {levels} values (finest first), got {len(weights)}")
-        weights = weights * levels if len(weights) == 1 else weights
+        weights = self.stage_guide_weights(self.config.defaults.guide_weight if guide_weight is None else guide_weight)
         if not any(weights):
             return None, None
         if not self.config.stage_guides:
@@ -508,6 +502,14 @@ class TextToImagePipeline:
         weights = tuple(a if s in guides else 0.0 for s, a in enumerate(weights))
         return (guides, weights) if guides and any(weights) else (None, None)
 
+    def stage_guide_weights(self, guide_weight) -> tuple[float, ...]:
+        """A guide weight (one number or one per stage) as one weight per stage, finest first."""
+        weights = check_guidance(guide_weight, "guide_weight")
+        levels = self.process.levels
+        if len(weights) not in (1, levels):
+            raise EdifyError(f"guide_weight needs 1 or {levels} values (finest first), got {len(weights)}")
+        return weights * levels if len(weights) == 1 else weights
+
     def guide_denoiser(self, guide, guide_weight=None):
         """The autoguidance guide's denoiser: a model's main network at every stage, or
         {stage: model} routed by stage (`StageDenoisers`); every stage with a guide weight other
@@ -522,8 +524,7 @@ class TextToImagePipeline:
             raise EdifyError("guide: a {stage: model} mapping needs at least one stage")
         if guide_weight is None:
             raise EdifyError("a guide per stage ({stage: model}) adds its term with guide_weight; give one")
-        weights = check_guidance(guide_weight, "guide_weight")
-        weights = weights * levels if len(weights) == 1 else weights
+        weights = self.stage_guide_weights(guide_weight)
         missing = [s for s, a in enumerate(weights) if a != 0 and s not in guide]
         if missing:
             raise EdifyError(f"guide_weight is not 0 at stage(s) {missing}, which have no guide; guides are "
