@@ -144,13 +144,18 @@ def style(args) -> None:
     seeds = list(range(len(captions)))
     kw = dict(seed=seeds, num_steps=args.steps, guidance_scale=args.guidance, sigma_min=args.sigma_min)
     before = pipe(captions, style=args.base_style, **kw)
-    pipe.load_finetune(args.delta)
-    after = pipe(captions, style=args.style, **kw)
     rows = [(f"{args.style} (real, val)", [to_pil(real.images[i][None])[0] for i in order]),
-            (f"base, {args.base_style}", before.images), (f"finetuned, {args.style}", after.images)]
+            (f"base, {args.base_style}", before.images)]
+    scales = [float(v) for v in args.scales.split(",")]
+    for scale in scales:
+        if getattr(pipe, "finetunes", None):
+            pipe.unload_finetune()
+        pipe.load_finetune(args.delta, scale)
+        label = f"finetuned, {args.style}" if scales == [1.0] else f"{args.style} x {scale:g}"
+        rows.append((label, pipe(captions, style=args.style, **kw).images))
     labelled_rows([(label[:18], images) for label, images in rows]).save(args.out)
     print(f"{args.out}: {len(captions)} validation captions of {args.data}: real, base ({args.base_style}), "
-          f"finetuned ({args.style}); captions: {'; '.join(captions)}")
+          f"finetuned ({args.style}) at scale {', '.join(f'{v:g}' for v in scales)}; captions: {'; '.join(captions)}")
 
 
 def curves(args) -> None:
@@ -227,6 +232,7 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--guidance", type=guidance_value, default=None)
     t.add_argument("--sigma-min", type=float, default=None, help="where the schedule ends (default: the model's)")
+    t.add_argument("--scales", default="1", help="finetune scales, one row each (e.g. 0.6,0.8,1)")
     t.add_argument("--out", required=True)
     c = sub.add_parser("curves")
     c.add_argument("--run", required=True)
