@@ -146,16 +146,20 @@ def style(args) -> None:
     before = pipe(captions, style=args.base_style, **kw)
     rows = [(f"{args.style} (real, val)", [to_pil(real.images[i][None])[0] for i in order]),
             (f"base, {args.base_style}", before.images)]
-    scales = [float(v) for v in args.scales.split(",")]
+    scales = args.scales
     for scale in scales:
-        if getattr(pipe, "finetunes", None):
-            pipe.unload_finetune()
+        pipe.unload_finetune()  # the previous scale's, if any (a no-op before the first)
         pipe.load_finetune(args.delta, scale)
         label = f"finetuned, {args.style}" if scales == [1.0] else f"{args.style} x {scale:g}"
         rows.append((label, pipe(captions, style=args.style, **kw).images))
     labelled_rows([(label[:18], images) for label, images in rows]).save(args.out)
     print(f"{args.out}: {len(captions)} validation captions of {args.data}: real, base ({args.base_style}), "
           f"finetuned ({args.style}) at scale {', '.join(f'{v:g}' for v in scales)}; captions: {'; '.join(captions)}")
+
+
+def scales_value(text: str) -> list[float]:
+    """--scales: comma-separated numbers (argparse turns the ValueError into a one-line error)."""
+    return [float(v) for v in text.split(",")]
 
 
 def curves(args) -> None:
@@ -232,7 +236,7 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--guidance", type=guidance_value, default=None)
     t.add_argument("--sigma-min", type=float, default=None, help="where the schedule ends (default: the model's)")
-    t.add_argument("--scales", default="1", help="finetune scales, one row each (e.g. 0.6,0.8,1)")
+    t.add_argument("--scales", type=scales_value, default=[1.0], help="finetune scales, one row each (e.g. 0.6,0.8,1)")
     t.add_argument("--out", required=True)
     c = sub.add_parser("curves")
     c.add_argument("--run", required=True)
