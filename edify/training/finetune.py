@@ -254,9 +254,10 @@ def session_time(run_dir: Path, wall: float, cpu: float) -> tuple[float, float]:
 def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "crossattn", rank: int = 4,
                  alpha: float | None = None, init_style: str | None = None, resume: bool = False,
                  text_encoder=None, device=None, command: str | None = None, log=print,
-                 prior: FinetuneData | None = None, prior_share: float = 0.0):
+                 prior: FinetuneData | None = None, prior_share: float = 0.0, style_lr: float | None = None):
     """A `Trainer` that trains `mode`'s parameters (and any new style rows) of the base model folder;
-    with `prior`, `prior_share` of every batch comes from it (`images_stream`)."""
+    with `prior`, `prior_share` of every batch comes from it (`images_stream`). The new style rows
+    learn at `style_lr` (default: the config's lr), on the same schedule."""
     import torch
 
     from edify.core.precond import EDMPrecond
@@ -312,7 +313,8 @@ def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "cros
     decayed = [p for n, p in module.params.items() if parameter_name(n) != ft.MEDIA_TABLE]
     groups = [{"params": decayed, "weight_decay": c.weight_decay}]
     if styles:
-        groups.append({"params": [table], "weight_decay": 0.0})
+        scale = 1.0 if style_lr is None else style_lr / c.lr
+        groups.append({"params": [table], "weight_decay": 0.0, "lr_scale": scale})
     t.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas))
     ema_on = c.ema_std == 0 and c.ema_decay == 0
     t.ema = EMA(t.model, c.ema_halflife_images if ema_on else 0.0, c.ema_rampup, c.ema_decay, c.ema_std)
@@ -329,6 +331,8 @@ def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "cros
         f"{total:,} parameters ({100 * trained / total:.2f}%)" + (f"; new style {new}" if styles else "")
         + (f"; {100 * prior_share:g}% of each batch from {len(prior.captions)} prior images" if prior else ""))
     _resume_or_start(t, record, resume)
+    if styles:  # this session's rate, also over a resumed optimizer's saved one
+        t.optimizer.param_groups[-1]["lr_scale"] = scale
     t.finetune_record = record
     return t
 
@@ -416,6 +420,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the preset's)")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"learning rate (default {DEFAULT_LR:g})")
+    parser.add_argument("--style-lr", type=float, default=None, metavar="LR",
+                        help="learning rate of a new style's embedding row (default: --lr). Adam moves a row "
+                             "by about the rate per step, so at 1e-4 it stays near where it started")
     parser.add_argument("--caption", default=None, help="one caption for every image (instead of the data's)")
     parser.add_argument("--style", default=None, metavar="NAME",
                         help="one style for every image; a name the base lacks becomes a new style")
@@ -449,7 +456,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command_line(args: argparse.Namespace) -> str:
     words = ["edify", "finetune", "--base", args.base, "--data", args.data, "--out", args.out,
-             "--params", args.params, "--steps", str(args.steps), "--lr", f"{args.lr:g}", "--preset", args.preset]
+             "--params", args.params, "--steps", str(args.steps), "--lr", f"{args.lr:g}",
+             "--preset", args.preset]
+    words += ["--style-lr", f"{args.style_lr:g}"] if args.style_lr is not None else []
     words += ["--rank", str(args.rank)] + (["--alpha", f"{args.alpha:g}"] if args.alpha else []) \
         if args.params == "lora" else []
     if args.prior_data is not None:
@@ -475,6 +484,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise EdifyError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not args.lr > 0:
         raise EdifyError(f"--lr must be > 0, got {args.lr}")
+    if args.style_lr is not None and not (math.isfinite(args.style_lr) and args.style_lr > 0):
+        raise EdifyError(f"--style-lr must be a finite number > 0, got {args.style_lr}")
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise EdifyError(f"--max-minutes must be > 0, got {args.max_minutes}")
     if args.style is not None and not args.style.strip():
@@ -560,7 +571,8 @@ def run(args: argparse.Namespace, text_encoder=None) -> int:
             trainer = make_trainer(config, str(base), part_run, data, mode=args.params, rank=args.rank,
                                    alpha=args.alpha, init_style=args.init_style, resume=args.resume,
                                    text_encoder=text_encoder, device=device, command=command_line(args),
-                                   log=distributed.print0, prior=prior, prior_share=args.prior_share)
+                                   log=distributed.print0, prior=prior, prior_share=args.prior_share,
+                                   style_lr=args.style_lr)
             result = trainer.run()
             seconds, cpu = session_time(part_run, time.perf_counter() - started, time.process_time() - cpu_started)
             distributed.print0(f"trained to {result.images} images ({result.step} steps, stopped by {result.stop}) "

@@ -378,8 +378,8 @@ class Trainer:
                                  "lower lr or check the data")
             return mean_loss
         self.consecutive_nonfinite = 0
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.state.images)
+        for group in self.optimizer.param_groups:  # a group may scale the schedule (e.g. a finetune's style rows)
+            group["lr"] = self.lr_at(self.state.images) * group.get("lr_scale", 1.0)
         self.optimizer.step()
         self.ema.update(self.model, self.state.images, c.batch_size)
         return mean_loss
