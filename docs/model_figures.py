@@ -16,7 +16,8 @@ concept: a concept finetune: its training images, then the base and the finetune
 same prompt, styles and seeds.
 style: a style finetune: validation images of the new style (`--data`, captions drawn with `--seed`),
 then the base in its closest style and the finetuned model in the new style on the same captions,
-one seed per caption.
+one seed per caption; `--starts` adds rows of the finetune started from the real images at those
+noise levels (image to image), to see which stages draw what.
 curves: loss (per optimizer step, smoothed) and img/s against images seen, from the run's
 scalars.jsonl.
 """
@@ -132,6 +133,8 @@ def concept(args) -> None:
 
 
 def style(args) -> None:
+    import torch
+
     from edify.eval.evaluate import load_split
     from edify.pipelines.text2image import TextToImagePipeline, to_pil
 
@@ -152,6 +155,12 @@ def style(args) -> None:
         pipe.load_finetune(args.delta, scale)
         label = f"finetuned, {args.style}" if scales == [1.0] else f"{args.style} x {scale:g}"
         rows.append((label, pipe(captions, style=args.style, **kw).images))
+    if args.starts:  # image to image from the real images: which stages draw the finetune's failures
+        x0 = real.images[order]
+        x0 = x0.float() / 127.5 - 1 if x0.dtype == torch.uint8 else x0.float()
+        for start in args.starts:
+            rows.append((f"{args.style} from real, s {start:g}",
+                         pipe(captions, style=args.style, image=x0, start_sigma=start, **kw).images))
     labelled_rows([(label[:18], images) for label, images in rows]).save(args.out)
     print(f"{args.out}: {len(captions)} validation captions of {args.data}: real, base ({args.base_style}), "
           f"finetuned ({args.style}) at scale {', '.join(f'{v:g}' for v in scales)}; captions: {'; '.join(captions)}")
@@ -237,6 +246,9 @@ def main() -> None:
     t.add_argument("--guidance", type=guidance_value, default=None)
     t.add_argument("--sigma-min", type=float, default=None, help="where the schedule ends (default: the model's)")
     t.add_argument("--scales", type=scales_value, default=[1.0], help="finetune scales, one row each (e.g. 0.6,0.8,1)")
+    t.add_argument("--starts", type=scales_value, default=[],
+                   help="after the scales' rows, one row per start sigma: the finetune at the last scale sampling "
+                        "from the real images put through the forward process to that noise level (image to image)")
     t.add_argument("--out", required=True)
     c = sub.add_parser("curves")
     c.add_argument("--run", required=True)

@@ -323,6 +323,48 @@ def test_bad_inputs_raise_one_line(kwargs, message):
     assert "\n" not in str(info.value)
 
 
+def test_image_to_image_starts_from_the_image_at_start_sigma():
+    """The start state is Eq. 4-5 pooled to the stage of start_sigma, with the seed's noise; the
+    schedule runs from start_sigma to 0 in num_steps; the image steers the result."""
+    from edify.core.laplacian import down
+    from edify.core.seeding import generators
+
+    pipe = tiny_pipeline()
+    img = torch.linspace(-1, 1, 3 * 32 * 32).view(1, 3, 32, 32)
+    for start, stage in ((3.0, 1), (20.0, 2), (0.8, 0)):
+        x, sigmas = pipe.start_state(img, start, 2, (32, 32), 6, 0.4, 0, None, generators([5, 6]))
+        noise = torch.stack([torch.randn((3, 32 >> stage, 32 >> stage), generator=torch.Generator().manual_seed(s))
+                             for s in (5, 6)])
+        expected = pipe.process.apply_A(down(img, stage), start, stage) + start / 2**stage * noise
+        assert x.shape == (2, 3, 32 >> stage, 32 >> stage)
+        torch.testing.assert_close(x, expected)
+        assert float(sigmas[0]) == start and float(sigmas[-1]) == 0 and len(sigmas) - 1 == 6
+    a = pipe("red apple", style="noto", seed=1, image=img, start_sigma=3.0, output_type="tensor").images
+    b = pipe("red apple", style="noto", seed=1, image=img, start_sigma=3.0, output_type="tensor").images
+    c = pipe("red apple", style="noto", seed=1, image=-img, start_sigma=3.0, output_type="tensor").images
+    plain = pipe("red apple", style="noto", seed=1, output_type="tensor").images
+    assert a.shape == plain.shape and torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, plain)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(start_sigma=3.0), "needs an image"),
+    (dict(image=torch.zeros(1, 3, 32, 32)), "needs start_sigma"),
+    (dict(image=torch.zeros(1, 3, 32, 32), start_sigma=0.1), r"start_sigma must be in \(0.4, 80\]"),
+    (dict(image=torch.zeros(1, 3, 32, 32), start_sigma=float("nan")), "start_sigma must be in"),
+    (dict(image=torch.zeros(1, 3, 32, 32), start_sigma="x"), "start_sigma must be a number"),
+    (dict(image=torch.zeros(1, 3, 64, 64), start_sigma=3.0), "the image is 64x64; this call makes 32x32"),
+    (dict(image=torch.zeros(3, 3, 32, 32), start_sigma=3.0), "one image for all 1 images or one per image"),
+    (dict(image=torch.zeros(1, 32, 32), start_sigma=3.0), "must be a PIL image or a float tensor"),
+])
+def test_bad_image_to_image_inputs_raise_one_line(kwargs, message):
+    pipe = tiny_pipeline()
+    kwargs = {"sigma_min": 0.4, **kwargs}
+    with pytest.raises(EdifyError, match=message) as info:
+        pipe("apple", **kwargs)
+    assert "\n" not in str(info.value)
+
+
 def test_bad_model_folders(tmp_path):
     with pytest.raises(EdifyError, match="no model folder"):
         TextToImagePipeline.from_pretrained(tmp_path / "nope")

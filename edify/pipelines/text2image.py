@@ -28,6 +28,7 @@ from edify.core.guidance import CFGDenoiser, check_guidance, unguided
 from edify.core.laplacian import LaplacianProcess
 from edify.core.precond import EDMPrecond, StageDenoisers, finishing_stages
 from edify.core.samplers import SAMPLERS, STOCHASTIC, initial_state, sampler_nfe, stage_etas
+from edify.core.cascade import entry_sigmas
 from edify.core.schedules import SAMPLING, default_stage_weights, laplacian_sigmas, split_steps
 from edify.core.seeding import generators
 from edify.core.thresholding import (check_shrink, check_shrink_rule, check_threshold, maybe_threshold,
@@ -352,7 +353,8 @@ class TextToImagePipeline:
                  guide_weight: float | Sequence[float] | None = None,
                  eta: float | Sequence[float] | None = None,
                  threshold: float | None = None, shrink: float | None = None, shrink_rule: str | None = None,
-                 experts: Mapping[int, TextToImagePipeline | UNet] | None = None) -> TextToImageOutput:
+                 experts: Mapping[int, TextToImagePipeline | UNet] | None = None,
+                 image=None, start_sigma: float | None = None) -> TextToImageOutput:
         """Images for the prompts. num_steps: sampler steps over all stages, split by the model's
         `defaults.stage_weights` (or give `steps_per_stage`, finest first). guidance_scale: one
         classifier-free guidance scale, or one per stage (finest first, e.g. (1, 7, 7): no guidance
@@ -386,7 +388,13 @@ class TextToImagePipeline:
         model's config; this model's network serves the other stages. Default: the model's own
         (`self.experts`, saved in its folder), none while a finetune without parts for them is
         loaded at a scale other than 0 (it changed the main network only; at scale 0 it changed
-        nothing); True the same default; {} or False runs the main network at every stage."""
+        nothing); True the same default; {} or False runs the main network at every stage. image,
+        start_sigma: image to image (SDEdit, Meng et al. 2022): sampling starts from `image` (a PIL
+        image or a float tensor [B, 3, H, W] in [-1, 1], one for all prompts or one per image) put
+        through the forward process to the full-resolution noise level start_sigma, at the stage
+        that level belongs to (the 16 px stage of the demo model above 5, its 32 px stage from 1 to 5),
+        and num_steps are spread over the stages from there down; the lower start_sigma, the more
+        of the image is kept."""
         d = self.config.defaults
         if self.config.max_sigma and d.sigma_max > self.config.max_sigma:
             raise EdifyError(f"this model is an upsampler, trained only up to sigma {self.config.max_sigma:g}: "
@@ -443,15 +451,57 @@ class TextToImagePipeline:
                              terms=[(("media",), style_guidance)] if styled else (),
                              guide=guide_denoiser, guide_uncond=guide_uncond, guide_weight=guide_weight)
         guided = maybe_threshold(guided, threshold)
-        sigmas = laplacian_sigmas(self.process, self.stage_steps(num_steps, final_stage, steps_per_stage),
-                                  sigma_min, d.sigma_max, d.rho, d.ramp_weight, final_stage)
         gens = generators(seeds, device="cpu")
-        x = initial_state(self.process, d.sigma_max, (len(prompts), 3, height, width), gens).to(self.device)
+        if image is None:
+            if start_sigma is not None:
+                raise EdifyError("start_sigma needs an image to start from")
+            sigmas = laplacian_sigmas(self.process, self.stage_steps(num_steps, final_stage, steps_per_stage),
+                                      sigma_min, d.sigma_max, d.rho, d.ramp_weight, final_stage)
+            x = initial_state(self.process, d.sigma_max, (len(prompts), 3, height, width), gens).to(self.device)
+        else:
+            x, sigmas = self.start_state(image, start_sigma, len(prompts), (height, width), num_steps, sigma_min,
+                                         final_stage, steps_per_stage, gens)
         x = SAMPLERS[sampler](guided, x, sigmas, self.process, cond, gens, callback, final_stage=final_stage,
                               **noise)
         x = shrink_finest_band(x.clamp(-1, 1), shrink, shrink_rule).clamp(-1, 1)
         images = x.cpu() if output_type == "tensor" else to_pil(x)
         return TextToImageOutput(images=images, seeds=seeds, nfe=sampler_nfe(sampler, len(sigmas) - 1))
+
+    def start_state(self, image, start_sigma, batch: int, size: tuple[int, int], num_steps: int,
+                    sigma_min: float, final_stage: int, steps_per_stage, gens) -> tuple[torch.Tensor, torch.Tensor]:
+        """(state, schedule) of image to image: `image` at the full-resolution noise level
+        start_sigma, at its stage (`edify.core.cascade.entry_state`), and the schedule from there."""
+        from edify.core.cascade import entry_state
+        from edify.core.laplacian import down
+        from edify.pipelines.control import image_tensor
+
+        d = self.config.defaults
+        if start_sigma is None:
+            raise EdifyError("image to image needs start_sigma, the noise level sampling starts from")
+        try:
+            start = float(start_sigma)
+        except (TypeError, ValueError):
+            raise EdifyError(f"start_sigma must be a number, got {start_sigma!r}") from None
+        if not (math.isfinite(start) and sigma_min < start <= d.sigma_max):
+            raise EdifyError(f"start_sigma must be in ({sigma_min:g}, {d.sigma_max:g}] (the schedule's end and "
+                             f"start), got {start_sigma}")
+        if final_stage != 0:
+            raise EdifyError("image to image finishes at full resolution: final_stage must be 0")
+        x0 = image_tensor(image).float()
+        if x0.shape[0] not in (1, batch):
+            raise EdifyError(f"give one image for all {batch} images or one per image, got {x0.shape[0]}")
+        if tuple(x0.shape[-2:]) != tuple(size):
+            raise EdifyError(f"the image is {x0.shape[-1]}x{x0.shape[-2]}; this call makes {size[1]}x{size[0]} "
+                             f"images (set height and width to the image's size)")
+        x0 = x0.expand(batch, -1, -1, -1).clamp(-1, 1)
+        stage = self.process.stage(start)
+        if steps_per_stage is not None:
+            sigmas = laplacian_sigmas(self.process, tuple(steps_per_stage), sigma_min, start, d.rho, d.ramp_weight)
+        else:
+            weights = d.stage_weights or default_stage_weights(self.process.levels)
+            sigmas = entry_sigmas(self.process, start, num_steps, weights, sigma_min, d.rho, d.ramp_weight)
+        x = entry_state(down(x0, stage), start, self.process, stage, generator=gens)
+        return x.to(self.device), sigmas
 
     def experts_kept(self) -> bool:
         """Whether sampling uses the model's stage experts with the loaded finetunes: unless one at a
