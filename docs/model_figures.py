@@ -16,8 +16,8 @@ concept: a concept finetune: its training images, then the base and the finetune
 same prompt, styles and seeds.
 style: a style finetune: validation images of the new style (`--data`, captions drawn with `--seed`),
 then the base in its closest style and the finetuned model in the new style on the same captions,
-one seed per caption; `--starts` adds rows of the finetune started from the real images at those
-noise levels (image to image), to see which stages draw what.
+one seed per caption; `--starts` adds rows of the base and the finetune started from the real images
+at those noise levels (image to image), to see which stages draw what.
 curves: loss (per optimizer step, smoothed) and img/s against images seen, from the run's
 scalars.jsonl.
 """
@@ -149,18 +149,21 @@ def style(args) -> None:
     before = pipe(captions, style=args.base_style, **kw)
     rows = [(f"{args.style} (real, val)", [to_pil(real.images[i][None])[0] for i in order]),
             (f"base, {args.base_style}", before.images)]
+    # image to image from the real images (--starts): which stages draw what, base and finetune
+    x0 = real.images[order]
+    x0 = x0.float() / 127.5 - 1 if x0.dtype == torch.uint8 else x0.float()
+    for start in args.starts:
+        rows.append((f"base, real@{start:g}",
+                     pipe(captions, style=args.base_style, image=x0, start_sigma=start, **kw).images))
     scales = args.scales
     for scale in scales:
         pipe.unload_finetune()  # the previous scale's, if any (a no-op before the first)
         pipe.load_finetune(args.delta, scale)
         label = f"finetuned, {args.style}" if scales == [1.0] else f"{args.style} x {scale:g}"
         rows.append((label, pipe(captions, style=args.style, **kw).images))
-    if args.starts:  # image to image from the real images: which stages draw the finetune's failures
-        x0 = real.images[order]
-        x0 = x0.float() / 127.5 - 1 if x0.dtype == torch.uint8 else x0.float()
-        for start in args.starts:
-            rows.append((f"{args.style} from real, s {start:g}",
-                         pipe(captions, style=args.style, image=x0, start_sigma=start, **kw).images))
+    for start in args.starts:
+        rows.append((f"finetune, real@{start:g}",
+                     pipe(captions, style=args.style, image=x0, start_sigma=start, **kw).images))
     labelled_rows([(label[:18], images) for label, images in rows]).save(args.out)
     print(f"{args.out}: {len(captions)} validation captions of {args.data}: real, base ({args.base_style}), "
           f"finetuned ({args.style}) at scale {', '.join(f'{v:g}' for v in scales)}; captions: {'; '.join(captions)}")
@@ -247,8 +250,9 @@ def main() -> None:
     t.add_argument("--sigma-min", type=float, default=None, help="where the schedule ends (default: the model's)")
     t.add_argument("--scales", type=scales_value, default=[1.0], help="finetune scales, one row each (e.g. 0.6,0.8,1)")
     t.add_argument("--starts", type=scales_value, default=[],
-                   help="after the scales' rows, one row per start sigma: the finetune at the last scale sampling "
-                        "from the real images put through the forward process to that noise level (image to image)")
+                   help="rows of the base (closest style) and, after the scales' rows, of the finetune at the last "
+                        "scale, sampling from the real images put through the forward process to each of these "
+                        "noise levels (image to image)")
     t.add_argument("--out", required=True)
     c = sub.add_parser("curves")
     c.add_argument("--run", required=True)
