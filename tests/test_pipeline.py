@@ -400,6 +400,33 @@ def test_generate_cli_writes_pngs_and_fails_cleanly(tmp_path, monkeypatch, capsy
     assert code == 2 and "no model folder" in capsys.readouterr().err
 
 
+def test_generate_cli_image_to_image(tmp_path, monkeypatch, capsys):
+    """`edify generate --image --start-sigma` writes the pipeline's image-to-image result; bad use is one line."""
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(TextToImagePipeline, "text_encoder", property(lambda self: HashEncoder()))
+    src = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    src.save(tmp_path / "src.png")
+    out = tmp_path / "img.png"
+    base = ["generate", "red apple", "--model", str(tmp_path / "m"), "--style", "noto", "--seed", "2",
+            "--sigma-min", "0.4", "--threads", "1", "--quiet"]
+    assert cli_main(base + ["-o", str(out), "--image", str(tmp_path / "src.png"), "--start-sigma", "3"]) == 0
+    expected = pipe("red apple", style="noto", seed=2, sigma_min=0.4, image=src, start_sigma=3.0,
+                    output_type="tensor").images
+    got = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1).float()
+    assert (got - ((expected[0] + 1) * 127.5).round()).abs().max() <= 1
+    capsys.readouterr()
+    for extra, message in ((["--image", str(tmp_path / "src.png")], "--image needs --start-sigma"),
+                           (["--start-sigma", "3"], "--start-sigma needs --image"),
+                           (["--image", str(tmp_path / "nope.png"), "--start-sigma", "3"], "does not exist"),
+                           (["--image", str(tmp_path / "src.png"), "--start-sigma", "3", "--height", "64"],
+                            "is 32x32 but --height/--width ask for 64x32"),
+                           (["--image", str(tmp_path / "src.png"), "--start-sigma", "0.1"], "start_sigma must be in")):
+        assert cli_main(base + ["-o", str(out)] + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+
 def test_package_exposes_the_pipeline(tmp_path):
     import edify
 

@@ -100,6 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "time (models trained with nested expert ranges; default 0, full size)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--image", default=None, metavar="PATH",
+                        help="image to image: start from this image (its size unless --height/--width) put through "
+                             "the forward process to --start-sigma")
+    parser.add_argument("--start-sigma", type=float, default=None, metavar="S",
+                        help="with --image: the noise level sampling starts from (full-resolution units; the lower, "
+                             "the more of the image is kept; the demo model's 32 px stage spans 1 to 5)")
     parser.add_argument("--upscale", nargs="?", const="default", default=None, metavar="FOLDER",
                         help="then upscale with a cascade upsampler (default: weights/emoji-up-256), e.g. 64 -> 256 px")
     from edify.pipelines.upscale_cli import add_upscale_arguments
@@ -207,6 +213,35 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def start_kwargs(args: argparse.Namespace) -> dict:
+    """`image` and `start_sigma` for image to image (the image read by `read_start_image`), else none."""
+    image = getattr(args, "start_image", None)
+    return {} if image is None else {"image": image, "start_sigma": args.start_sigma}
+
+
+def read_start_image(args: argparse.Namespace) -> None:
+    """`edify generate --image`: read into args.start_image (--height/--width default to its
+    size), after its options are checked."""
+    from edify.pipelines.control_cli import read_image
+
+    args.start_image = None
+    if args.image is None:
+        if args.start_sigma is not None:
+            raise EdifyError("--start-sigma needs --image, the image to start from")
+        return
+    if args.start_sigma is None:
+        raise EdifyError("--image needs --start-sigma, the noise level sampling starts from")
+    if args.upscale is not None:
+        raise EdifyError("--image and --upscale do not go together; upscale the result with `edify upscale`")
+    image = read_image(args.image, "--image")
+    args.height = image.height if args.height is None else args.height
+    args.width = image.width if args.width is None else args.width
+    if (image.height, image.width) != (args.height, args.width):
+        raise EdifyError(f"--image {args.image} is {image.height}x{image.width} but --height/--width ask for "
+                         f"{args.height}x{args.width}")
+    args.start_image = image
+
+
 def generate_batch(pipe, args: argparse.Namespace, seeds: list[int], progress=None):
     """(PIL images, network evaluations per image) for one batch of seeds; EdifyError instead of
     images when any value is NaN or infinite (they would be written as black pixels)."""
@@ -218,7 +253,7 @@ def generate_batch(pipe, args: argparse.Namespace, seeds: list[int], progress=No
                guidance_scale=args.guidance, seed=seeds, height=args.height, width=args.width,
                sampler=args.sampler, num_images_per_prompt=len(seeds), output_type="tensor", callback=guard,
                final_stage=args.final_stage, steps_per_stage=parse_stage_steps(args.steps_per_stage),
-               **sampling_kwargs(args))
+               **sampling_kwargs(args), **start_kwargs(args))
     if not all_finite(out.images):
         raise EdifyError(f"the images of seeds {seeds[0]}..{seeds[-1]} hold non-finite values (NaN or infinity): "
                          f"the model is unusable; no image of this batch was written")
@@ -288,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
         raise EdifyError(f"output folder {str(paths[0].parent)!r} does not exist")
     model = resolve_model(args.model)
     device = runtime.resolve_device(args.device)
+    read_start_image(args)
     with runtime.threads(args.threads):
         pipe = load_pipeline(model, device)
         apply_finetunes(pipe, args)
