@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 
 from edify.conditioning import Cond
+from edify.core.cascade import entry_sigmas
 from edify.core.guidance import CFGDenoiser, check_guidance, unguided
 from edify.core.laplacian import LaplacianProcess
 from edify.core.precond import EDMPrecond, StageDenoisers, finishing_stages
 from edify.core.samplers import SAMPLERS, STOCHASTIC, initial_state, sampler_nfe, stage_etas
-from edify.core.cascade import entry_sigmas
 from edify.core.schedules import SAMPLING, default_stage_weights, laplacian_sigmas, split_steps
 from edify.core.seeding import generators
 from edify.core.thresholding import (check_shrink, check_shrink_rule, check_threshold, maybe_threshold,
