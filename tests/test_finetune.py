@@ -154,10 +154,17 @@ def test_scale_interpolates_the_weights(setup):
     pipe = load_base(root)
     name = info.parameters[0]
     base = pipe.network.state_dict()[name].clone()
+    base_row = pipe.network.state_dict()[ft.MEDIA_TABLE][2].clone()
     pipe.load_finetune(deltas["crossattn"], scale=0.5)
     assert torch.allclose(pipe.network.state_dict()[name], (base + tensors[name]) / 2, atol=1e-6)
+    # the new style's row is written whole at any scale but 0: the base's row of a free slot is untrained
+    row = tensors[ft.STYLE_PREFIX + "pixel"]
+    assert torch.equal(pipe.network.state_dict()[ft.MEDIA_TABLE][2], row)
     pipe.unload_finetune().load_finetune(deltas["crossattn"], scale=1.0)
     assert torch.equal(pipe.network.state_dict()[name], tensors[name])  # lerp ends exactly
+    assert torch.equal(pipe.network.state_dict()[ft.MEDIA_TABLE][2], row)
+    pipe.unload_finetune().load_finetune(deltas["crossattn"], scale=0.0)
+    assert torch.equal(pipe.network.state_dict()[ft.MEDIA_TABLE][2], base_row)
 
 
 def test_lora_merge_matches_the_adapter_and_unmerges_exactly(setup):

@@ -41,9 +41,12 @@ other weights, is refused in one line. Files are untrusted input, checked like m
 parts first and the main JSON last.
 
 Loading (`load_finetune(pipe, path, scale)`) keeps a copy of every value it replaces and writes
-`lerp(base, finetuned, scale)` (lora: the base plus `scale` times the adapter, merged by peft), so
-scale 0 leaves the network bit for bit as it was, scale 1 is the finetune, and `unload_finetune`
-puts the copies back exactly. Two finetunes load together when they touch no common parameter or
+`lerp(base, finetuned, scale)` into every trained weight (lora: the base plus `scale` times the
+adapter, merged by peft), so scale 0 leaves the network bit for bit as it was, scale 1 is the
+finetune, and `unload_finetune` puts the copies back exactly. A new style's row is written whole at
+any scale but 0 (the base has no value for it: its row of a free slot was never trained, so a lerp
+from it would mix an untrained vector into the token), as a new token's embedding is in textual
+inversion; the scale is the strength of the weights' change. Two finetunes load together when they touch no common parameter or
 style slot; otherwise the second is refused. A ControlNet pipeline's ControlNets keep their weights;
 only each new style's row is also written into their media tables, whose row for a free slot was
 never trained.
@@ -514,9 +517,8 @@ def load_finetune(pipe, path: str | os.PathLike, scale: float = 1.0) -> LoadedFi
             table = params[MEDIA_TABLE]
             for style in part_info.styles:
                 patches.append(Patch(owner, MEDIA_TABLE, style.slot, table[style.slot].detach().clone()))
-                if scale != 0:
-                    row = part_tensors[STYLE_PREFIX + style.name].to(table.device)
-                    table[style.slot] = torch.lerp(table[style.slot].float(), row, scale).to(table.dtype)
+                if scale != 0:  # whole: the base's row of a free slot is untrained (module docstring)
+                    table[style.slot] = part_tensors[STYLE_PREFIX + style.name].to(table.device, table.dtype)
     changed = tuple(stages for stages in groups if stages in parts)
     loaded = LoadedFinetune(str(path), info, scale, patches, changed)
     pipe.finetunes = loaded_list + [loaded]
