@@ -133,8 +133,6 @@ def concept(args) -> None:
 
 
 def style(args) -> None:
-    import torch
-
     from edify.eval.evaluate import load_split
     from edify.pipelines.text2image import TextToImagePipeline, to_pil
 
@@ -150,8 +148,7 @@ def style(args) -> None:
     rows = [(f"{args.style} (real, val)", [to_pil(real.images[i][None])[0] for i in order]),
             (f"base, {args.base_style}", before.images)]
     # image to image from the real images (--starts): which stages draw what, base and finetune
-    x0 = real.images[order]
-    x0 = x0.float() / 127.5 - 1 if x0.dtype == torch.uint8 else x0.float()
+    x0 = real.images[order]  # floats in [-1, 1]
     for start in args.starts:
         rows.append((f"base, real@{start:g}",
                      pipe(captions, style=args.base_style, image=x0, start_sigma=start, **kw).images))

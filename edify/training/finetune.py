@@ -313,8 +313,7 @@ def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "cros
     decayed = [p for n, p in module.params.items() if parameter_name(n) != ft.MEDIA_TABLE]
     groups = [{"params": decayed, "weight_decay": c.weight_decay}]
     if styles:
-        scale = 1.0 if style_lr is None else style_lr / c.lr
-        groups.append({"params": [table], "weight_decay": 0.0, "lr_scale": scale})
+        groups.append({"params": [table], "weight_decay": 0.0})
     t.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas))
     ema_on = c.ema_std == 0 and c.ema_decay == 0
     t.ema = EMA(t.model, c.ema_halflife_images if ema_on else 0.0, c.ema_rampup, c.ema_decay, c.ema_std)
@@ -331,8 +330,8 @@ def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "cros
         f"{total:,} parameters ({100 * trained / total:.2f}%)" + (f"; new style {new}" if styles else "")
         + (f"; {100 * prior_share:g}% of each batch from {len(prior.captions)} prior images" if prior else ""))
     _resume_or_start(t, record, resume)
-    if styles:  # this session's rate, also over a resumed optimizer's saved one
-        t.optimizer.param_groups[-1]["lr_scale"] = scale
+    if styles:  # the style rows' rate (Trainer scales the schedule by lr_scale), also over a resumed optimizer's
+        t.optimizer.param_groups[-1]["lr_scale"] = 1.0 if style_lr is None else style_lr / c.lr
     t.finetune_record = record
     return t
 
