@@ -312,8 +312,9 @@ def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "cros
     t.denoiser = EDMPrecond(forward, c.sigma_data, t.network_dtype)
     decayed = [p for n, p in module.params.items() if parameter_name(n) != ft.MEDIA_TABLE]
     groups = [{"params": decayed, "weight_decay": c.weight_decay}]
-    if styles:
-        groups.append({"params": [table], "weight_decay": 0.0})
+    style_scale = 1.0 if style_lr is None else style_lr / c.lr
+    if styles:  # the key must exist for a checkpoint's optimizer state to load into it
+        groups.append({"params": [table], "weight_decay": 0.0, "lr_scale": style_scale})
     t.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas))
     ema_on = c.ema_std == 0 and c.ema_decay == 0
     t.ema = EMA(t.model, c.ema_halflife_images if ema_on else 0.0, c.ema_rampup, c.ema_decay, c.ema_std)
@@ -330,8 +331,8 @@ def make_trainer(config, base, out_dir, data: FinetuneData, *, mode: str = "cros
         f"{total:,} parameters ({100 * trained / total:.2f}%)" + (f"; new style {new}" if styles else "")
         + (f"; {100 * prior_share:g}% of each batch from {len(prior.captions)} prior images" if prior else ""))
     _resume_or_start(t, record, resume)
-    if styles:  # the style rows' rate (Trainer scales the schedule by lr_scale), also over a resumed optimizer's
-        t.optimizer.param_groups[-1]["lr_scale"] = 1.0 if style_lr is None else style_lr / c.lr
+    if styles:  # this session's rate (Trainer scales the schedule by lr_scale), also over a resumed optimizer's
+        t.optimizer.param_groups[-1]["lr_scale"] = style_scale
     t.finetune_record = record
     return t
 
