@@ -22,8 +22,8 @@ from higher starts is lost in the coarser stages.
     python bench/style_bands.py --data data/emoji --model weights/emoji-64 --starts 0.99,4.9 --threads 1
     python bench/style_bands.py --smoke        # seconds: a tiny random model, made-up images
 
-One JSON line per row, then a table (style accuracy, its chance level as in bench/recipe.py, and
-their ratio).
+One JSON line per row (with how many images the classifier gave each style), then a table (style
+accuracy, its chance level as in bench/recipe.py, and their ratio).
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ def score(rows: list[dict], name: str, features, styles: list[str], reference) -
     """Classify `features` against `reference` (features, labels); append and print the row."""
     from recipe import knn_styles, style_scores
 
-    s = style_scores(knn_styles(features, *reference), styles)
+    predicted = knn_styles(features, *reference)
+    s = style_scores(predicted, styles)
     row = {"set": name, "num": s["style_n"], "style_acc": round(s["style_acc"], 4),
-           "style_chance": round(s["style_chance"], 4), "ratio": round(s["style_acc"] / s["style_chance"], 3)}
+           "style_chance": round(s["style_chance"], 4), "ratio": round(s["style_acc"] / s["style_chance"], 3),
+           "predicted": {k: predicted.count(k) for k in sorted(set(predicted))}}
     rows.append(row)
     print(json.dumps({"bench": "style_bands", **row}), flush=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -30,6 +32,8 @@ def test_removing_bands_leaves_the_block_means():
 def test_smoke_run_scores_every_row(capsys):
     assert style_bands.main(["--smoke", "--threads", "1"]) == 0
     out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(rows) == 5 and all(sum(r["predicted"].values()) == r["num"] == 8 for r in rows)
     for name in ("| real |", "| real, finest band removed |", "| real, coarsest band only |",
                  "| from real at sigma 2 |", "| from real at sigma 2, no style |"):
         assert name in out
