@@ -44,11 +44,11 @@ from edify.errors import EdifyError  # noqa: E402
 
 
 def without_bands(images, levels: int, keep: int):
-    """`images` with every Laplacian band finer than the `keep` coarsest of `levels` set to zero."""
+    """`images` with every Laplacian band finer than the `keep` coarsest of `levels` set to zero:
+    the block means of the coarsest kept level, upsampled."""
     from edify.core import laplacian
 
-    bands = laplacian.split(images, levels)
-    return laplacian.merge([b * 0 if i < levels - keep else b for i, b in enumerate(bands)])
+    return laplacian.up(laplacian.down(images, levels - keep), levels - keep)
 
 
 def score(rows: list[dict], name: str, features, styles: list[str], reference) -> None:
@@ -94,8 +94,7 @@ def run(args) -> int:
     if any(s is None for s in real.styles):
         raise EdifyError(f"every validation image of {args.data} needs a style")
     pick = torch.randperm(len(real.captions), generator=torch.Generator().manual_seed(args.seed))[:args.num].tolist()
-    images = real.images[pick]
-    images = images.float() / 127.5 - 1 if not images.is_floating_point() else images
+    images = real.images[pick]  # float, [-1, 1]
     captions, styles = [real.captions[i] for i in pick], [real.styles[i] for i in pick]
     extractor = InceptionFeatures("cpu", batch_size=args.batch)
     ref_args = types.SimpleNamespace(data=args.data, resolution=resolution, style_ref_per_style=args.style_ref_per_style)
